@@ -1,0 +1,134 @@
+//! The one error type of the domain, and its GraphQL face: every error reaches the client with an
+//! `extensions.code` and a message that says what to do. Internal detail goes to the log, never to the client.
+
+use async_graphql::ErrorExtensions;
+
+use crate::store::StoreError;
+
+/// Deliberately not `Display`: async-graphql turns any `Display` error into a GraphQL error without a code,
+/// and this way `?` can only go through [`From<ApiError>`], which sets one.
+#[derive(Debug)]
+pub enum ApiError {
+    /// An input value is malformed; `field` names it as the client spelled it.
+    InvalidInput {
+        field: &'static str,
+        reason: String,
+    },
+
+    DialogNotFound(String),
+
+    InvalidCursor {
+        field: &'static str,
+        reason: String,
+    },
+
+    MessageIdConflict {
+        dialog_id: String,
+        message_id: String,
+    },
+
+    CustomerMismatch {
+        dialog_id: String,
+    },
+
+    StoreUnavailable(StoreError),
+}
+
+impl ApiError {
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidInput {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// What the client is told: what is wrong and what to do about it.
+    pub fn message(&self) -> String {
+        match self {
+            Self::InvalidInput { field, reason } => format!("`{field}` {reason}"),
+            Self::DialogNotFound(dialog_id) => format!(
+                "no dialog `{dialog_id}` is waiting for consent or has a recorded decision: push its messages \
+                 first, and check the dialogId"
+            ),
+            Self::InvalidCursor { field, reason } => format!(
+                "`{field}` is not a cursor of this list: {reason}; use a cursor returned by the same query"
+            ),
+            Self::MessageIdConflict {
+                dialog_id,
+                message_id,
+            } => format!(
+                "messageId `{message_id}` was already used in dialog `{dialog_id}` for a different message: \
+                 use a new messageId for a new message, or resend exactly the original to retry"
+            ),
+            Self::CustomerMismatch { dialog_id } => format!(
+                "dialog `{dialog_id}` belongs to another customer: a dialog has one customerId, send the one \
+                 its first message had"
+            ),
+            Self::StoreUnavailable(_) => {
+                "the database is unavailable, nothing was lost or half-written: retry the call"
+                    .to_owned()
+            }
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidInput { .. } => "BAD_USER_INPUT",
+            Self::DialogNotFound(_) => "DIALOG_NOT_FOUND",
+            Self::InvalidCursor { .. } => "INVALID_CURSOR",
+            Self::MessageIdConflict { .. } => "MESSAGE_ID_CONFLICT",
+            Self::CustomerMismatch { .. } => "CUSTOMER_MISMATCH",
+            Self::StoreUnavailable(_) => "STORE_UNAVAILABLE",
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        Self::StoreUnavailable(error)
+    }
+}
+
+impl ErrorExtensions for ApiError {
+    fn extend(&self) -> async_graphql::Error {
+        if let Self::StoreUnavailable(source) = self {
+            tracing::warn!(error = %source, "store call failed");
+        }
+        async_graphql::Error::new(self.message()).extend_with(|_, extensions| {
+            extensions.set("code", self.code());
+            match self {
+                Self::InvalidInput { field, .. } | Self::InvalidCursor { field, .. } => {
+                    extensions.set("field", *field)
+                }
+                Self::DialogNotFound(dialog_id) => extensions.set("dialogId", dialog_id.as_str()),
+                _ => {}
+            }
+        })
+    }
+}
+
+impl From<ApiError> for async_graphql::Error {
+    fn from(error: ApiError) -> Self {
+        error.extend()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_carries_its_code_and_field() {
+        let error = ApiError::invalid("text", "must not be empty").extend();
+        let extensions = error.extensions.expect("extensions");
+        assert_eq!(
+            extensions.get("code"),
+            Some(&async_graphql::Value::from("BAD_USER_INPUT"))
+        );
+        assert_eq!(
+            extensions.get("field"),
+            Some(&async_graphql::Value::from("text"))
+        );
+        assert_eq!(error.message, "`text` must not be empty");
+    }
+}

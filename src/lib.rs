@@ -1,0 +1,16 @@
+//! DataAPI collects chatbot dialogs only with the customer's consent and serves them over GraphQL.
+//!
+//! The library holds the whole service; `main.rs` only reads the configuration and runs [`app::Application`],
+//! which tests and benchmarks build the same way.
+
+pub mod app;
+pub mod buffer;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod model;
+pub mod paging;
+pub mod schema;
+pub mod service;
+pub mod store;

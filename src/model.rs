@@ -1,0 +1,350 @@
+//! The domain's values. Inputs are parsed into these newtypes once, at the edge, so every other module can rely
+//! on them being valid (non-empty, length-capped, normalised).
+
+use std::fmt;
+
+use chrono::{DateTime, TimeZone, Utc};
+
+use crate::error::ApiError;
+
+/// Longest id (customer, dialog, message) accepted, in characters.
+pub const MAX_ID_CHARS: usize = 128;
+/// Longest message text accepted, in characters.
+pub const MAX_TEXT_CHARS: usize = 10_000;
+/// Longest language tag accepted (BCP 47 allows 35 for the forms we accept).
+pub const MAX_LANGUAGE_CHARS: usize = 35;
+
+/// Rejects what no id, tag or text should contain: control characters other than ordinary whitespace.
+fn has_forbidden_control(value: &str, allow_newlines: bool) -> bool {
+    value
+        .chars()
+        .any(|c| c.is_control() && !(allow_newlines && matches!(c, '\n' | '\r' | '\t')))
+}
+
+fn parse_id(field: &'static str, value: &str) -> Result<String, ApiError> {
+    if value.trim().is_empty() {
+        return Err(ApiError::invalid(field, "must not be empty"));
+    }
+    if value.chars().count() > MAX_ID_CHARS {
+        return Err(ApiError::invalid(
+            field,
+            format!("must be at most {MAX_ID_CHARS} characters"),
+        ));
+    }
+    if has_forbidden_control(value, false) {
+        return Err(ApiError::invalid(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Parses a client-supplied id; `field` names the input in the error.
+            pub fn parse(field: &'static str, value: &str) -> Result<Self, ApiError> {
+                parse_id(field, value).map(Self)
+            }
+
+            /// Wraps an id read back from the store, which only ever holds parsed ids.
+            pub fn from_trusted(value: String) -> Self {
+                Self(value)
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// The chatbot's id for a customer.
+    CustomerId
+);
+id_type!(
+    /// The chatbot's id for one conversation.
+    DialogId
+);
+id_type!(
+    /// A client's idempotency key for a message, unique within its dialog.
+    ClientMessageId
+);
+
+/// A language tag such as `en` or `pt-BR`, stored lowercase so that `EN` and `en` are one language.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Language(String);
+
+impl Language {
+    /// Accepts the common BCP 47 shapes: a 2-3 letter primary tag, then subtags of 1-8 letters or digits.
+    pub fn parse(field: &'static str, value: &str) -> Result<Self, ApiError> {
+        let invalid = || {
+            ApiError::invalid(
+                field,
+                format!(
+                    "must be a language tag such as \"en\" or \"pt-BR\" (got {value:?}); \
+                     letters, digits and '-', at most {MAX_LANGUAGE_CHARS} characters"
+                ),
+            )
+        };
+        if value.is_empty() || value.len() > MAX_LANGUAGE_CHARS {
+            return Err(invalid());
+        }
+        let lower = value.to_ascii_lowercase();
+        let mut subtags = lower.split('-');
+        let primary = subtags.next().unwrap_or_default();
+        if !(2..=3).contains(&primary.len()) || !primary.bytes().all(|b| b.is_ascii_lowercase()) {
+            return Err(invalid());
+        }
+        for subtag in subtags {
+            if !(1..=8).contains(&subtag.len())
+                || !subtag.bytes().all(|b| b.is_ascii_alphanumeric())
+            {
+                return Err(invalid());
+            }
+        }
+        Ok(Self(lower))
+    }
+
+    pub fn from_trusted(value: String) -> Self {
+        Self(value)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Language {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A message's text: not blank, at most [`MAX_TEXT_CHARS`] characters, no NUL or other control characters
+/// except newlines and tabs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MessageText(String);
+
+impl MessageText {
+    pub fn parse(field: &'static str, value: &str) -> Result<Self, ApiError> {
+        if value.trim().is_empty() {
+            return Err(ApiError::invalid(field, "must not be empty"));
+        }
+        if value.chars().count() > MAX_TEXT_CHARS {
+            return Err(ApiError::invalid(
+                field,
+                format!("must be at most {MAX_TEXT_CHARS} characters"),
+            ));
+        }
+        if has_forbidden_control(value, true) {
+            return Err(ApiError::invalid(
+                field,
+                "must not contain control characters other than newlines and tabs",
+            ));
+        }
+        Ok(Self(value.to_owned()))
+    }
+
+    pub fn from_trusted(value: String) -> Self {
+        Self(value)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A message as the background job sends it, already validated.
+#[derive(Clone, Debug)]
+pub struct IncomingMessage {
+    pub customer_id: CustomerId,
+    pub dialog_id: DialogId,
+    pub text: MessageText,
+    pub language: Language,
+    pub client_id: Option<ClientMessageId>,
+}
+
+impl IncomingMessage {
+    /// Whether a retry with the same `messageId` carries the same message.
+    pub fn same_content_as(&self, recorded: &Message) -> bool {
+        self.customer_id == recorded.customer_id
+            && self.text == recorded.text
+            && self.language == recorded.language
+    }
+}
+
+/// Server time with the millisecond precision that both stores keep (BSON dates are milliseconds).
+pub fn millis_to_time(millis: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(millis)
+        .single()
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
+}
+
+/// A message as recorded by the server, buffered or stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Message {
+    /// Server-assigned id: deterministic when the client sent a `messageId`, time-ordered otherwise.
+    pub id: String,
+    pub client_id: Option<ClientMessageId>,
+    pub dialog_id: DialogId,
+    pub customer_id: CustomerId,
+    pub text: MessageText,
+    pub language: Language,
+    /// When the server accepted the message, in milliseconds since the epoch.
+    pub created_at: i64,
+    /// Strictly increasing acceptance order (microseconds); orders messages within a dialog and the flat list.
+    pub seq: i64,
+}
+
+/// Namespace for the deterministic ids of messages that carry a client `messageId`.
+const MESSAGE_ID_NAMESPACE: uuid::Uuid = uuid::uuid!("8f7c2b1e-5d3a-4c6f-9b0e-2a1d4e6f8c3b");
+
+impl Message {
+    /// Records an incoming message at acceptance order `seq` (microseconds since the epoch).
+    pub fn accept(incoming: IncomingMessage, seq: i64) -> Self {
+        let id = match &incoming.client_id {
+            // The same (dialog, messageId) always maps to the same id, so a retried write is an upsert.
+            Some(client_id) => {
+                let key = format!("{}\u{1f}{}", incoming.dialog_id, client_id);
+                uuid::Uuid::new_v5(&MESSAGE_ID_NAMESPACE, key.as_bytes()).to_string()
+            }
+            None => uuid::Uuid::now_v7().to_string(),
+        };
+        Self {
+            id,
+            client_id: incoming.client_id,
+            dialog_id: incoming.dialog_id,
+            customer_id: incoming.customer_id,
+            text: incoming.text,
+            language: incoming.language,
+            created_at: seq.div_euclid(1000),
+            seq,
+        }
+    }
+}
+
+/// What happened to a pushed message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MessageFate {
+    /// Waiting in the buffer for the dialog's consent decision.
+    Buffered,
+    /// The dialog has consent: the message is in the database.
+    Stored,
+    /// The dialog's consent was refused: the message was dropped.
+    Discarded,
+}
+
+/// A dialog's recorded consent decision: the audit record.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConsentRecord {
+    pub dialog_id: DialogId,
+    pub customer_id: CustomerId,
+    pub value: bool,
+    /// When the current decision was first given (repeating it does not move it), in milliseconds.
+    pub decided_at: i64,
+}
+
+/// A stored (consented) dialog, as summarised by the store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dialog {
+    pub id: DialogId,
+    pub customer_id: CustomerId,
+    /// Sorted, distinct.
+    pub languages: Vec<Language>,
+    pub message_count: i64,
+    pub first_message_at: i64,
+    pub last_message_at: i64,
+    pub consented_at: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn language_tags_are_case_insensitive() {
+        assert_eq!(Language::parse("language", "EN").unwrap().as_str(), "en");
+        assert_eq!(
+            Language::parse("language", "pt-BR").unwrap().as_str(),
+            "pt-br"
+        );
+        assert_eq!(
+            Language::parse("language", "zh-Hant-TW").unwrap().as_str(),
+            "zh-hant-tw"
+        );
+    }
+
+    #[test]
+    fn malformed_language_tags_are_rejected() {
+        for bad in [
+            "",
+            "e",
+            "english",
+            "en_US",
+            "en-",
+            "-en",
+            "e1",
+            "en-toolongsubtag",
+            "en us",
+            "ен",
+        ] {
+            let err = Language::parse("language", bad).unwrap_err();
+            assert!(err.message().contains("language"), "{bad:?}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn ids_must_be_non_empty_short_and_printable() {
+        assert!(DialogId::parse("dialogId", "d-1").is_ok());
+        assert!(DialogId::parse("dialogId", "").is_err());
+        assert!(DialogId::parse("dialogId", "   ").is_err());
+        assert!(DialogId::parse("dialogId", "a\0b").is_err());
+        assert!(DialogId::parse("dialogId", &"x".repeat(MAX_ID_CHARS)).is_ok());
+        assert!(DialogId::parse("dialogId", &"x".repeat(MAX_ID_CHARS + 1)).is_err());
+    }
+
+    #[test]
+    fn text_allows_newlines_but_not_nul_or_blank() {
+        assert!(MessageText::parse("text", "hello\nworld\t!").is_ok());
+        assert!(MessageText::parse("text", " \n ").is_err());
+        assert!(MessageText::parse("text", "a\0").is_err());
+        assert!(MessageText::parse("text", &"é".repeat(MAX_TEXT_CHARS)).is_ok());
+        assert!(MessageText::parse("text", &"é".repeat(MAX_TEXT_CHARS + 1)).is_err());
+    }
+
+    fn incoming(client_id: Option<&str>) -> IncomingMessage {
+        IncomingMessage {
+            customer_id: CustomerId::parse("customerId", "c").unwrap(),
+            dialog_id: DialogId::parse("dialogId", "d").unwrap(),
+            text: MessageText::parse("text", "hi").unwrap(),
+            language: Language::parse("language", "en").unwrap(),
+            client_id: client_id.map(|id| ClientMessageId::parse("messageId", id).unwrap()),
+        }
+    }
+
+    #[test]
+    fn client_message_ids_map_to_the_same_server_id() {
+        let a = Message::accept(incoming(Some("m1")), 1_000_000);
+        let b = Message::accept(incoming(Some("m1")), 2_000_000);
+        let c = Message::accept(incoming(Some("m2")), 1_000_000);
+        assert_eq!(a.id, b.id);
+        assert_ne!(a.id, c.id);
+        let x = Message::accept(incoming(None), 1_000_000);
+        let y = Message::accept(incoming(None), 1_000_000);
+        assert_ne!(x.id, y.id);
+        assert_eq!(a.created_at, 1_000);
+    }
+}

@@ -1,0 +1,567 @@
+//! The GraphQL API: types, resolvers and the DataLoader. Resolvers parse their inputs into domain values
+//! and call the [`DialogService`]; they hold no rules of their own. Doc comments here are the descriptions
+//! users read in GraphiQL and in `schema.graphql`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_graphql::connection::{Connection, Edge};
+use async_graphql::dataloader::{DataLoader, Loader};
+use async_graphql::extensions::{
+    Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextValidation,
+};
+use async_graphql::parser::types::ExecutableDocument;
+use async_graphql::{
+    Context, EmptySubscription, Enum, ErrorExtensions, ID, InputObject, InputValueError,
+    InputValueResult, Object, Response, Result, Scalar, ScalarType, Schema, SchemaBuilder,
+    ServerError, ServerResult, ValidationResult, Value, Variables,
+};
+use chrono::SecondsFormat;
+
+use crate::error::ApiError;
+use crate::model::{
+    ClientMessageId, CustomerId, DialogId, IncomingMessage, Language, MessageFate, MessageText,
+    millis_to_time,
+};
+use crate::paging::{ListKind, Page, PageArgs, encode_cursor};
+use crate::service::DialogService;
+use crate::store::{self, dialog_key, message_key};
+
+pub type DataApiSchema = Schema<QueryRoot, MutationRoot, EmptySubscription>;
+
+/// Limits the schema enforces, from the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_page_size: usize,
+}
+
+/// The schema with the service attached, ready to execute requests.
+pub fn build(service: Arc<DialogService>, limits: Limits) -> DataApiSchema {
+    builder().data(service).data(limits).finish()
+}
+
+/// The schema's SDL, as committed in `schema.graphql`.
+pub fn sdl() -> String {
+    builder().finish().sdl()
+}
+
+fn builder() -> SchemaBuilder<QueryRoot, MutationRoot, EmptySubscription> {
+    Schema::build(QueryRoot, MutationRoot, EmptySubscription).extension(ErrorCodes)
+}
+
+/// Per-request data: a fresh DataLoader, so that its cache never outlives the request.
+pub fn request_loader(service: Arc<DialogService>) -> DataLoader<MessagesByDialog> {
+    DataLoader::new(MessagesByDialog(service), tokio::spawn)
+}
+
+fn service<'a>(ctx: &Context<'a>) -> Result<&'a Arc<DialogService>> {
+    ctx.data::<Arc<DialogService>>()
+}
+
+/// An instant in time: an RFC 3339 string in UTC with millisecond precision, e.g.
+/// `2026-11-28T09:30:00.123Z`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DateTime(i64);
+
+#[Scalar(
+    name = "DateTime",
+    specified_by_url = "https://datatracker.ietf.org/doc/html/rfc3339"
+)]
+impl ScalarType for DateTime {
+    fn parse(value: Value) -> InputValueResult<Self> {
+        match &value {
+            Value::String(text) => chrono::DateTime::parse_from_rfc3339(text)
+                .map(|time| Self(time.timestamp_millis()))
+                .map_err(|_| {
+                    InputValueError::custom(
+                        "expected an RFC 3339 date-time such as 2026-11-28T09:30:00Z",
+                    )
+                }),
+            _ => Err(InputValueError::expected_type(value)),
+        }
+    }
+
+    fn to_value(&self) -> Value {
+        Value::String(millis_to_time(self.0).to_rfc3339_opts(SecondsFormat::Millis, true))
+    }
+}
+
+/// What happened to a pushed message.
+#[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MessageStatus {
+    /// Waiting in the dialog buffer for the customer's consent decision; not stored anywhere yet.
+    Buffered,
+    /// The dialog has consent: the message is in the database.
+    Stored,
+    /// The customer refused consent for this dialog: the message was dropped, nothing was kept.
+    Discarded,
+}
+
+impl From<MessageFate> for MessageStatus {
+    fn from(fate: MessageFate) -> Self {
+        match fate {
+            MessageFate::Buffered => Self::Buffered,
+            MessageFate::Stored => Self::Stored,
+            MessageFate::Discarded => Self::Discarded,
+        }
+    }
+}
+
+/// One customer message.
+pub struct Message(crate::model::Message);
+
+/// One customer message.
+#[Object]
+impl Message {
+    /// Server-assigned id, unique across dialogs.
+    async fn id(&self) -> ID {
+        ID(self.0.id.clone())
+    }
+
+    /// The client's idempotency key, when it sent one.
+    async fn message_id(&self) -> Option<ID> {
+        self.0.client_id.as_ref().map(|id| ID(id.to_string()))
+    }
+
+    async fn dialog_id(&self) -> ID {
+        ID(self.0.dialog_id.to_string())
+    }
+
+    async fn customer_id(&self) -> ID {
+        ID(self.0.customer_id.to_string())
+    }
+
+    async fn text(&self) -> &str {
+        self.0.text.as_str()
+    }
+
+    /// Lowercase language tag, e.g. `en` or `pt-br`.
+    async fn language(&self) -> &str {
+        self.0.language.as_str()
+    }
+
+    /// When the server accepted the message.
+    async fn created_at(&self) -> DateTime {
+        DateTime(self.0.created_at)
+    }
+}
+
+/// A dialog whose customer consented to storing it.
+pub struct Dialog(crate::model::Dialog);
+
+/// A dialog whose customer consented to storing it.
+#[Object]
+impl Dialog {
+    async fn id(&self) -> ID {
+        ID(self.0.id.to_string())
+    }
+
+    async fn customer_id(&self) -> ID {
+        ID(self.0.customer_id.to_string())
+    }
+
+    /// The distinct languages of its messages, sorted.
+    async fn languages(&self) -> Vec<&str> {
+        self.0.languages.iter().map(Language::as_str).collect()
+    }
+
+    async fn message_count(&self) -> i64 {
+        self.0.message_count
+    }
+
+    async fn first_message_at(&self) -> DateTime {
+        DateTime(self.0.first_message_at)
+    }
+
+    /// The time of its latest message: dialog listings are ordered by it, most recent first.
+    async fn last_message_at(&self) -> DateTime {
+        DateTime(self.0.last_message_at)
+    }
+
+    /// When the customer gave consent.
+    async fn consented_at(&self) -> DateTime {
+        DateTime(self.0.consented_at)
+    }
+
+    /// Its messages, oldest first. Loaded in one batch for all dialogs of a page.
+    async fn messages(&self, ctx: &Context<'_>) -> Result<Vec<Message>> {
+        let loader = ctx.data::<DataLoader<MessagesByDialog>>()?;
+        let messages = loader.load_one(self.0.id.clone()).await?;
+        Ok(messages
+            .unwrap_or_default()
+            .into_iter()
+            .map(Message)
+            .collect())
+    }
+}
+
+/// Loads the messages of many dialogs with one store query.
+pub struct MessagesByDialog(Arc<DialogService>);
+
+impl Loader<DialogId> for MessagesByDialog {
+    type Value = Vec<crate::model::Message>;
+    type Error = async_graphql::Error;
+
+    async fn load(&self, keys: &[DialogId]) -> Result<HashMap<DialogId, Self::Value>, Self::Error> {
+        let messages = self
+            .0
+            .messages_of_dialogs(keys)
+            .await
+            .map_err(|e| e.extend())?;
+        let mut by_dialog: HashMap<DialogId, Self::Value> = HashMap::new();
+        for message in messages {
+            by_dialog
+                .entry(message.dialog_id.clone())
+                .or_default()
+                .push(message);
+        }
+        Ok(by_dialog)
+    }
+}
+
+/// A message for the dialog buffer.
+#[derive(InputObject)]
+pub struct PushMessageInput {
+    /// The chatbot's customer id (at most 128 characters).
+    pub customer_id: ID,
+    /// The conversation this message belongs to (at most 128 characters).
+    pub dialog_id: ID,
+    /// The message text: not blank, at most 10000 characters.
+    pub text: String,
+    /// A language tag such as `en` or `pt-BR`; case-insensitive.
+    pub language: String,
+    /// Optional idempotency key, unique within the dialog: pushing the same `messageId` again records the
+    /// message once and returns it as first recorded.
+    pub message_id: Option<ID>,
+}
+
+impl PushMessageInput {
+    fn parse(self) -> Result<IncomingMessage, ApiError> {
+        Ok(IncomingMessage {
+            customer_id: CustomerId::parse("customerId", &self.customer_id)?,
+            dialog_id: DialogId::parse("dialogId", &self.dialog_id)?,
+            text: MessageText::parse("text", &self.text)?,
+            language: Language::parse("language", &self.language)?,
+            client_id: self
+                .message_id
+                .map(|id| ClientMessageId::parse("messageId", &id))
+                .transpose()?,
+        })
+    }
+}
+
+/// The message as recorded, and what happened to it.
+pub struct PushMessagePayload {
+    message: crate::model::Message,
+    status: MessageStatus,
+}
+
+/// The message as recorded, and what happened to it.
+#[Object]
+impl PushMessagePayload {
+    async fn message(&self) -> Message {
+        Message(self.message.clone())
+    }
+
+    async fn status(&self) -> MessageStatus {
+        self.status
+    }
+}
+
+/// A consent decision as recorded.
+pub struct ConsentPayload(crate::service::ConsentOutcome);
+
+/// A consent decision as recorded.
+#[Object]
+impl ConsentPayload {
+    async fn dialog_id(&self) -> ID {
+        ID(self.0.record.dialog_id.to_string())
+    }
+
+    /// The decision now in force.
+    async fn value(&self) -> bool {
+        self.0.record.value
+    }
+
+    /// When this decision was first given (repeating it does not move it).
+    async fn decided_at(&self) -> DateTime {
+        DateTime(self.0.record.decided_at)
+    }
+
+    /// Buffered messages written to the database by this call.
+    async fn stored_count(&self) -> u64 {
+        self.0.stored
+    }
+
+    /// Buffered messages dropped by this call.
+    async fn discarded_count(&self) -> u64 {
+        self.0.discarded
+    }
+
+    /// Previously stored messages deleted by this call, because consent was withdrawn.
+    async fn deleted_count(&self) -> u64 {
+        self.0.deleted
+    }
+}
+
+/// Which dialogs to list; the fields combine with AND.
+#[derive(InputObject, Default)]
+pub struct DialogFilter {
+    /// Dialogs with at least one message in this language (case-insensitive).
+    pub language: Option<String>,
+    pub customer_id: Option<ID>,
+}
+
+impl DialogFilter {
+    fn parse(self) -> Result<store::DialogFilter, ApiError> {
+        Ok(store::DialogFilter {
+            language: self
+                .language
+                .map(|l| Language::parse("filter.language", &l))
+                .transpose()?,
+            customer_id: self
+                .customer_id
+                .map(|id| CustomerId::parse("filter.customerId", &id))
+                .transpose()?,
+        })
+    }
+}
+
+/// Which messages to list; the fields combine with AND.
+#[derive(InputObject, Default)]
+pub struct MessageFilter {
+    /// Messages in this language (case-insensitive).
+    pub language: Option<String>,
+    pub customer_id: Option<ID>,
+    pub dialog_id: Option<ID>,
+}
+
+impl MessageFilter {
+    fn parse(self) -> Result<store::MessageFilter, ApiError> {
+        Ok(store::MessageFilter {
+            language: self
+                .language
+                .map(|l| Language::parse("filter.language", &l))
+                .transpose()?,
+            customer_id: self
+                .customer_id
+                .map(|id| CustomerId::parse("filter.customerId", &id))
+                .transpose()?,
+            dialog_id: self
+                .dialog_id
+                .map(|id| DialogId::parse("filter.dialogId", &id))
+                .transpose()?,
+        })
+    }
+}
+
+/// Extra fields of a dialog listing.
+pub struct DialogListTotals(store::DialogFilter);
+
+#[Object]
+impl DialogListTotals {
+    /// How many dialogs match the filter, ignoring paging. Costs a count query: ask only when needed.
+    async fn total_count(&self, ctx: &Context<'_>) -> Result<u64> {
+        Ok(service(ctx)?.count_dialogs(&self.0).await?)
+    }
+}
+
+/// Extra fields of a message listing.
+pub struct MessageListTotals(store::MessageFilter);
+
+#[Object]
+impl MessageListTotals {
+    /// How many messages match the filter, ignoring paging. Costs a count query: ask only when needed.
+    async fn total_count(&self, ctx: &Context<'_>) -> Result<u64> {
+        Ok(service(ctx)?.count_messages(&self.0).await?)
+    }
+}
+
+fn connection<T, N, Extra>(
+    page: Page<T>,
+    kind: ListKind,
+    key: impl Fn(&T) -> crate::paging::SortKey,
+    node: impl Fn(T) -> N,
+    extra: Extra,
+) -> Connection<String, N, Extra>
+where
+    N: async_graphql::OutputType,
+    Extra: async_graphql::ObjectType,
+{
+    let mut connection =
+        Connection::with_additional_fields(page.has_previous_page, page.has_next_page, extra);
+    connection.edges = page
+        .items
+        .into_iter()
+        .map(|item| Edge::new(encode_cursor(kind, &key(&item)), node(item)))
+        .collect();
+    connection
+}
+
+pub struct QueryRoot;
+
+#[Object]
+impl QueryRoot {
+    /// Consented dialogs, most recent first (by their latest message; ties by id). Page forwards with
+    /// `first`/`after`, backwards with `last`/`before`; without either, the first 20.
+    async fn dialogs(
+        &self,
+        ctx: &Context<'_>,
+        filter: Option<DialogFilter>,
+        first: Option<i32>,
+        after: Option<String>,
+        last: Option<i32>,
+        before: Option<String>,
+    ) -> Result<Connection<String, Dialog, DialogListTotals>> {
+        let limits = ctx.data::<Limits>()?;
+        let filter = filter.unwrap_or_default().parse()?;
+        let request = PageArgs {
+            first,
+            after,
+            last,
+            before,
+        }
+        .parse(ListKind::Dialogs, limits.max_page_size)?;
+        let page = service(ctx)?.dialogs(&filter, &request).await?;
+        Ok(connection(
+            page,
+            ListKind::Dialogs,
+            dialog_key,
+            Dialog,
+            DialogListTotals(filter),
+        ))
+    }
+
+    /// One consented dialog, or null if no dialog with that id is stored.
+    async fn dialog(&self, ctx: &Context<'_>, id: ID) -> Result<Option<Dialog>> {
+        let id = DialogId::parse("id", &id)?;
+        Ok(service(ctx)?.dialog(&id).await?.map(Dialog))
+    }
+
+    /// Stored messages of all consented dialogs, most recent first; the same paging rules as `dialogs`.
+    async fn messages(
+        &self,
+        ctx: &Context<'_>,
+        filter: Option<MessageFilter>,
+        first: Option<i32>,
+        after: Option<String>,
+        last: Option<i32>,
+        before: Option<String>,
+    ) -> Result<Connection<String, Message, MessageListTotals>> {
+        let limits = ctx.data::<Limits>()?;
+        let filter = filter.unwrap_or_default().parse()?;
+        let request = PageArgs {
+            first,
+            after,
+            last,
+            before,
+        }
+        .parse(ListKind::Messages, limits.max_page_size)?;
+        let page = service(ctx)?.messages(&filter, &request).await?;
+        Ok(connection(
+            page,
+            ListKind::Messages,
+            message_key,
+            Message,
+            MessageListTotals(filter),
+        ))
+    }
+}
+
+pub struct MutationRoot;
+
+#[Object]
+impl MutationRoot {
+    /// Records one customer message. Until the dialog has a consent decision it waits in the buffer
+    /// (`BUFFERED`); after `true` it is stored at once (`STORED`); after `false` it is dropped (`DISCARDED`).
+    /// Safe to retry when `messageId` is set.
+    async fn push_message(
+        &self,
+        ctx: &Context<'_>,
+        input: PushMessageInput,
+    ) -> Result<PushMessagePayload> {
+        let incoming = input.parse()?;
+        let pushed = service(ctx)?.push(incoming).await?;
+        Ok(PushMessagePayload {
+            message: pushed.message,
+            status: pushed.fate.into(),
+        })
+    }
+
+    /// Records the customer's consent decision for a dialog. `true` stores its buffered messages and every
+    /// later one; `false` discards them, deletes anything stored earlier (withdrawal), and discards later
+    /// ones. Repeating a decision changes nothing. A dialog with neither buffered messages nor a decision is
+    /// `DIALOG_NOT_FOUND`.
+    async fn give_consent(
+        &self,
+        ctx: &Context<'_>,
+        dialog_id: ID,
+        value: bool,
+    ) -> Result<ConsentPayload> {
+        let dialog_id = DialogId::parse("dialogId", &dialog_id)?;
+        let outcome = service(ctx)?.give_consent(dialog_id, value).await?;
+        Ok(ConsentPayload(outcome))
+    }
+}
+
+/// Gives the errors that async-graphql raises itself (syntax, validation, input coercion) an
+/// `extensions.code` too, so that every error a client sees carries one.
+struct ErrorCodes;
+
+impl ExtensionFactory for ErrorCodes {
+    fn create(&self) -> Arc<dyn Extension> {
+        Arc::new(ErrorCodes)
+    }
+}
+
+fn with_code(mut error: ServerError, code: &str) -> ServerError {
+    let extensions = error.extensions.get_or_insert_with(Default::default);
+    if extensions.get("code").is_none() {
+        extensions.set("code", code);
+    }
+    error
+}
+
+#[async_trait::async_trait]
+impl Extension for ErrorCodes {
+    async fn parse_query(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        query: &str,
+        variables: &Variables,
+        next: NextParseQuery<'_>,
+    ) -> ServerResult<ExecutableDocument> {
+        next.run(ctx, query, variables)
+            .await
+            .map_err(|error| with_code(error, "GRAPHQL_PARSE_FAILED"))
+    }
+
+    async fn validation(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        next: NextValidation<'_>,
+    ) -> Result<ValidationResult, Vec<ServerError>> {
+        next.run(ctx).await.map_err(|errors| {
+            errors
+                .into_iter()
+                .map(|error| with_code(error, "GRAPHQL_VALIDATION_FAILED"))
+                .collect()
+        })
+    }
+
+    async fn execute(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        operation_name: Option<&str>,
+        next: NextExecute<'_>,
+    ) -> Response {
+        let mut response = next.run(ctx, operation_name).await;
+        // Our resolvers always set a code; an error without one comes from coercing an argument or a
+        // variable to its declared type, i.e. from the client's input.
+        response.errors = std::mem::take(&mut response.errors)
+            .into_iter()
+            .map(|error| with_code(error, "BAD_USER_INPUT"))
+            .collect();
+        response
+    }
+}

@@ -1,0 +1,293 @@
+//! The consent rules, between the buffer and the store. Transport-free: the GraphQL layer only parses
+//! inputs and calls these methods.
+//!
+//! - A message of an undecided dialog waits in the buffer (`BUFFERED`), costing no database call when the
+//!   dialog is already buffered.
+//! - Consent `true` writes the buffered messages and the decision in one store transaction, then drops them
+//!   from the buffer; if the write fails they stay buffered and the caller retries.
+//! - Consent `false` records the decision, deletes anything stored earlier, and drops the buffer.
+//! - Messages of decided dialogs go straight to the store (`STORED`) or nowhere (`DISCARDED`).
+//!
+//! The slow paths (a dialog's first message, a decision) of one dialog are serialised by a per-dialog lock,
+//! so that a decision can never slip between a push's look-up of the decision and its use.
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+use crate::buffer::{BufferPush, DialogBuffer};
+use crate::clock::now_millis;
+use crate::error::ApiError;
+use crate::model::{ConsentRecord, Dialog, DialogId, IncomingMessage, Message, MessageFate};
+use crate::paging::{Page, PageRequest, fetch_page};
+use crate::store::{
+    Appended, Decision, DialogFilter, MessageFilter, SharedStore, dialog_key, message_key,
+};
+
+/// A pushed message as recorded, and what happened to it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pushed {
+    pub message: Message,
+    pub fate: MessageFate,
+}
+
+/// What a consent decision did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConsentOutcome {
+    pub record: ConsentRecord,
+    /// Buffered messages written to the store by this call.
+    pub stored: u64,
+    /// Buffered messages dropped by this call.
+    pub discarded: u64,
+    /// Previously stored messages deleted by this call (consent withdrawn).
+    pub deleted: u64,
+}
+
+pub struct DialogService {
+    store: SharedStore,
+    buffer: DialogBuffer,
+    locks: DialogLocks,
+}
+
+impl DialogService {
+    pub fn new(store: SharedStore) -> Self {
+        Self {
+            store,
+            buffer: DialogBuffer::new(),
+            locks: DialogLocks::default(),
+        }
+    }
+
+    pub fn store(&self) -> &SharedStore {
+        &self.store
+    }
+
+    pub fn buffer(&self) -> &DialogBuffer {
+        &self.buffer
+    }
+
+    pub async fn push(&self, incoming: IncomingMessage) -> Result<Pushed, ApiError> {
+        // Hot path: the dialog is buffered already.
+        let incoming = match self.buffer.push_if_buffered(incoming)? {
+            BufferPush::Done(buffered) => return Ok(Pushed::buffered(buffered.message())),
+            BufferPush::NotBuffered(incoming) => incoming,
+        };
+        let _lock = self.locks.lock(&incoming.dialog_id).await;
+        // Another push may have opened the buffer while this one waited.
+        let incoming = match self.buffer.push_if_buffered(incoming)? {
+            BufferPush::Done(buffered) => return Ok(Pushed::buffered(buffered.message())),
+            BufferPush::NotBuffered(incoming) => incoming,
+        };
+        let Some(consent) = self.store.consent(&incoming.dialog_id).await? else {
+            return Ok(Pushed::buffered(self.buffer.push(incoming)?.message()));
+        };
+        if consent.customer_id != incoming.customer_id {
+            return Err(ApiError::CustomerMismatch {
+                dialog_id: incoming.dialog_id.to_string(),
+            });
+        }
+        let message = Message::accept(incoming.clone(), self.buffer.next_seq());
+        if !consent.value {
+            return Ok(Pushed {
+                message,
+                fate: MessageFate::Discarded,
+            });
+        }
+        match self.store.append_consented(&message).await? {
+            Appended::Stored {
+                message: recorded,
+                newly,
+            } => {
+                if !newly && !incoming.same_content_as(&recorded) {
+                    return Err(ApiError::MessageIdConflict {
+                        dialog_id: recorded.dialog_id.to_string(),
+                        message_id: recorded
+                            .client_id
+                            .map(|id| id.to_string())
+                            .unwrap_or_default(),
+                    });
+                }
+                Ok(Pushed {
+                    message: recorded,
+                    fate: MessageFate::Stored,
+                })
+            }
+            // Only another process could have changed the decision meanwhile; either way, it is not `true`.
+            Appended::NotConsented => Ok(Pushed {
+                message,
+                fate: MessageFate::Discarded,
+            }),
+        }
+    }
+
+    pub async fn give_consent(
+        &self,
+        dialog_id: DialogId,
+        value: bool,
+    ) -> Result<ConsentOutcome, ApiError> {
+        let _lock = self.locks.lock(&dialog_id).await;
+        let buffered = self.buffer.snapshot(&dialog_id);
+        let customer_id = match &buffered {
+            Some(buffered) => buffered.customer_id.clone(),
+            None => match self.store.consent(&dialog_id).await? {
+                Some(record) => record.customer_id,
+                None => return Err(ApiError::DialogNotFound(dialog_id.to_string())),
+            },
+        };
+        let decision = Decision {
+            dialog_id: dialog_id.clone(),
+            customer_id,
+            value,
+            at: now_millis(),
+        };
+
+        if !value {
+            let written = self.store.record_decision(&decision, &[]).await?;
+            let discarded = self.buffer.discard(&dialog_id) as u64;
+            return Ok(ConsentOutcome {
+                record: written.record,
+                stored: 0,
+                discarded,
+                deleted: written.deleted,
+            });
+        }
+
+        let mut pending = buffered.map(|b| b.messages).unwrap_or_default();
+        let mut stored = 0;
+        loop {
+            // On failure the messages are still buffered: a retry writes them, and the store skips those
+            // that an earlier, partly acknowledged attempt did write.
+            let written = self.store.record_decision(&decision, &pending).await?;
+            stored += written.inserted;
+            // Messages pushed while the write ran are still buffered: write them too before answering.
+            let more = match pending.last() {
+                Some(last) => self.buffer.remove_through(&dialog_id, last.seq),
+                None => Vec::new(),
+            };
+            if more.is_empty() {
+                return Ok(ConsentOutcome {
+                    record: written.record,
+                    stored,
+                    discarded: 0,
+                    deleted: 0,
+                });
+            }
+            pending = more;
+        }
+    }
+
+    pub async fn consent(&self, dialog_id: &DialogId) -> Result<Option<ConsentRecord>, ApiError> {
+        Ok(self.store.consent(dialog_id).await?)
+    }
+
+    pub async fn dialog(&self, dialog_id: &DialogId) -> Result<Option<Dialog>, ApiError> {
+        Ok(self.store.dialog(dialog_id).await?)
+    }
+
+    pub async fn dialogs(
+        &self,
+        filter: &DialogFilter,
+        request: &PageRequest,
+    ) -> Result<Page<Dialog>, ApiError> {
+        let page = fetch_page(request, dialog_key, |range, order, limit| async move {
+            self.store.scan_dialogs(filter, &range, order, limit).await
+        })
+        .await?;
+        Ok(page)
+    }
+
+    pub async fn messages(
+        &self,
+        filter: &MessageFilter,
+        request: &PageRequest,
+    ) -> Result<Page<Message>, ApiError> {
+        let page = fetch_page(request, message_key, |range, order, limit| async move {
+            self.store.scan_messages(filter, &range, order, limit).await
+        })
+        .await?;
+        Ok(page)
+    }
+
+    pub async fn count_dialogs(&self, filter: &DialogFilter) -> Result<u64, ApiError> {
+        Ok(self.store.count_dialogs(filter).await?)
+    }
+
+    pub async fn count_messages(&self, filter: &MessageFilter) -> Result<u64, ApiError> {
+        Ok(self.store.count_messages(filter).await?)
+    }
+
+    pub async fn messages_of_dialogs(
+        &self,
+        dialog_ids: &[DialogId],
+    ) -> Result<Vec<Message>, ApiError> {
+        Ok(self.store.messages_of_dialogs(dialog_ids).await?)
+    }
+}
+
+impl Pushed {
+    fn buffered(message: Message) -> Self {
+        Self {
+            message,
+            fate: MessageFate::Buffered,
+        }
+    }
+}
+
+/// One async mutex per dialog, created on demand and dropped when nobody holds or waits for it.
+#[derive(Default)]
+struct DialogLocks {
+    locks: DashMap<DialogId, Arc<Mutex<()>>>,
+}
+
+struct DialogLock<'a> {
+    locks: &'a DialogLocks,
+    dialog_id: DialogId,
+    guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl DialogLocks {
+    async fn lock(&self, dialog_id: &DialogId) -> DialogLock<'_> {
+        let mutex = self.locks.entry(dialog_id.clone()).or_default().clone();
+        DialogLock {
+            locks: self,
+            dialog_id: dialog_id.clone(),
+            guard: Some(mutex.lock_owned().await),
+        }
+    }
+}
+
+impl Drop for DialogLock<'_> {
+    fn drop(&mut self) {
+        // Two references (the map's and this guard's) mean nobody else holds or waits for the lock; the
+        // check runs under the map's shard lock, so nobody can pick it up meanwhile.
+        self.locks
+            .locks
+            .remove_if(&self.dialog_id, |_, mutex| Arc::strong_count(mutex) == 2);
+        self.guard.take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn dialog_locks_are_exclusive_and_cleaned_up() {
+        let locks = Arc::new(DialogLocks::default());
+        let dialog = DialogId::parse("dialogId", "d").unwrap();
+        let first = locks.lock(&dialog).await;
+        let waiter = {
+            let locks = locks.clone();
+            let dialog = dialog.clone();
+            tokio::spawn(async move {
+                let _second = locks.lock(&dialog).await;
+            })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(first);
+        waiter.await.unwrap();
+        assert!(locks.locks.is_empty());
+    }
+}

@@ -1,0 +1,149 @@
+//! Durable storage of consented dialogs and of consent decisions, behind one small trait shaped by what the
+//! service needs. Two implementations: MongoDB for production, SQLite as the embedded default.
+//!
+//! Invariants every implementation keeps:
+//! - only dialogs whose current decision is `true` have messages in the store;
+//! - each write is atomic (a transaction): a failure leaves nothing half-written;
+//! - writes are idempotent: message ids are decided before the write, so a retry inserts nothing twice.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::model::{ConsentRecord, CustomerId, Dialog, DialogId, Language, Message};
+use crate::paging::{KeyRange, ScanOrder, SortKey};
+
+pub mod mongo;
+pub mod sqlite;
+
+pub use mongo::MongoStore;
+pub use sqlite::SqliteStore;
+
+/// A failed store call. The message is for the log, not for clients.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StoreError(pub String);
+
+impl StoreError {
+    pub fn new(context: &str, error: impl std::fmt::Display) -> Self {
+        Self(format!("{context}: {error}"))
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Which dialogs a listing returns; set fields combine with AND.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DialogFilter {
+    /// Dialogs with at least one message in this language.
+    pub language: Option<Language>,
+    pub customer_id: Option<CustomerId>,
+}
+
+/// Which messages a listing returns; set fields combine with AND.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MessageFilter {
+    pub language: Option<Language>,
+    pub customer_id: Option<CustomerId>,
+    pub dialog_id: Option<DialogId>,
+}
+
+/// A consent decision to record.
+#[derive(Clone, Debug)]
+pub struct Decision {
+    pub dialog_id: DialogId,
+    pub customer_id: CustomerId,
+    pub value: bool,
+    /// Milliseconds since the epoch.
+    pub at: i64,
+}
+
+/// What recording a decision did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecisionWritten {
+    /// The decision now in force; repeating a decision keeps its original time.
+    pub record: ConsentRecord,
+    /// Messages newly inserted by this write (a retry inserts none of those already there).
+    pub inserted: u64,
+    /// Previously stored messages deleted because consent was withdrawn.
+    pub deleted: u64,
+}
+
+/// What appending a message to an already decided dialog did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Appended {
+    /// The message is stored; `Stored(existing)` when that id was already there (a retry).
+    Stored { message: Message, newly: bool },
+    /// The dialog's decision is no longer `true`; nothing was written.
+    NotConsented,
+}
+
+/// The sort key of a dialog in listings: its latest message, then its id.
+pub fn dialog_key(dialog: &Dialog) -> SortKey {
+    SortKey {
+        at: dialog.last_message_at,
+        id: dialog.id.to_string(),
+    }
+}
+
+/// The sort key of a message in listings: its acceptance order, then its id.
+pub fn message_key(message: &Message) -> SortKey {
+    SortKey {
+        at: message.seq,
+        id: message.id.clone(),
+    }
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// A short description for the startup log (never includes credentials).
+    fn describe(&self) -> String;
+
+    /// Answers when the database does.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// The recorded decision for a dialog, if any.
+    async fn consent(&self, dialog_id: &DialogId) -> StoreResult<Option<ConsentRecord>>;
+
+    /// Records `decision` atomically. `true`: `messages` (all of this dialog) are inserted, those already
+    /// present are skipped. `false`: the dialog's stored messages are deleted and `messages` is ignored.
+    async fn record_decision(
+        &self,
+        decision: &Decision,
+        messages: &[Message],
+    ) -> StoreResult<DecisionWritten>;
+
+    /// Stores one message of a dialog whose decision is `true`, checking that decision in the same
+    /// transaction so that a concurrent withdrawal cannot be overtaken.
+    async fn append_consented(&self, message: &Message) -> StoreResult<Appended>;
+
+    /// One stored dialog.
+    async fn dialog(&self, dialog_id: &DialogId) -> StoreResult<Option<Dialog>>;
+
+    /// Stored dialogs within `range`, in `order`, at most `limit`.
+    async fn scan_dialogs(
+        &self,
+        filter: &DialogFilter,
+        range: &KeyRange,
+        order: ScanOrder,
+        limit: usize,
+    ) -> StoreResult<Vec<Dialog>>;
+
+    async fn count_dialogs(&self, filter: &DialogFilter) -> StoreResult<u64>;
+
+    /// Stored messages within `range`, in `order`, at most `limit`.
+    async fn scan_messages(
+        &self,
+        filter: &MessageFilter,
+        range: &KeyRange,
+        order: ScanOrder,
+        limit: usize,
+    ) -> StoreResult<Vec<Message>>;
+
+    async fn count_messages(&self, filter: &MessageFilter) -> StoreResult<u64>;
+
+    /// The messages of many dialogs at once (one round trip), each dialog's oldest first.
+    async fn messages_of_dialogs(&self, dialog_ids: &[DialogId]) -> StoreResult<Vec<Message>>;
+}
+
+pub type SharedStore = Arc<dyn Store>;

@@ -1,0 +1,756 @@
+//! The production store: MongoDB through the official driver, one shared client.
+//!
+//! Collections (field names as a data scientist reading them with pymongo sees them):
+//! - `messages`: one document per stored message, `_id` the message id, dates as BSON dates;
+//! - `dialogs`: one summary document per stored dialog (`_id` the dialog id), kept in step with its messages;
+//! - `consents`: the audit record of each dialog's decision (`_id` the dialog id) with its `history`.
+//!
+//! Every write runs in a transaction, so a consented dialog is never half-written; message ids are decided
+//! before the write, so a retried write inserts nothing twice.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use mongodb::bson::{Bson, DateTime as BsonDateTime, Document, doc};
+use mongodb::error::{TRANSIENT_TRANSACTION_ERROR, UNKNOWN_TRANSACTION_COMMIT_RESULT};
+use mongodb::options::{ClientOptions, FindOptions, IndexOptions};
+use mongodb::{Client, ClientSession, Collection, IndexModel};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Appended, Decision, DecisionWritten, DialogFilter, MessageFilter, Store, StoreError,
+    StoreResult,
+};
+use crate::model::{
+    ClientMessageId, ConsentRecord, CustomerId, Dialog, DialogId, Language, Message, MessageText,
+};
+use crate::paging::{KeyRange, ScanOrder};
+
+/// How often a transaction that failed with a transient error (a write conflict, a failover) is retried.
+const TRANSACTION_ATTEMPTS: usize = 3;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+struct MessageDoc {
+    #[serde(rename = "_id")]
+    id: String,
+    dialog_id: String,
+    customer_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    message_id: Option<String>,
+    text: String,
+    language: String,
+    created_at: BsonDateTime,
+    /// Acceptance order in microseconds: orders messages within a dialog and in the flat listing.
+    seq: i64,
+}
+
+impl From<&Message> for MessageDoc {
+    fn from(message: &Message) -> Self {
+        Self {
+            id: message.id.clone(),
+            dialog_id: message.dialog_id.to_string(),
+            customer_id: message.customer_id.to_string(),
+            message_id: message.client_id.as_ref().map(ToString::to_string),
+            text: message.text.as_str().to_owned(),
+            language: message.language.to_string(),
+            created_at: BsonDateTime::from_millis(message.created_at),
+            seq: message.seq,
+        }
+    }
+}
+
+impl From<MessageDoc> for Message {
+    fn from(doc: MessageDoc) -> Self {
+        Self {
+            id: doc.id,
+            client_id: doc.message_id.map(ClientMessageId::from_trusted),
+            dialog_id: DialogId::from_trusted(doc.dialog_id),
+            customer_id: CustomerId::from_trusted(doc.customer_id),
+            text: MessageText::from_trusted(doc.text),
+            language: Language::from_trusted(doc.language),
+            created_at: doc.created_at.timestamp_millis(),
+            seq: doc.seq,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DialogDoc {
+    #[serde(rename = "_id")]
+    id: String,
+    customer_id: String,
+    languages: Vec<String>,
+    message_count: i64,
+    first_message_at: BsonDateTime,
+    last_message_at: BsonDateTime,
+    consented_at: BsonDateTime,
+}
+
+impl From<DialogDoc> for Dialog {
+    fn from(doc: DialogDoc) -> Self {
+        let mut languages: Vec<Language> = doc
+            .languages
+            .into_iter()
+            .map(Language::from_trusted)
+            .collect();
+        languages.sort();
+        languages.dedup();
+        Self {
+            id: DialogId::from_trusted(doc.id),
+            customer_id: CustomerId::from_trusted(doc.customer_id),
+            languages,
+            message_count: doc.message_count,
+            first_message_at: doc.first_message_at.timestamp_millis(),
+            last_message_at: doc.last_message_at.timestamp_millis(),
+            consented_at: doc.consented_at.timestamp_millis(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ConsentDoc {
+    #[serde(rename = "_id")]
+    dialog_id: String,
+    customer_id: String,
+    value: bool,
+    decided_at: BsonDateTime,
+}
+
+impl From<ConsentDoc> for ConsentRecord {
+    fn from(doc: ConsentDoc) -> Self {
+        Self {
+            dialog_id: DialogId::from_trusted(doc.dialog_id),
+            customer_id: CustomerId::from_trusted(doc.customer_id),
+            value: doc.value,
+            decided_at: doc.decided_at.timestamp_millis(),
+        }
+    }
+}
+
+pub struct MongoStore {
+    client: Client,
+    /// The servers from the URL, for the startup log (the URL itself may hold a password).
+    hosts: String,
+    database: String,
+    messages: Collection<MessageDoc>,
+    dialogs: Collection<DialogDoc>,
+    consents: Collection<ConsentDoc>,
+}
+
+fn mongo_error(context: &'static str) -> impl Fn(mongodb::error::Error) -> StoreError {
+    move |error| StoreError::new(context, error)
+}
+
+/// Keyset bounds on `(at_field, _id)`; `at` values are converted by `at_value` (a date or an integer).
+fn range_filter(at_field: &str, range: &KeyRange, at_value: impl Fn(i64) -> Bson) -> Vec<Document> {
+    let bound = |op: &str, at: i64, id: &str| {
+        doc! { "$or": [
+            { at_field: { op: at_value(at) } },
+            { at_field: at_value(at), "_id": { op: id } },
+        ] }
+    };
+    let mut clauses = Vec::new();
+    if let Some(key) = &range.older_than {
+        clauses.push(bound("$lt", key.at, &key.id));
+    }
+    if let Some(key) = &range.newer_than {
+        clauses.push(bound("$gt", key.at, &key.id));
+    }
+    clauses
+}
+
+fn and(mut clauses: Vec<Document>) -> Document {
+    match clauses.len() {
+        0 => Document::new(),
+        1 => clauses.pop().expect("one clause"),
+        _ => doc! { "$and": clauses },
+    }
+}
+
+fn date(millis: i64) -> Bson {
+    Bson::DateTime(BsonDateTime::from_millis(millis))
+}
+
+fn dialog_query(filter: &DialogFilter, range: &KeyRange) -> Document {
+    let mut clauses = Vec::new();
+    if let Some(language) = &filter.language {
+        clauses.push(doc! { "languages": language.as_str() });
+    }
+    if let Some(customer_id) = &filter.customer_id {
+        clauses.push(doc! { "customerId": customer_id.as_str() });
+    }
+    clauses.extend(range_filter("lastMessageAt", range, date));
+    and(clauses)
+}
+
+fn message_query(filter: &MessageFilter, range: &KeyRange) -> Document {
+    let mut clauses = Vec::new();
+    if let Some(language) = &filter.language {
+        clauses.push(doc! { "language": language.as_str() });
+    }
+    if let Some(customer_id) = &filter.customer_id {
+        clauses.push(doc! { "customerId": customer_id.as_str() });
+    }
+    if let Some(dialog_id) = &filter.dialog_id {
+        clauses.push(doc! { "dialogId": dialog_id.as_str() });
+    }
+    clauses.extend(range_filter("seq", range, Bson::Int64));
+    and(clauses)
+}
+
+fn sort(at_field: &str, order: ScanOrder) -> Document {
+    let direction = match order {
+        ScanOrder::NewestFirst => -1,
+        ScanOrder::OldestFirst => 1,
+    };
+    doc! { at_field: direction, "_id": direction }
+}
+
+/// The summary update that folds newly inserted `messages` into their dialog's document.
+fn dialog_update(messages: &[&MessageDoc], consented_at: i64) -> Document {
+    let first_at = messages
+        .iter()
+        .map(|m| m.created_at)
+        .min()
+        .expect("at least one message");
+    let last_at = messages
+        .iter()
+        .map(|m| m.created_at)
+        .max()
+        .expect("at least one message");
+    let mut languages: Vec<&str> = messages.iter().map(|m| m.language.as_str()).collect();
+    languages.sort_unstable();
+    languages.dedup();
+    doc! {
+        "$setOnInsert": {
+            "customerId": &messages[0].customer_id,
+            "consentedAt": BsonDateTime::from_millis(consented_at),
+        },
+        "$inc": { "messageCount": messages.len() as i64 },
+        "$min": { "firstMessageAt": first_at },
+        "$max": { "lastMessageAt": last_at },
+        "$addToSet": { "languages": { "$each": languages } },
+    }
+}
+
+/// Runs `$body` (an expression using `$session`) in a transaction, retrying transient failures; the body is
+/// a macro argument rather than a closure so that it can borrow freely.
+macro_rules! in_transaction {
+    ($store:expr, $session:ident, $body:expr) => {{
+        let mut $session = $store
+            .client
+            .start_session()
+            .await
+            .map_err(mongo_error("start session"))?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            $session
+                .start_transaction()
+                .await
+                .map_err(mongo_error("start transaction"))?;
+            let outcome = match $body.await {
+                Ok(value) => commit(&mut $session).await.map(|()| value),
+                Err(error) => {
+                    // The server may have aborted already; a failed abort changes nothing.
+                    let _ = $session.abort_transaction().await;
+                    Err(error)
+                }
+            };
+            match outcome {
+                Err(error)
+                    if error.contains_label(TRANSIENT_TRANSACTION_ERROR)
+                        && attempt < TRANSACTION_ATTEMPTS =>
+                {
+                    continue;
+                }
+                other => break other.map_err(mongo_error("transaction")),
+            }
+        }
+    }};
+}
+
+/// Commits, retrying a commit whose outcome is unknown (committing twice is safe).
+async fn commit(session: &mut ClientSession) -> mongodb::error::Result<()> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match session.commit_transaction().await {
+            Err(error)
+                if error.contains_label(UNKNOWN_TRANSACTION_COMMIT_RESULT)
+                    && attempt < TRANSACTION_ATTEMPTS => {}
+            other => return other,
+        }
+    }
+}
+
+impl MongoStore {
+    /// Connects to `url`, checks that the server answers, and creates the indexes the listings need.
+    /// Without explicit timeouts in the URL, an unreachable server fails calls after 5 s instead of 30 s.
+    pub async fn connect(url: &str, database: &str) -> StoreResult<Self> {
+        let mut options = ClientOptions::parse(url)
+            .await
+            .map_err(mongo_error("invalid DATABASE_URL"))?;
+        options
+            .server_selection_timeout
+            .get_or_insert(Duration::from_secs(5));
+        options
+            .connect_timeout
+            .get_or_insert(Duration::from_secs(5));
+        options.app_name.get_or_insert_with(|| "dataapi".to_owned());
+        Self::with_options(options, database).await
+    }
+
+    /// Like [`connect`](Self::connect) with options prepared by the caller (tests add command monitoring).
+    pub async fn with_options(options: ClientOptions, database: &str) -> StoreResult<Self> {
+        let hosts = options
+            .hosts
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let client = Client::with_options(options).map_err(mongo_error("mongodb client"))?;
+        let db = client.database(database);
+        let store = Self {
+            messages: db.collection("messages"),
+            dialogs: db.collection("dialogs"),
+            consents: db.collection("consents"),
+            database: database.to_owned(),
+            hosts,
+            client,
+        };
+        store.ping().await?;
+        store.create_indexes().await?;
+        Ok(store)
+    }
+
+    async fn create_indexes(&self) -> StoreResult<()> {
+        let index = |keys: Document, name: &str| {
+            IndexModel::builder()
+                .keys(keys)
+                .options(IndexOptions::builder().name(name.to_owned()).build())
+                .build()
+        };
+        self.messages
+            .create_indexes([
+                index(doc! { "dialogId": 1, "seq": 1 }, "dialog_order"),
+                index(doc! { "seq": -1, "_id": -1 }, "recent"),
+                index(
+                    doc! { "language": 1, "seq": -1, "_id": -1 },
+                    "language_recent",
+                ),
+                index(
+                    doc! { "customerId": 1, "seq": -1, "_id": -1 },
+                    "customer_recent",
+                ),
+            ])
+            .await
+            .map_err(mongo_error("create message indexes"))?;
+        self.dialogs
+            .create_indexes([
+                index(doc! { "lastMessageAt": -1, "_id": -1 }, "recent"),
+                index(
+                    doc! { "customerId": 1, "lastMessageAt": -1, "_id": -1 },
+                    "customer_recent",
+                ),
+                index(
+                    doc! { "languages": 1, "lastMessageAt": -1, "_id": -1 },
+                    "language_recent",
+                ),
+            ])
+            .await
+            .map_err(mongo_error("create dialog indexes"))?;
+        self.consents
+            .create_index(index(doc! { "customerId": 1 }, "customer"))
+            .await
+            .map_err(mongo_error("create consent indexes"))?;
+        Ok(())
+    }
+
+    /// Drops this store's database: for tests, which each get a database of their own.
+    pub async fn drop_database(&self) -> StoreResult<()> {
+        self.client
+            .database(&self.database)
+            .drop()
+            .await
+            .map_err(mongo_error("drop database"))
+    }
+
+    /// Makes `decision` the one in force unless it already is; returns the record in force.
+    async fn write_consent(
+        &self,
+        session: &mut ClientSession,
+        decision: &Decision,
+    ) -> mongodb::error::Result<ConsentRecord> {
+        let dialog_id = decision.dialog_id.as_str();
+        if let Some(existing) = self
+            .consents
+            .find_one(doc! { "_id": dialog_id })
+            .session(&mut *session)
+            .await?
+            && existing.value == decision.value
+        {
+            return Ok(existing.into());
+        }
+        let at = BsonDateTime::from_millis(decision.at);
+        self.consents
+            .update_one(
+                doc! { "_id": dialog_id },
+                doc! {
+                    "$set": { "value": decision.value, "decidedAt": at },
+                    "$setOnInsert": { "customerId": decision.customer_id.as_str() },
+                    "$push": { "history": { "value": decision.value, "decidedAt": at } },
+                },
+            )
+            .upsert(true)
+            .session(&mut *session)
+            .await?;
+        Ok(ConsentRecord {
+            dialog_id: decision.dialog_id.clone(),
+            customer_id: decision.customer_id.clone(),
+            value: decision.value,
+            decided_at: decision.at,
+        })
+    }
+
+    /// Inserts the messages not stored yet and folds them into the dialog summary; returns how many were new.
+    async fn insert_messages(
+        &self,
+        session: &mut ClientSession,
+        messages: &[MessageDoc],
+        consented_at: i64,
+    ) -> mongodb::error::Result<u64> {
+        let Some(first) = messages.first() else {
+            return Ok(0);
+        };
+        let ids: Vec<&str> = messages.iter().map(|m| m.id.as_str()).collect();
+        let existing: HashSet<String> = self
+            .messages
+            .clone_with_type::<Document>()
+            .find(doc! { "_id": { "$in": &ids } })
+            .projection(doc! { "_id": 1 })
+            .session(&mut *session)
+            .await?
+            .stream(&mut *session)
+            .try_filter_map(|d| async move { Ok(d.get_str("_id").ok().map(str::to_owned)) })
+            .try_collect()
+            .await?;
+        let new: Vec<&MessageDoc> = messages
+            .iter()
+            .filter(|m| !existing.contains(&m.id))
+            .collect();
+        if new.is_empty() {
+            return Ok(0);
+        }
+        self.messages
+            .insert_many(new.iter().copied())
+            .session(&mut *session)
+            .await?;
+        self.dialogs
+            .update_one(
+                doc! { "_id": &first.dialog_id },
+                dialog_update(&new, consented_at),
+            )
+            .upsert(true)
+            .session(&mut *session)
+            .await?;
+        Ok(new.len() as u64)
+    }
+
+    async fn write_decision(
+        &self,
+        session: &mut ClientSession,
+        decision: &Decision,
+        messages: &[MessageDoc],
+    ) -> mongodb::error::Result<DecisionWritten> {
+        let record = self.write_consent(session, decision).await?;
+        let dialog_id = decision.dialog_id.as_str();
+        if decision.value {
+            let inserted = self
+                .insert_messages(session, messages, record.decided_at)
+                .await?;
+            Ok(DecisionWritten {
+                record,
+                inserted,
+                deleted: 0,
+            })
+        } else {
+            let deleted = self
+                .messages
+                .delete_many(doc! { "dialogId": dialog_id })
+                .session(&mut *session)
+                .await?
+                .deleted_count;
+            self.dialogs
+                .delete_one(doc! { "_id": dialog_id })
+                .session(&mut *session)
+                .await?;
+            Ok(DecisionWritten {
+                record,
+                inserted: 0,
+                deleted,
+            })
+        }
+    }
+
+    async fn append_in(
+        &self,
+        session: &mut ClientSession,
+        message: &MessageDoc,
+    ) -> mongodb::error::Result<Appended> {
+        // Touching the consent document both checks the decision and makes a concurrent withdrawal (which
+        // writes the same document) conflict with this transaction instead of overtaking it.
+        let consent = self
+            .consents
+            .find_one_and_update(
+                doc! { "_id": &message.dialog_id, "value": true },
+                doc! { "$set": { "updatedAt": BsonDateTime::now() } },
+            )
+            .session(&mut *session)
+            .await?;
+        let Some(consent) = consent else {
+            return Ok(Appended::NotConsented);
+        };
+        if let Some(existing) = self
+            .messages
+            .find_one(doc! { "_id": &message.id })
+            .session(&mut *session)
+            .await?
+        {
+            return Ok(Appended::Stored {
+                message: existing.into(),
+                newly: false,
+            });
+        }
+        self.insert_messages(
+            session,
+            std::slice::from_ref(message),
+            consent.decided_at.timestamp_millis(),
+        )
+        .await?;
+        Ok(Appended::Stored {
+            message: message.clone().into(),
+            newly: true,
+        })
+    }
+}
+
+#[async_trait]
+impl Store for MongoStore {
+    fn describe(&self) -> String {
+        format!("MongoDB database `{}` at {}", self.database, self.hosts)
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.client
+            .database("admin")
+            .run_command(doc! { "ping": 1 })
+            .await
+            .map(drop)
+            .map_err(mongo_error("ping"))
+    }
+
+    async fn consent(&self, dialog_id: &DialogId) -> StoreResult<Option<ConsentRecord>> {
+        self.consents
+            .find_one(doc! { "_id": dialog_id.as_str() })
+            .await
+            .map(|doc| doc.map(Into::into))
+            .map_err(mongo_error("read consent"))
+    }
+
+    async fn record_decision(
+        &self,
+        decision: &Decision,
+        messages: &[Message],
+    ) -> StoreResult<DecisionWritten> {
+        let docs: Vec<MessageDoc> = if decision.value {
+            messages.iter().map(MessageDoc::from).collect()
+        } else {
+            Vec::new()
+        };
+        in_transaction!(
+            self,
+            session,
+            self.write_decision(&mut session, decision, &docs)
+        )
+    }
+
+    async fn append_consented(&self, message: &Message) -> StoreResult<Appended> {
+        let doc = MessageDoc::from(message);
+        in_transaction!(self, session, self.append_in(&mut session, &doc))
+    }
+
+    async fn dialog(&self, dialog_id: &DialogId) -> StoreResult<Option<Dialog>> {
+        self.dialogs
+            .find_one(doc! { "_id": dialog_id.as_str() })
+            .await
+            .map(|doc| doc.map(Into::into))
+            .map_err(mongo_error("read dialog"))
+    }
+
+    async fn scan_dialogs(
+        &self,
+        filter: &DialogFilter,
+        range: &KeyRange,
+        order: ScanOrder,
+        limit: usize,
+    ) -> StoreResult<Vec<Dialog>> {
+        let options = FindOptions::builder()
+            .sort(sort("lastMessageAt", order))
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .build();
+        let docs: Vec<DialogDoc> = self
+            .dialogs
+            .find(dialog_query(filter, range))
+            .with_options(options)
+            .await
+            .map_err(mongo_error("scan dialogs"))?
+            .try_collect()
+            .await
+            .map_err(mongo_error("scan dialogs"))?;
+        Ok(docs.into_iter().map(Into::into).collect())
+    }
+
+    async fn count_dialogs(&self, filter: &DialogFilter) -> StoreResult<u64> {
+        self.dialogs
+            .count_documents(dialog_query(filter, &KeyRange::default()))
+            .await
+            .map_err(mongo_error("count dialogs"))
+    }
+
+    async fn scan_messages(
+        &self,
+        filter: &MessageFilter,
+        range: &KeyRange,
+        order: ScanOrder,
+        limit: usize,
+    ) -> StoreResult<Vec<Message>> {
+        let options = FindOptions::builder()
+            .sort(sort("seq", order))
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .build();
+        let docs: Vec<MessageDoc> = self
+            .messages
+            .find(message_query(filter, range))
+            .with_options(options)
+            .await
+            .map_err(mongo_error("scan messages"))?
+            .try_collect()
+            .await
+            .map_err(mongo_error("scan messages"))?;
+        Ok(docs.into_iter().map(Into::into).collect())
+    }
+
+    async fn count_messages(&self, filter: &MessageFilter) -> StoreResult<u64> {
+        self.messages
+            .count_documents(message_query(filter, &KeyRange::default()))
+            .await
+            .map_err(mongo_error("count messages"))
+    }
+
+    async fn messages_of_dialogs(&self, dialog_ids: &[DialogId]) -> StoreResult<Vec<Message>> {
+        if dialog_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<&str> = dialog_ids.iter().map(DialogId::as_str).collect();
+        let docs: Vec<MessageDoc> = self
+            .messages
+            .find(doc! { "dialogId": { "$in": ids } })
+            .sort(doc! { "dialogId": 1, "seq": 1 })
+            .await
+            .map_err(mongo_error("load messages"))?
+            .try_collect()
+            .await
+            .map_err(mongo_error("load messages"))?;
+        Ok(docs.into_iter().map(Into::into).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paging::SortKey;
+    use mongodb::bson;
+
+    fn key(at: i64, id: &str) -> SortKey {
+        SortKey {
+            at,
+            id: id.to_owned(),
+        }
+    }
+
+    #[test]
+    fn dialog_filters_combine_with_and_and_keyset_bounds() {
+        let filter = DialogFilter {
+            language: Some(Language::from_trusted("en".into())),
+            customer_id: Some(CustomerId::from_trusted("c1".into())),
+        };
+        let range = KeyRange {
+            older_than: Some(key(1000, "d9")),
+            newer_than: None,
+        };
+        assert_eq!(
+            dialog_query(&filter, &range),
+            doc! { "$and": [
+                { "languages": "en" },
+                { "customerId": "c1" },
+                { "$or": [
+                    { "lastMessageAt": { "$lt": BsonDateTime::from_millis(1000) } },
+                    { "lastMessageAt": BsonDateTime::from_millis(1000), "_id": { "$lt": "d9" } },
+                ] },
+            ] }
+        );
+        assert_eq!(
+            dialog_query(&DialogFilter::default(), &KeyRange::default()),
+            doc! {}
+        );
+    }
+
+    #[test]
+    fn message_ranges_bound_both_sides_on_seq() {
+        let range = KeyRange {
+            older_than: Some(key(50, "b")),
+            newer_than: Some(key(10, "a")),
+        };
+        assert_eq!(
+            message_query(&MessageFilter::default(), &range),
+            doc! { "$and": [
+                { "$or": [ { "seq": { "$lt": 50_i64 } }, { "seq": 50_i64, "_id": { "$lt": "b" } } ] },
+                { "$or": [ { "seq": { "$gt": 10_i64 } }, { "seq": 10_i64, "_id": { "$gt": "a" } } ] },
+            ] }
+        );
+        assert_eq!(
+            sort("seq", ScanOrder::NewestFirst),
+            doc! { "seq": -1, "_id": -1 }
+        );
+    }
+
+    #[test]
+    fn message_documents_use_bson_dates_and_round_trip() {
+        let message = Message {
+            id: "m1".into(),
+            client_id: Some(ClientMessageId::from_trusted("k".into())),
+            dialog_id: DialogId::from_trusted("d".into()),
+            customer_id: CustomerId::from_trusted("c".into()),
+            text: MessageText::from_trusted("hi".into()),
+            language: Language::from_trusted("en".into()),
+            created_at: 1_700_000_000_123,
+            seq: 1_700_000_000_123_456,
+        };
+        let document = bson::to_document(&MessageDoc::from(&message)).unwrap();
+        assert_eq!(
+            document.get("createdAt"),
+            Some(&Bson::DateTime(BsonDateTime::from_millis(
+                1_700_000_000_123
+            )))
+        );
+        assert_eq!(document.get_str("messageId").unwrap(), "k");
+        let back: MessageDoc = bson::from_document(document).unwrap();
+        assert_eq!(Message::from(back), message);
+    }
+}

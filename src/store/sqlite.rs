@@ -1,0 +1,611 @@
+//! The embedded store: SQLite (bundled) in WAL mode, so `cargo run` works on a bare machine. Every call runs
+//! on a pooled connection inside `spawn_blocking` (deadpool-sqlite's `interact`), never on the async runtime.
+//! Writes take the write lock up front (`BEGIN IMMEDIATE`), which makes each consent write atomic and
+//! serialised against a concurrent withdrawal.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use deadpool_sqlite::rusqlite::{
+    self, Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params,
+    params_from_iter, types::Value,
+};
+use deadpool_sqlite::{Hook, HookError, Pool, Runtime};
+
+use super::{
+    Appended, Decision, DecisionWritten, DialogFilter, MessageFilter, Store, StoreError,
+    StoreResult,
+};
+use crate::model::{
+    ClientMessageId, ConsentRecord, CustomerId, Dialog, DialogId, Language, Message, MessageText,
+};
+use crate::paging::{KeyRange, ScanOrder};
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS consents (
+    dialog_id   TEXT PRIMARY KEY,
+    customer_id TEXT NOT NULL,
+    value       INTEGER NOT NULL,
+    decided_at  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS consent_events (
+    id          INTEGER PRIMARY KEY,
+    dialog_id   TEXT NOT NULL,
+    value       INTEGER NOT NULL,
+    decided_at  INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS consent_events_dialog ON consent_events (dialog_id, id);
+CREATE TABLE IF NOT EXISTS dialogs (
+    id               TEXT PRIMARY KEY,
+    customer_id      TEXT NOT NULL,
+    message_count    INTEGER NOT NULL,
+    first_message_at INTEGER NOT NULL,
+    last_message_at  INTEGER NOT NULL,
+    consented_at     INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dialogs_recent ON dialogs (last_message_at, id);
+CREATE INDEX IF NOT EXISTS dialogs_customer_recent ON dialogs (customer_id, last_message_at, id);
+-- One row per language of a dialog, with the dialog's sort key copied in, so that a language-filtered
+-- listing walks one index in order instead of sorting.
+CREATE TABLE IF NOT EXISTS dialog_languages (
+    dialog_id       TEXT NOT NULL,
+    language        TEXT NOT NULL,
+    last_message_at INTEGER NOT NULL,
+    PRIMARY KEY (dialog_id, language)
+);
+CREATE INDEX IF NOT EXISTS dialog_languages_recent ON dialog_languages (language, last_message_at, dialog_id);
+CREATE TABLE IF NOT EXISTS messages (
+    id          TEXT PRIMARY KEY,
+    dialog_id   TEXT NOT NULL,
+    customer_id TEXT NOT NULL,
+    client_id   TEXT,
+    text        TEXT NOT NULL,
+    language    TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    seq         INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_dialog ON messages (dialog_id, seq);
+CREATE INDEX IF NOT EXISTS messages_recent ON messages (seq, id);
+CREATE INDEX IF NOT EXISTS messages_language_recent ON messages (language, seq, id);
+CREATE INDEX IF NOT EXISTS messages_customer_recent ON messages (customer_id, seq, id);
+"#;
+
+const MESSAGE_COLUMNS: &str =
+    "id, dialog_id, customer_id, client_id, text, language, created_at, seq";
+const DIALOG_COLUMNS: &str = "d.id, d.customer_id, d.message_count, d.first_message_at, d.last_message_at, \
+     d.consented_at, (SELECT group_concat(language, ',') FROM dialog_languages WHERE dialog_id = d.id)";
+
+pub struct SqliteStore {
+    pool: Pool,
+    path: PathBuf,
+}
+
+fn sqlite_error(context: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    move |error| StoreError::new(context, error)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path` and its schema.
+    pub async fn open(path: &Path) -> StoreResult<Self> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                StoreError::new(&format!("cannot create directory {}", parent.display()), e)
+            })?;
+        }
+        let pool = deadpool_sqlite::Config::new(path)
+            .builder(Runtime::Tokio1)
+            .map_err(|e| StoreError::new("sqlite pool config", e))?
+            .max_size(8)
+            .post_create(Hook::sync_fn(|connection, _| {
+                let connection = connection
+                    .lock()
+                    .map_err(|_| HookError::message("sqlite connection mutex poisoned"))?;
+                // Readers never block the writer in WAL mode; a writer waits for another one instead of failing.
+                connection
+                    .busy_timeout(std::time::Duration::from_secs(10))
+                    .and_then(|_| {
+                        connection.execute_batch(
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+                        )
+                    })
+                    .map_err(HookError::Backend)
+            }))
+            .build()
+            .map_err(|e| StoreError::new("sqlite pool", e))?;
+        let store = Self {
+            pool,
+            path: path.to_owned(),
+        };
+        store
+            .with_connection(|c| {
+                c.execute_batch(SCHEMA)
+                    .map_err(sqlite_error("create schema"))
+            })
+            .await?;
+        Ok(store)
+    }
+
+    /// Runs `f` on a pooled connection, off the async runtime.
+    async fn with_connection<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let connection = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| StoreError::new("sqlite connection", e))?;
+        connection
+            .interact(f)
+            .await
+            .map_err(|e| StoreError::new("sqlite call", e))?
+    }
+
+    /// Runs `f` in a write transaction that commits only if `f` succeeds.
+    async fn write<T, F>(&self, f: F) -> StoreResult<T>
+    where
+        F: FnOnce(&Transaction<'_>) -> StoreResult<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.with_connection(|connection| {
+            let tx = connection
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sqlite_error("begin"))?;
+            let result = f(&tx)?;
+            tx.commit().map_err(sqlite_error("commit"))?;
+            Ok(result)
+        })
+        .await
+    }
+}
+
+fn read_consent(tx: &Connection, dialog_id: &str) -> rusqlite::Result<Option<ConsentRecord>> {
+    tx.query_row(
+        "SELECT dialog_id, customer_id, value, decided_at FROM consents WHERE dialog_id = ?1",
+        [dialog_id],
+        |row| {
+            Ok(ConsentRecord {
+                dialog_id: DialogId::from_trusted(row.get(0)?),
+                customer_id: CustomerId::from_trusted(row.get(1)?),
+                value: row.get(2)?,
+                decided_at: row.get(3)?,
+            })
+        },
+    )
+    .optional()
+}
+
+/// Makes `decision` the one in force, unless it already is (then its original time stands).
+fn write_consent(tx: &Connection, decision: &Decision) -> rusqlite::Result<ConsentRecord> {
+    if let Some(existing) = read_consent(tx, decision.dialog_id.as_str())?
+        && existing.value == decision.value
+    {
+        return Ok(existing);
+    }
+    tx.execute(
+        "INSERT INTO consents (dialog_id, customer_id, value, decided_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (dialog_id) DO UPDATE SET value = excluded.value, decided_at = excluded.decided_at",
+        params![
+            decision.dialog_id.as_str(),
+            decision.customer_id.as_str(),
+            decision.value,
+            decision.at
+        ],
+    )?;
+    tx.execute(
+        "INSERT INTO consent_events (dialog_id, value, decided_at) VALUES (?1, ?2, ?3)",
+        params![decision.dialog_id.as_str(), decision.value, decision.at],
+    )?;
+    Ok(read_consent(tx, decision.dialog_id.as_str())?.expect("consent row was just written"))
+}
+
+/// Inserts the messages not yet stored and folds them into their dialog's summary; returns how many were new.
+fn insert_messages(
+    tx: &Connection,
+    messages: &[Message],
+    consented_at: i64,
+) -> rusqlite::Result<u64> {
+    let Some(first) = messages.first() else {
+        return Ok(0);
+    };
+    let mut insert = tx.prepare_cached(
+        "INSERT OR IGNORE INTO messages (id, dialog_id, customer_id, client_id, text, language, created_at, seq)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    let mut inserted = 0u64;
+    let mut first_at = i64::MAX;
+    let mut last_at = i64::MIN;
+    let mut languages = BTreeSet::new();
+    for message in messages {
+        let changed = insert.execute(params![
+            message.id,
+            message.dialog_id.as_str(),
+            message.customer_id.as_str(),
+            message.client_id.as_ref().map(ClientMessageId::as_str),
+            message.text.as_str(),
+            message.language.as_str(),
+            message.created_at,
+            message.seq,
+        ])?;
+        if changed == 1 {
+            inserted += 1;
+            first_at = first_at.min(message.created_at);
+            last_at = last_at.max(message.created_at);
+            languages.insert(message.language.as_str());
+        }
+    }
+    if inserted == 0 {
+        return Ok(0);
+    }
+    let dialog_id = first.dialog_id.as_str();
+    tx.execute(
+        "INSERT INTO dialogs (id, customer_id, message_count, first_message_at, last_message_at, consented_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (id) DO UPDATE SET
+             message_count = message_count + excluded.message_count,
+             first_message_at = min(first_message_at, excluded.first_message_at),
+             last_message_at = max(last_message_at, excluded.last_message_at)",
+        params![
+            dialog_id,
+            first.customer_id.as_str(),
+            inserted as i64,
+            first_at,
+            last_at,
+            consented_at
+        ],
+    )?;
+    let mut add_language = tx.prepare_cached(
+        "INSERT OR IGNORE INTO dialog_languages (dialog_id, language, last_message_at) VALUES (?1, ?2, 0)",
+    )?;
+    for language in languages {
+        add_language.execute(params![dialog_id, language])?;
+    }
+    tx.execute(
+        "UPDATE dialog_languages SET last_message_at = (SELECT last_message_at FROM dialogs WHERE id = ?1)
+         WHERE dialog_id = ?1",
+        [dialog_id],
+    )?;
+    Ok(inserted)
+}
+
+fn message_from_row(row: &Row<'_>) -> rusqlite::Result<Message> {
+    Ok(Message {
+        id: row.get(0)?,
+        dialog_id: DialogId::from_trusted(row.get(1)?),
+        customer_id: CustomerId::from_trusted(row.get(2)?),
+        client_id: row
+            .get::<_, Option<String>>(3)?
+            .map(ClientMessageId::from_trusted),
+        text: MessageText::from_trusted(row.get(4)?),
+        language: Language::from_trusted(row.get(5)?),
+        created_at: row.get(6)?,
+        seq: row.get(7)?,
+    })
+}
+
+fn dialog_from_row(row: &Row<'_>) -> rusqlite::Result<Dialog> {
+    let languages: Option<String> = row.get(6)?;
+    let mut languages: Vec<Language> = languages
+        .unwrap_or_default()
+        .split(',')
+        .filter(|l| !l.is_empty())
+        .map(|l| Language::from_trusted(l.to_owned()))
+        .collect();
+    languages.sort();
+    Ok(Dialog {
+        id: DialogId::from_trusted(row.get(0)?),
+        customer_id: CustomerId::from_trusted(row.get(1)?),
+        message_count: row.get(2)?,
+        first_message_at: row.get(3)?,
+        last_message_at: row.get(4)?,
+        consented_at: row.get(5)?,
+        languages,
+    })
+}
+
+/// A WHERE clause under construction, with its positional parameters.
+#[derive(Default)]
+struct Conditions {
+    clauses: Vec<String>,
+    params: Vec<Value>,
+}
+
+impl Conditions {
+    fn add(&mut self, clause: &str, values: impl IntoIterator<Item = Value>) {
+        self.clauses.push(clause.to_owned());
+        self.params.extend(values);
+    }
+
+    /// Adds the keyset bounds of `range` on the sort columns `(at, id)`.
+    fn add_range(&mut self, at: &str, id: &str, range: &KeyRange) {
+        if let Some(bound) = &range.older_than {
+            self.add(
+                &format!("({at}, {id}) < (?, ?)"),
+                [Value::Integer(bound.at), Value::Text(bound.id.clone())],
+            );
+        }
+        if let Some(bound) = &range.newer_than {
+            self.add(
+                &format!("({at}, {id}) > (?, ?)"),
+                [Value::Integer(bound.at), Value::Text(bound.id.clone())],
+            );
+        }
+    }
+
+    fn sql(&self) -> String {
+        if self.clauses.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", self.clauses.join(" AND "))
+        }
+    }
+}
+
+fn text(value: &str) -> Value {
+    Value::Text(value.to_owned())
+}
+
+fn direction(order: ScanOrder) -> &'static str {
+    match order {
+        ScanOrder::NewestFirst => "DESC",
+        ScanOrder::OldestFirst => "ASC",
+    }
+}
+
+/// The FROM clause and conditions for dialogs matching `filter`. With a language, the scan is driven by
+/// `dialog_languages` and its copy of the sort key.
+fn dialog_source(filter: &DialogFilter) -> (&'static str, &'static str, &'static str, Conditions) {
+    let mut conditions = Conditions::default();
+    let (from, at, id) = match &filter.language {
+        Some(language) => {
+            conditions.add("l.language = ?", [text(language.as_str())]);
+            (
+                "dialog_languages l JOIN dialogs d ON d.id = l.dialog_id",
+                "l.last_message_at",
+                "l.dialog_id",
+            )
+        }
+        None => ("dialogs d", "d.last_message_at", "d.id"),
+    };
+    if let Some(customer_id) = &filter.customer_id {
+        conditions.add("d.customer_id = ?", [text(customer_id.as_str())]);
+    }
+    (from, at, id, conditions)
+}
+
+fn message_conditions(filter: &MessageFilter) -> Conditions {
+    let mut conditions = Conditions::default();
+    if let Some(language) = &filter.language {
+        conditions.add("language = ?", [text(language.as_str())]);
+    }
+    if let Some(customer_id) = &filter.customer_id {
+        conditions.add("customer_id = ?", [text(customer_id.as_str())]);
+    }
+    if let Some(dialog_id) = &filter.dialog_id {
+        conditions.add("dialog_id = ?", [text(dialog_id.as_str())]);
+    }
+    conditions
+}
+
+fn limit_value(limit: usize) -> Value {
+    Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn describe(&self) -> String {
+        format!("embedded SQLite at {}", self.path.display())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.with_connection(|c| {
+            c.query_row("SELECT 1", [], |_| Ok(()))
+                .map_err(sqlite_error("ping"))
+        })
+        .await
+    }
+
+    async fn consent(&self, dialog_id: &DialogId) -> StoreResult<Option<ConsentRecord>> {
+        let dialog_id = dialog_id.to_string();
+        self.with_connection(move |c| {
+            read_consent(c, &dialog_id).map_err(sqlite_error("read consent"))
+        })
+        .await
+    }
+
+    async fn record_decision(
+        &self,
+        decision: &Decision,
+        messages: &[Message],
+    ) -> StoreResult<DecisionWritten> {
+        let decision = decision.clone();
+        let messages = if decision.value {
+            messages.to_vec()
+        } else {
+            Vec::new()
+        };
+        self.write(move |tx| {
+            let record = write_consent(tx, &decision).map_err(sqlite_error("write consent"))?;
+            if decision.value {
+                let inserted = insert_messages(tx, &messages, record.decided_at)
+                    .map_err(sqlite_error("insert messages"))?;
+                Ok(DecisionWritten {
+                    record,
+                    inserted,
+                    deleted: 0,
+                })
+            } else {
+                let dialog_id = decision.dialog_id.as_str();
+                let deleted = tx
+                    .execute("DELETE FROM messages WHERE dialog_id = ?1", [dialog_id])
+                    .and_then(|deleted| {
+                        tx.execute(
+                            "DELETE FROM dialog_languages WHERE dialog_id = ?1",
+                            [dialog_id],
+                        )?;
+                        tx.execute("DELETE FROM dialogs WHERE id = ?1", [dialog_id])?;
+                        Ok(deleted)
+                    })
+                    .map_err(sqlite_error("delete withdrawn dialog"))?;
+                Ok(DecisionWritten {
+                    record,
+                    inserted: 0,
+                    deleted: deleted as u64,
+                })
+            }
+        })
+        .await
+    }
+
+    async fn append_consented(&self, message: &Message) -> StoreResult<Appended> {
+        let message = message.clone();
+        self.write(move |tx| {
+            let consent = read_consent(tx, message.dialog_id.as_str())
+                .map_err(sqlite_error("read consent"))?;
+            let Some(consent) = consent.filter(|c| c.value) else {
+                return Ok(Appended::NotConsented);
+            };
+            let existing = tx
+                .query_row(
+                    &format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?1"),
+                    [&message.id],
+                    message_from_row,
+                )
+                .optional()
+                .map_err(sqlite_error("read message"))?;
+            if let Some(existing) = existing {
+                return Ok(Appended::Stored {
+                    message: existing,
+                    newly: false,
+                });
+            }
+            insert_messages(tx, std::slice::from_ref(&message), consent.decided_at)
+                .map_err(sqlite_error("insert message"))?;
+            Ok(Appended::Stored {
+                message,
+                newly: true,
+            })
+        })
+        .await
+    }
+
+    async fn dialog(&self, dialog_id: &DialogId) -> StoreResult<Option<Dialog>> {
+        let dialog_id = dialog_id.to_string();
+        self.with_connection(move |c| {
+            c.query_row(
+                &format!("SELECT {DIALOG_COLUMNS} FROM dialogs d WHERE d.id = ?1"),
+                [dialog_id],
+                dialog_from_row,
+            )
+            .optional()
+            .map_err(sqlite_error("read dialog"))
+        })
+        .await
+    }
+
+    async fn scan_dialogs(
+        &self,
+        filter: &DialogFilter,
+        range: &KeyRange,
+        order: ScanOrder,
+        limit: usize,
+    ) -> StoreResult<Vec<Dialog>> {
+        let (from, at, id, mut conditions) = dialog_source(filter);
+        conditions.add_range(at, id, range);
+        let sql = format!(
+            "SELECT {DIALOG_COLUMNS} FROM {from}{} ORDER BY {at} {dir}, {id} {dir} LIMIT ?",
+            conditions.sql(),
+            dir = direction(order),
+        );
+        let mut params = conditions.params;
+        params.push(limit_value(limit));
+        self.with_connection(move |c| {
+            let mut statement = c
+                .prepare_cached(&sql)
+                .map_err(sqlite_error("scan dialogs"))?;
+            let rows = statement
+                .query_map(params_from_iter(params), dialog_from_row)
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(sqlite_error("scan dialogs"))?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn count_dialogs(&self, filter: &DialogFilter) -> StoreResult<u64> {
+        let (from, _, _, conditions) = dialog_source(filter);
+        let sql = format!("SELECT count(*) FROM {from}{}", conditions.sql());
+        self.with_connection(move |c| {
+            c.query_row(&sql, params_from_iter(conditions.params), |row| {
+                row.get::<_, i64>(0)
+            })
+            .map(|n| n as u64)
+            .map_err(sqlite_error("count dialogs"))
+        })
+        .await
+    }
+
+    async fn scan_messages(
+        &self,
+        filter: &MessageFilter,
+        range: &KeyRange,
+        order: ScanOrder,
+        limit: usize,
+    ) -> StoreResult<Vec<Message>> {
+        let mut conditions = message_conditions(filter);
+        conditions.add_range("seq", "id", range);
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages{} ORDER BY seq {dir}, id {dir} LIMIT ?",
+            conditions.sql(),
+            dir = direction(order),
+        );
+        let mut params = conditions.params;
+        params.push(limit_value(limit));
+        self.with_connection(move |c| {
+            let mut statement = c
+                .prepare_cached(&sql)
+                .map_err(sqlite_error("scan messages"))?;
+            let rows = statement
+                .query_map(params_from_iter(params), message_from_row)
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(sqlite_error("scan messages"))?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn count_messages(&self, filter: &MessageFilter) -> StoreResult<u64> {
+        let conditions = message_conditions(filter);
+        let sql = format!("SELECT count(*) FROM messages{}", conditions.sql());
+        self.with_connection(move |c| {
+            c.query_row(&sql, params_from_iter(conditions.params), |row| {
+                row.get::<_, i64>(0)
+            })
+            .map(|n| n as u64)
+            .map_err(sqlite_error("count messages"))
+        })
+        .await
+    }
+
+    async fn messages_of_dialogs(&self, dialog_ids: &[DialogId]) -> StoreResult<Vec<Message>> {
+        if dialog_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders = vec!["?"; dialog_ids.len()].join(", ");
+        let sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE dialog_id IN ({placeholders}) ORDER BY dialog_id, seq"
+        );
+        let params: Vec<Value> = dialog_ids.iter().map(|id| text(id.as_str())).collect();
+        self.with_connection(move |c| {
+            let mut statement = c.prepare(&sql).map_err(sqlite_error("load messages"))?;
+            let rows = statement
+                .query_map(params_from_iter(params), message_from_row)
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(sqlite_error("load messages"))?;
+            Ok(rows)
+        })
+        .await
+    }
+}
