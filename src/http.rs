@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use async_graphql::BatchResponse;
+use async_graphql::{BatchRequest, BatchResponse};
 use async_graphql_axum::{GraphQLBatchRequest, GraphQLResponse, rejection::GraphQLRejection};
 use axum::Json;
 use axum::Router;
@@ -36,16 +36,33 @@ async fn graphql(
     State(state): State<AppState>,
     request: Result<GraphQLBatchRequest, GraphQLRejection>,
 ) -> Response {
-    let mut request = match request {
+    let request = match request {
         Ok(request) => request.into_inner(),
         Err(rejection) => return bad_request(&rejection.0.to_string()),
     };
-    for operation in request.iter_mut() {
+    let with_loader = |mut operation: async_graphql::Request| {
         operation
             .data
             .insert(schema::request_loader(state.service.clone()));
-    }
-    let response: BatchResponse = state.schema.execute_batch(request).await;
+        operation
+    };
+    let response = match request {
+        BatchRequest::Single(operation) => {
+            BatchResponse::Single(state.schema.execute(with_loader(operation)).await)
+        }
+        BatchRequest::Batch(operations) if operations.is_empty() => {
+            return bad_request("the batch holds no operation");
+        }
+        // In order, one after another (async-graphql would run them concurrently): a batch that pushes
+        // messages and then gives consent must see its own pushes.
+        BatchRequest::Batch(operations) => {
+            let mut responses = Vec::with_capacity(operations.len());
+            for operation in operations {
+                responses.push(state.schema.execute(with_loader(operation)).await);
+            }
+            BatchResponse::Batch(responses)
+        }
+    };
     GraphQLResponse::from(response).into_response()
 }
 

@@ -1,0 +1,894 @@
+//! The behaviour suite: what a user of the GraphQL API sees, over real HTTP. Every test runs against both
+//! stores (see the `for_each_store!` list at the bottom).
+
+use std::collections::HashSet;
+
+use serde_json::{Value, json};
+
+use dataapi::store::Store;
+
+use crate::helpers::{TestApp, code};
+
+const DIALOG_FIELDS: &str =
+    "id customerId languages messageCount firstMessageAt lastMessageAt consentedAt
+    messages { id messageId text language createdAt dialogId customerId }";
+
+async fn dialog(app: &TestApp, id: &str) -> Value {
+    let data = app
+        .data(
+            &format!("query($id: ID!) {{ dialog(id: $id) {{ {DIALOG_FIELDS} }} }}"),
+            json!({ "id": id }),
+        )
+        .await;
+    data["dialog"].clone()
+}
+
+fn texts(dialog: &Value) -> Vec<String> {
+    dialog["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["text"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn total_counts(app: &TestApp) -> (i64, i64) {
+    let data = app
+        .data(
+            "{ dialogs { totalCount } messages { totalCount } }",
+            json!({}),
+        )
+        .await;
+    (
+        data["dialogs"]["totalCount"].as_i64().unwrap(),
+        data["messages"]["totalCount"].as_i64().unwrap(),
+    )
+}
+
+pub async fn messages_wait_in_the_buffer_until_consent_true_stores_them(app: TestApp) {
+    let first = app.push("alice", "d1", "Hello", "EN", None).await;
+    assert_eq!(first["status"], "BUFFERED");
+    assert_eq!(
+        first["message"]["language"], "en",
+        "languages are stored lowercase"
+    );
+    assert!(
+        first["message"]["createdAt"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
+    app.push("alice", "d1", "Bonjour", "fr", None).await;
+    app.push("alice", "d1", "Bye", "en", None).await;
+
+    assert_eq!(
+        total_counts(&app).await,
+        (0, 0),
+        "nothing is stored before consent"
+    );
+    assert_eq!(app.stored_messages().await, 0);
+    assert!(dialog(&app, "d1").await.is_null());
+
+    let consent = app.consent("d1", true).await;
+    assert_eq!(consent["value"], true);
+    assert_eq!(consent["storedCount"], 3);
+    assert_eq!(consent["discardedCount"], 0);
+
+    let stored = dialog(&app, "d1").await;
+    assert_eq!(stored["customerId"], "alice");
+    assert_eq!(stored["languages"], json!(["en", "fr"]));
+    assert_eq!(stored["messageCount"], 3);
+    assert_eq!(texts(&stored), ["Hello", "Bonjour", "Bye"], "oldest first");
+    assert_eq!(stored["firstMessageAt"], stored["messages"][0]["createdAt"]);
+    assert_eq!(stored["lastMessageAt"], stored["messages"][2]["createdAt"]);
+    assert_eq!(stored["consentedAt"], consent["decidedAt"]);
+    assert_eq!(
+        stored["messages"][0], first["message"],
+        "stored exactly as recorded at push time"
+    );
+    assert_eq!(total_counts(&app).await, (1, 3));
+}
+
+pub async fn consent_false_leaves_nothing_in_the_database(app: TestApp) {
+    app.push("bob", "d2", "my card number is 1234", "en", None)
+        .await;
+    app.push("bob", "d2", "thanks", "en", Some("m2")).await;
+    let consent = app.consent("d2", false).await;
+    assert_eq!(consent["value"], false);
+    assert_eq!(consent["discardedCount"], 2);
+    assert_eq!(consent["storedCount"], 0);
+
+    assert_eq!(app.stored_messages().await, 0);
+    assert_eq!(app.stored_dialogs().await, 0);
+    assert_eq!(total_counts(&app).await, (0, 0));
+    assert!(dialog(&app, "d2").await.is_null());
+    // The decision itself is the audit record.
+    let dialog_id = dataapi::model::DialogId::parse("dialogId", "d2").unwrap();
+    let record = app
+        .store
+        .consent(&dialog_id)
+        .await
+        .unwrap()
+        .expect("decision recorded");
+    assert!(!record.value);
+}
+
+pub async fn a_repeated_message_id_is_recorded_once(app: TestApp) {
+    let first = app.push("carol", "d3", "hi", "en", Some("m1")).await;
+    let again = app.push("carol", "d3", "hi", "en", Some("m1")).await;
+    assert_eq!(
+        again, first,
+        "a retry returns the message as first recorded"
+    );
+    app.push("carol", "d3", "second", "en", Some("m2")).await;
+    assert_eq!(app.consent("d3", true).await["storedCount"], 2);
+
+    // After consent the same key still means the same message, now stored.
+    let retried = app.push("carol", "d3", "hi", "en", Some("m1")).await;
+    assert_eq!(retried["status"], "STORED");
+    assert_eq!(retried["message"], first["message"]);
+    let late = app.push("carol", "d3", "third", "en", Some("m3")).await;
+    assert_eq!(
+        app.push("carol", "d3", "third", "en", Some("m3")).await,
+        late
+    );
+    assert_eq!(dialog(&app, "d3").await["messageCount"], 3);
+    assert_eq!(app.stored_messages().await, 3);
+
+    // The same key for different content is a client bug, not a retry.
+    for dialog_id in ["d3", "d3-buffered"] {
+        app.push("carol", "d3-buffered", "original", "en", Some("k"))
+            .await;
+        let error = app
+            .error(
+                "mutation { pushMessage(input: {customerId: \"carol\", dialogId: \"DIALOG\", text: \"changed\",
+                    language: \"en\", messageId: \"m1\"}) { status } }"
+                    .replace("DIALOG", dialog_id)
+                    .replace("m1", if dialog_id == "d3" { "m1" } else { "k" })
+                    .as_str(),
+                json!({}),
+            )
+            .await;
+        assert_eq!(code(&error), "MESSAGE_ID_CONFLICT", "{error:#}");
+    }
+}
+
+pub async fn repeating_a_decision_changes_nothing(app: TestApp) {
+    app.push("dan", "d4", "one", "en", None).await;
+    app.push("dan", "d4", "two", "en", None).await;
+    let first = app.consent("d4", true).await;
+    let second = app.consent("d4", true).await;
+    assert_eq!(second["storedCount"], 0);
+    assert_eq!(
+        second["decidedAt"], first["decidedAt"],
+        "the original decision time stands"
+    );
+    assert_eq!(dialog(&app, "d4").await["messageCount"], 2);
+    assert_eq!(app.stored_messages().await, 2);
+
+    app.push("dan", "d5", "one", "en", None).await;
+    let no = app.consent("d5", false).await;
+    let no_again = app.consent("d5", false).await;
+    assert_eq!(no_again["decidedAt"], no["decidedAt"]);
+    assert_eq!(no_again["discardedCount"], 0);
+    assert_eq!(app.stored_messages().await, 2);
+}
+
+pub async fn later_messages_follow_the_recorded_decision(app: TestApp) {
+    app.push("erin", "yes", "before", "en", None).await;
+    app.consent("yes", true).await;
+    let after_yes = app.push("erin", "yes", "after", "de", None).await;
+    assert_eq!(after_yes["status"], "STORED");
+    let stored = dialog(&app, "yes").await;
+    assert_eq!(texts(&stored), ["before", "after"]);
+    assert_eq!(stored["languages"], json!(["de", "en"]));
+    assert_eq!(stored["lastMessageAt"], after_yes["message"]["createdAt"]);
+
+    app.push("erin", "no", "before", "en", None).await;
+    app.consent("no", false).await;
+    let after_no = app.push("erin", "no", "after", "en", None).await;
+    assert_eq!(after_no["status"], "DISCARDED");
+    assert_eq!(
+        after_no["message"]["text"], "after",
+        "the caller still sees what it sent"
+    );
+    assert!(dialog(&app, "no").await.is_null());
+    assert_eq!(app.stored_messages().await, 2);
+
+    // A dialog keeps its customer, whatever its state.
+    for dialog_id in ["yes", "no"] {
+        let error = app
+            .error(
+                "mutation($d: ID!) { pushMessage(input: {customerId: \"mallory\", dialogId: $d, text: \"x\",
+                    language: \"en\"}) { status } }",
+                json!({ "d": dialog_id }),
+            )
+            .await;
+        assert_eq!(code(&error), "CUSTOMER_MISMATCH");
+    }
+}
+
+pub async fn withdrawing_consent_deletes_the_stored_dialog(app: TestApp) {
+    for text in ["a", "b", "c"] {
+        app.push("frank", "d6", text, "en", None).await;
+    }
+    app.push("frank", "other", "kept", "en", None).await;
+    app.consent("d6", true).await;
+    app.consent("other", true).await;
+    assert_eq!(app.stored_messages().await, 4);
+
+    let withdrawal = app.consent("d6", false).await;
+    assert_eq!(withdrawal["value"], false);
+    assert_eq!(withdrawal["deletedCount"], 3);
+    assert!(dialog(&app, "d6").await.is_null());
+    assert_eq!(
+        app.stored_messages().await,
+        1,
+        "other dialogs are untouched"
+    );
+    assert_eq!(
+        app.push("frank", "d6", "later", "en", None).await["status"],
+        "DISCARDED"
+    );
+
+    // Consent given again applies from then on; what was deleted stays deleted.
+    let again = app.consent("d6", true).await;
+    assert_eq!(again["value"], true);
+    assert_eq!(
+        app.push("frank", "d6", "new", "en", None).await["status"],
+        "STORED"
+    );
+    assert_eq!(texts(&dialog(&app, "d6").await), ["new"]);
+}
+
+pub async fn consent_for_an_unknown_dialog_is_dialog_not_found(app: TestApp) {
+    for value in [true, false] {
+        let error = app.consent_error("never-seen", value).await;
+        assert_eq!(code(&error), "DIALOG_NOT_FOUND");
+        assert!(error["message"].as_str().unwrap().contains("never-seen"));
+    }
+    let dialog_id = dataapi::model::DialogId::parse("dialogId", "never-seen").unwrap();
+    assert!(
+        app.store.consent(&dialog_id).await.unwrap().is_none(),
+        "no decision recorded"
+    );
+}
+
+/// Pushes one message per `(customer, dialog, language, text)` and gives every dialog consent, in two
+/// batched requests.
+async fn seed(app: &TestApp, rows: &[(&str, &str, &str, &str)]) {
+    let pushes: Vec<String> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, (customer, dialog, language, text))| {
+            format!(
+                "p{i}: pushMessage(input: {{customerId: \"{customer}\", dialogId: \"{dialog}\", \
+                 language: \"{language}\", text: \"{text}\"}}) {{ status }}"
+            )
+        })
+        .collect();
+    app.data(&format!("mutation {{ {} }}", pushes.join("\n")), json!({}))
+        .await;
+    let dialogs: HashSet<&str> = rows.iter().map(|row| row.1).collect();
+    let consents: Vec<String> = dialogs
+        .iter()
+        .enumerate()
+        .map(|(i, dialog)| {
+            format!("c{i}: giveConsent(dialogId: \"{dialog}\", value: true) {{ value }}")
+        })
+        .collect();
+    app.data(
+        &format!("mutation {{ {} }}", consents.join("\n")),
+        json!({}),
+    )
+    .await;
+}
+
+fn ids(connection: &Value) -> Vec<String> {
+    connection["edges"]
+        .as_array()
+        .expect("edges")
+        .iter()
+        .map(|edge| edge["node"]["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+pub async fn filters_match_language_case_insensitively_and_combine_with_and(app: TestApp) {
+    seed(
+        &app,
+        &[
+            ("c1", "a", "en", "hello"),
+            ("c1", "a", "de", "hallo"),
+            ("c1", "b", "fr", "salut"),
+            ("c2", "c", "EN", "hi"),
+            ("c2", "d", "pt-BR", "olá"),
+        ],
+    )
+    .await;
+    let dialogs = |filter: Value| {
+        let app = &app;
+        async move {
+            let data = app
+                .data(
+                    "query($f: DialogFilter) { dialogs(filter: $f) { totalCount edges { node { id } } } }",
+                    json!({ "f": filter }),
+                )
+                .await;
+            let mut found = ids(&data["dialogs"]);
+            found.sort();
+            assert_eq!(data["dialogs"]["totalCount"], found.len());
+            found
+        }
+    };
+    assert_eq!(dialogs(json!({ "language": "En" })).await, ["a", "c"]);
+    assert_eq!(dialogs(json!({ "language": "PT-br" })).await, ["d"]);
+    assert_eq!(dialogs(json!({ "customerId": "c1" })).await, ["a", "b"]);
+    assert_eq!(
+        dialogs(json!({ "language": "en", "customerId": "c1" })).await,
+        ["a"]
+    );
+    assert_eq!(
+        dialogs(json!({ "language": "fr", "customerId": "c2" })).await,
+        Vec::<String>::new()
+    );
+    assert_eq!(dialogs(json!({})).await, ["a", "b", "c", "d"]);
+
+    let messages = |filter: Value| {
+        let app = &app;
+        async move {
+            let data = app
+                .data(
+                    "query($f: MessageFilter) { messages(filter: $f) { totalCount edges { node { text } } } }",
+                    json!({ "f": filter }),
+                )
+                .await;
+            let mut found: Vec<String> = data["messages"]["edges"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["node"]["text"].as_str().unwrap().to_owned())
+                .collect();
+            found.sort();
+            assert_eq!(data["messages"]["totalCount"], found.len());
+            found
+        }
+    };
+    assert_eq!(messages(json!({ "language": "EN" })).await, ["hello", "hi"]);
+    assert_eq!(
+        messages(json!({ "customerId": "c1", "language": "de" })).await,
+        ["hallo"]
+    );
+    assert_eq!(
+        messages(json!({ "dialogId": "a" })).await,
+        ["hallo", "hello"]
+    );
+    assert_eq!(
+        messages(json!({ "dialogId": "a", "customerId": "c2" })).await,
+        Vec::<String>::new()
+    );
+}
+
+/// Pages through `dialogs` with `first`/`after` (or `last`/`before` when `backwards`), calling `between`
+/// after each page, and returns the ids in display order.
+async fn page_through(
+    app: &TestApp,
+    size: usize,
+    backwards: bool,
+    mut between: impl AsyncFnMut(usize),
+) -> Vec<Value> {
+    let mut seen: Vec<Value> = Vec::new();
+    let mut cursor: Option<String> = None;
+    for page_number in 0.. {
+        let (query, cursor_var) = if backwards {
+            ("query($n: Int, $c: String) { dialogs(last: $n, before: $c) {
+                edges { cursor node { id lastMessageAt } } pageInfo { hasPreviousPage hasNextPage startCursor endCursor } } }", "c")
+        } else {
+            ("query($n: Int, $c: String) { dialogs(first: $n, after: $c) {
+                edges { cursor node { id lastMessageAt } } pageInfo { hasPreviousPage hasNextPage startCursor endCursor } } }", "c")
+        };
+        let data = app
+            .data(query, json!({ "n": size, cursor_var: cursor }))
+            .await;
+        let connection = &data["dialogs"];
+        let edges = connection["edges"].as_array().unwrap().clone();
+        let info = &connection["pageInfo"];
+        assert!(edges.len() <= size);
+        if let (Some(first), Some(last)) = (edges.first(), edges.last()) {
+            assert_eq!(info["startCursor"], first["cursor"]);
+            assert_eq!(info["endCursor"], last["cursor"]);
+        }
+        let nodes: Vec<Value> = edges.iter().map(|e| e["node"].clone()).collect();
+        let more = if backwards {
+            assert_eq!(info["hasNextPage"], cursor.is_some(), "page {page_number}");
+            seen.splice(0..0, nodes);
+            cursor = info["startCursor"].as_str().map(str::to_owned);
+            info["hasPreviousPage"].as_bool().unwrap()
+        } else {
+            assert_eq!(
+                info["hasPreviousPage"],
+                cursor.is_some(),
+                "page {page_number}"
+            );
+            seen.extend(nodes);
+            cursor = info["endCursor"].as_str().map(str::to_owned);
+            info["hasNextPage"].as_bool().unwrap()
+        };
+        if !more {
+            break;
+        }
+        between(page_number).await;
+    }
+    seen
+}
+
+pub async fn paging_visits_every_dialog_once_in_both_directions_while_new_dialogs_arrive(
+    app: TestApp,
+) {
+    const DIALOGS: usize = 240;
+    let rows: Vec<(String, String)> = (0..DIALOGS)
+        .map(|i| (format!("c{}", i % 7), format!("dlg-{i:04}")))
+        .collect();
+    for chunk in rows.chunks(80) {
+        let chunk: Vec<(&str, &str, &str, &str)> = chunk
+            .iter()
+            .map(|(c, d)| (c.as_str(), d.as_str(), "en", "hi"))
+            .collect();
+        seed(&app, &chunk).await;
+    }
+    let expected: HashSet<String> = rows.iter().map(|(_, d)| d.clone()).collect();
+
+    let mut arrivals = 0;
+    for backwards in [false, true] {
+        let seen = page_through(&app, 17, backwards, async |page| {
+            // New dialogs arrive between pages; they are newer than everything, so they belong before the
+            // pages already read (forwards) or after the start (backwards) and must not disturb the walk.
+            let dialog = format!("new-{backwards}-{page}");
+            app.push("newcomer", &dialog, "fresh", "en", None).await;
+            app.consent(&dialog, true).await;
+            arrivals += 1;
+        })
+        .await;
+        let seen_ids: Vec<String> = seen
+            .iter()
+            .map(|n| n["id"].as_str().unwrap().to_owned())
+            .collect();
+        let unique: HashSet<String> = seen_ids.iter().cloned().collect();
+        assert_eq!(
+            unique.len(),
+            seen_ids.len(),
+            "no dialog twice (backwards: {backwards})"
+        );
+        let original: HashSet<String> = unique
+            .iter()
+            .filter(|id| id.starts_with("dlg-"))
+            .cloned()
+            .collect();
+        assert_eq!(
+            original, expected,
+            "no dialog missed (backwards: {backwards})"
+        );
+        // Most recent first, ties broken by id, descending.
+        let keys: Vec<(String, String)> = seen
+            .iter()
+            .map(|n| {
+                (
+                    n["lastMessageAt"].as_str().unwrap().to_owned(),
+                    n["id"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        assert!(
+            keys.windows(2).all(|w| w[0] > w[1]),
+            "ordered (backwards: {backwards})"
+        );
+    }
+    assert!(arrivals > 20);
+}
+
+pub async fn invalid_cursors_and_inputs_are_named_errors_and_change_nothing(app: TestApp) {
+    seed(&app, &[("c", "known", "en", "hi")]).await;
+    let messages = app
+        .data("{ messages { edges { cursor } } }", json!({}))
+        .await;
+    let message_cursor = messages["messages"]["edges"][0]["cursor"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let query_cases: Vec<(&str, Value, &str, &str)> = vec![
+        (
+            "query($c: String) { dialogs(after: $c) { totalCount } }",
+            json!({ "c": "garbage!" }),
+            "INVALID_CURSOR",
+            "after",
+        ),
+        (
+            "query($c: String) { dialogs(before: $c) { totalCount } }",
+            json!({ "c": "ZGlhbG9ncy52MTp4Onk" }),
+            "INVALID_CURSOR",
+            "before",
+        ),
+        (
+            "query($c: String) { dialogs(after: $c) { totalCount } }",
+            json!({ "c": message_cursor }),
+            "INVALID_CURSOR",
+            "after",
+        ),
+        (
+            "{ dialogs(first: 1001) { totalCount } }",
+            json!({}),
+            "BAD_USER_INPUT",
+            "first",
+        ),
+        (
+            "{ messages(last: 5000) { totalCount } }",
+            json!({}),
+            "BAD_USER_INPUT",
+            "last",
+        ),
+        (
+            "{ dialogs(first: -1) { totalCount } }",
+            json!({}),
+            "BAD_USER_INPUT",
+            "first",
+        ),
+        (
+            "{ dialogs(first: 1, last: 1) { totalCount } }",
+            json!({}),
+            "BAD_USER_INPUT",
+            "first",
+        ),
+        (
+            "{ dialogs(filter: {language: \"english!\"}) { totalCount } }",
+            json!({}),
+            "BAD_USER_INPUT",
+            "filter.language",
+        ),
+        (
+            "{ messages(filter: {dialogId: \"\"}) { totalCount } }",
+            json!({}),
+            "BAD_USER_INPUT",
+            "filter.dialogId",
+        ),
+        (
+            "{ dialog(id: \"\") { id } }",
+            json!({}),
+            "BAD_USER_INPUT",
+            "id",
+        ),
+    ];
+    for (query, variables, expected_code, field) in query_cases {
+        let error = app.error(query, variables.clone()).await;
+        assert_eq!(
+            code(&error),
+            expected_code,
+            "{query} {variables}: {error:#}"
+        );
+        assert_eq!(error["extensions"]["field"], field, "{query}: {error:#}");
+        assert!(
+            error["message"].as_str().unwrap().contains(field),
+            "{error:#}"
+        );
+    }
+
+    let long = "x".repeat(129);
+    let huge_text = "y".repeat(10_001);
+    let push_cases: Vec<(Value, &str)> = vec![
+        (
+            json!({ "customerId": "", "dialogId": "bad", "text": "t", "language": "en" }),
+            "customerId",
+        ),
+        (
+            json!({ "customerId": "c", "dialogId": long, "text": "t", "language": "en" }),
+            "dialogId",
+        ),
+        (
+            json!({ "customerId": "c", "dialogId": "bad", "text": "  ", "language": "en" }),
+            "text",
+        ),
+        (
+            json!({ "customerId": "c", "dialogId": "bad", "text": huge_text, "language": "en" }),
+            "text",
+        ),
+        (
+            json!({ "customerId": "c", "dialogId": "bad", "text": "nul\u{0}byte", "language": "en" }),
+            "text",
+        ),
+        (
+            json!({ "customerId": "c", "dialogId": "bad", "text": "t", "language": "e" }),
+            "language",
+        ),
+        (
+            json!({ "customerId": "c", "dialogId": "bad", "text": "t", "language": "en_US" }),
+            "language",
+        ),
+        (
+            json!({ "customerId": "c", "dialogId": "bad", "text": "t", "language": "en", "messageId": "" }),
+            "messageId",
+        ),
+    ];
+    for (input, field) in push_cases {
+        let error = app
+            .error(
+                "mutation($i: PushMessageInput!) { pushMessage(input: $i) { status } }",
+                json!({ "i": input }),
+            )
+            .await;
+        assert_eq!(code(&error), "BAD_USER_INPUT", "{input}: {error:#}");
+        assert_eq!(error["extensions"]["field"], field, "{input}: {error:#}");
+    }
+    // Wrong types are caught before any resolver runs, with a code as well.
+    let error = app
+        .error("mutation { pushMessage(input: {customerId: 1, dialogId: \"d\", text: \"t\"}) { status } }", json!({}))
+        .await;
+    assert_eq!(code(&error), "GRAPHQL_VALIDATION_FAILED");
+    let error = app
+        .error(
+            "mutation($i: PushMessageInput!) { pushMessage(input: $i) { status } }",
+            json!({ "i": { "text": 5 } }),
+        )
+        .await;
+    assert!(
+        !code(&error).is_empty() && code(&error) != "<no code>",
+        "{error:#}"
+    );
+
+    // Nothing was buffered by the refused pushes, and the stored data is as before.
+    assert_eq!(
+        code(&app.consent_error("bad", true).await),
+        "DIALOG_NOT_FOUND"
+    );
+    assert_eq!(total_counts(&app).await, (1, 1));
+}
+
+pub async fn concurrent_pushes_to_one_dialog_keep_their_order(app: TestApp) {
+    const PUSHERS: usize = 4;
+    const EACH: usize = 40;
+    let app = std::sync::Arc::new(app);
+    let tasks: Vec<_> = (0..PUSHERS)
+        .map(|pusher| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                for i in 0..EACH {
+                    let pushed = app
+                        .push("cust", "busy", &format!("{pusher}-{i}"), "en", None)
+                        .await;
+                    assert_eq!(pushed["status"], "BUFFERED");
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(
+        app.consent("busy", true).await["storedCount"],
+        PUSHERS * EACH
+    );
+    let stored = dialog(&app, "busy").await;
+    let texts = texts(&stored);
+    assert_eq!(texts.len(), PUSHERS * EACH);
+    for pusher in 0..PUSHERS {
+        let mine: Vec<usize> = texts
+            .iter()
+            .filter_map(|t| t.strip_prefix(&format!("{pusher}-")))
+            .map(|i| i.parse().unwrap())
+            .collect();
+        assert_eq!(
+            mine,
+            (0..EACH).collect::<Vec<_>>(),
+            "pusher {pusher}'s messages in the order sent"
+        );
+    }
+    let times: Vec<&str> = stored["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["createdAt"].as_str().unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]));
+}
+
+pub async fn a_store_outage_during_consent_loses_nothing_and_a_retry_stores_once(app: TestApp) {
+    for i in 0..5 {
+        app.push(
+            "gina",
+            "fragile",
+            &format!("m{i}"),
+            "en",
+            Some(&format!("k{i}")),
+        )
+        .await;
+    }
+    app.store.set_down(true);
+    let error = app.consent_error("fragile", true).await;
+    assert_eq!(code(&error), "STORE_UNAVAILABLE");
+    assert!(error["message"].as_str().unwrap().contains("retry"));
+    // Pushing still works while the database is down: the dialog is buffered.
+    assert_eq!(
+        app.push("gina", "fragile", "m5", "en", Some("k5")).await["status"],
+        "BUFFERED"
+    );
+    app.store.set_down(false);
+    assert_eq!(app.stored_messages().await, 0, "nothing half-written");
+
+    // The write lands but its acknowledgement is lost: the caller sees a failure and retries.
+    app.store.set_lose_acknowledgements(true);
+    assert_eq!(
+        code(&app.consent_error("fragile", true).await),
+        "STORE_UNAVAILABLE"
+    );
+    app.store.set_lose_acknowledgements(false);
+    assert_eq!(
+        app.stored_messages().await,
+        6,
+        "the lost-acknowledgement write did land"
+    );
+
+    let retry = app.consent("fragile", true).await;
+    assert_eq!(retry["value"], true);
+    assert_eq!(retry["storedCount"], 0, "the retry stores nothing twice");
+    let stored = dialog(&app, "fragile").await;
+    assert_eq!(texts(&stored), ["m0", "m1", "m2", "m3", "m4", "m5"]);
+    assert_eq!(stored["messageCount"], 6);
+    assert_eq!(app.stored_messages().await, 6);
+    assert_eq!(app.consent("fragile", true).await["storedCount"], 0);
+}
+
+pub async fn a_store_outage_before_consent_is_written_keeps_the_buffer_for_a_retry(app: TestApp) {
+    for i in 0..3 {
+        app.push("hal", "later", &format!("m{i}"), "en", None).await;
+    }
+    app.store.set_down(true);
+    assert_eq!(
+        code(&app.consent_error("later", true).await),
+        "STORE_UNAVAILABLE"
+    );
+    assert_eq!(
+        code(&app.consent_error("later", false).await),
+        "STORE_UNAVAILABLE"
+    );
+    app.store.set_down(false);
+    assert_eq!(app.consent("later", true).await["storedCount"], 3);
+    assert_eq!(app.stored_messages().await, 3);
+}
+
+pub async fn a_page_of_dialogs_loads_its_messages_in_one_store_query(app: TestApp) {
+    let rows: Vec<(String, String, String)> = (0..30)
+        .flat_map(|d| {
+            (0..3).map(move |m| (format!("c{d}"), format!("dl-{d:02}"), format!("text {m}")))
+        })
+        .collect();
+    let borrowed: Vec<(&str, &str, &str, &str)> = rows
+        .iter()
+        .map(|(c, d, t)| (c.as_str(), d.as_str(), "en", t.as_str()))
+        .collect();
+    seed(&app, &borrowed).await;
+
+    for page_size in [1, 10, 30] {
+        app.store.reset_calls();
+        let data = app
+            .data(
+                "query($n: Int) { dialogs(first: $n) { edges { node { id messages { id text } } } } }",
+                json!({ "n": page_size }),
+            )
+            .await;
+        let edges = data["dialogs"]["edges"].as_array().unwrap();
+        assert_eq!(edges.len(), page_size);
+        assert!(
+            edges
+                .iter()
+                .all(|e| e["node"]["messages"].as_array().unwrap().len() == 3)
+        );
+        let calls = app.store.calls();
+        assert_eq!(calls.get("scan_dialogs"), Some(&1), "{calls:?}");
+        assert_eq!(
+            calls.get("messages_of_dialogs"),
+            Some(&1),
+            "one query for all {page_size} dialogs: {calls:?}"
+        );
+        assert_eq!(
+            calls.values().sum::<usize>(),
+            2,
+            "nothing else, not even a count: {calls:?}"
+        );
+    }
+
+    // totalCount costs one count query, and only when asked for.
+    app.store.reset_calls();
+    app.data("{ dialogs(first: 5) { totalCount } }", json!({}))
+        .await;
+    assert_eq!(app.store.calls().get("count_dialogs"), Some(&1));
+}
+
+pub async fn pushing_to_a_buffered_dialog_costs_no_store_call(app: TestApp) {
+    app.push("ivy", "quiet", "first", "en", None).await;
+    app.store.reset_calls();
+    for i in 0..10 {
+        app.push("ivy", "quiet", &format!("more {i}"), "en", None)
+            .await;
+    }
+    assert!(app.store.calls().is_empty(), "{:?}", app.store.calls());
+}
+
+pub async fn batched_requests_run_every_operation(app: TestApp) {
+    let response = app
+        .post_json(&json!([
+            { "query": "mutation { pushMessage(input: {customerId: \"c\", dialogId: \"batch\", text: \"a\", language: \"en\"}) { status } }" },
+            { "query": "mutation { giveConsent(dialogId: \"batch\", value: true) { storedCount } }" },
+            { "query": "{ dialog(id: \"batch\") { messageCount messages { text } } }" },
+        ]))
+        .await;
+    assert_eq!(response[0]["data"]["pushMessage"]["status"], "BUFFERED");
+    assert_eq!(response[1]["data"]["giveConsent"]["storedCount"], 1);
+    assert_eq!(response[2]["data"]["dialog"]["messageCount"], 1);
+}
+
+pub async fn consent_and_pushes_racing_on_one_dialog_lose_nothing(app: TestApp) {
+    app.push("jo", "race", "opening", "en", None).await;
+    let app = std::sync::Arc::new(app);
+    let pusher = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for i in 0..60 {
+                let pushed = app.push("jo", "race", &format!("r{i}"), "en", None).await;
+                statuses.push(pushed["status"].as_str().unwrap().to_owned());
+            }
+            statuses
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    app.consent("race", true).await;
+    let statuses = pusher.await.unwrap();
+    assert!(
+        statuses.iter().all(|s| s == "BUFFERED" || s == "STORED"),
+        "{statuses:?}"
+    );
+    // Every message pushed is stored exactly once, whichever side of the decision it landed on.
+    let stored = dialog(&app, "race").await;
+    assert_eq!(stored["messageCount"], 61);
+    assert_eq!(texts(&stored).len(), 61);
+    assert_eq!(app.stored_messages().await, 61);
+}
+
+macro_rules! for_each_store {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    crate::helpers::run(crate::helpers::Backend::Sqlite, super::$test).await;
+                }
+            )*
+        }
+        mod mongodb {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    crate::helpers::run(crate::helpers::Backend::Mongo, super::$test).await;
+                }
+            )*
+        }
+    };
+}
+
+for_each_store!(
+    messages_wait_in_the_buffer_until_consent_true_stores_them,
+    consent_false_leaves_nothing_in_the_database,
+    a_repeated_message_id_is_recorded_once,
+    repeating_a_decision_changes_nothing,
+    later_messages_follow_the_recorded_decision,
+    withdrawing_consent_deletes_the_stored_dialog,
+    consent_for_an_unknown_dialog_is_dialog_not_found,
+    filters_match_language_case_insensitively_and_combine_with_and,
+    paging_visits_every_dialog_once_in_both_directions_while_new_dialogs_arrive,
+    invalid_cursors_and_inputs_are_named_errors_and_change_nothing,
+    concurrent_pushes_to_one_dialog_keep_their_order,
+    a_store_outage_during_consent_loses_nothing_and_a_retry_stores_once,
+    a_store_outage_before_consent_is_written_keeps_the_buffer_for_a_retry,
+    a_page_of_dialogs_loads_its_messages_in_one_store_query,
+    pushing_to_a_buffered_dialog_costs_no_store_call,
+    batched_requests_run_every_operation,
+    consent_and_pushes_racing_on_one_dialog_lose_nothing,
+);

@@ -1,0 +1,378 @@
+//! Test harness: each test gets its own service on a free port, on its own database (a fresh SQLite file, or a
+//! freshly named MongoDB database that is dropped afterwards), and talks to it over real HTTP.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use dataapi::app::Application;
+use dataapi::config::{Config, DatabaseConfig};
+use dataapi::model::{ConsentRecord, Dialog, DialogId, Message};
+use dataapi::paging::{KeyRange, ScanOrder};
+use dataapi::store::{
+    Appended, Decision, DecisionWritten, DialogFilter, MessageFilter, MongoStore, SharedStore,
+    SqliteStore, Store, StoreError, StoreResult,
+};
+use futures::FutureExt;
+use serde_json::{Value, json};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Mongo,
+}
+
+/// The MongoDB the tests use: `TEST_MONGODB_URL`, which `scripts/test` sets after starting SecantusDB.
+/// Missing, the MongoDB tests fail: they are never skipped.
+pub fn mongodb_url() -> String {
+    std::env::var("TEST_MONGODB_URL").unwrap_or_else(|_| {
+        panic!(
+            "TEST_MONGODB_URL is not set: run the suite with scripts/test (which starts a MongoDB-compatible \
+             server), or point TEST_MONGODB_URL at a MongoDB replica set"
+        )
+    })
+}
+
+/// Wraps a real store to count its calls and, on demand, to fail them as a dead database would.
+pub struct InstrumentedStore {
+    inner: SharedStore,
+    calls: Mutex<HashMap<&'static str, usize>>,
+    fail_all: AtomicBool,
+    fail_after_write: AtomicBool,
+}
+
+impl InstrumentedStore {
+    fn new(inner: SharedStore) -> Self {
+        Self {
+            inner,
+            calls: Mutex::default(),
+            fail_all: AtomicBool::new(false),
+            fail_after_write: AtomicBool::new(false),
+        }
+    }
+
+    /// How many times each store method ran since the last reset.
+    pub fn calls(&self) -> HashMap<&'static str, usize> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    pub fn reset_calls(&self) {
+        self.calls.lock().unwrap().clear();
+    }
+
+    /// Every call fails, as when the database is down.
+    pub fn set_down(&self, down: bool) {
+        self.fail_all.store(down, Ordering::SeqCst);
+    }
+
+    /// Writes go through but report failure, as when the connection drops before the acknowledgement.
+    pub fn set_lose_acknowledgements(&self, lose: bool) {
+        self.fail_after_write.store(lose, Ordering::SeqCst);
+    }
+
+    fn enter(&self, method: &'static str) -> StoreResult<()> {
+        *self.calls.lock().unwrap().entry(method).or_default() += 1;
+        if self.fail_all.load(Ordering::SeqCst) {
+            return Err(StoreError(format!("injected outage in {method}")));
+        }
+        Ok(())
+    }
+
+    fn acknowledge<T>(&self, method: &'static str, result: StoreResult<T>) -> StoreResult<T> {
+        let value = result?;
+        if self.fail_after_write.load(Ordering::SeqCst) {
+            return Err(StoreError(format!(
+                "injected lost acknowledgement in {method}"
+            )));
+        }
+        Ok(value)
+    }
+}
+
+#[async_trait]
+impl Store for InstrumentedStore {
+    fn describe(&self) -> String {
+        format!("instrumented {}", self.inner.describe())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.enter("ping")?;
+        self.inner.ping().await
+    }
+
+    async fn consent(&self, dialog_id: &DialogId) -> StoreResult<Option<ConsentRecord>> {
+        self.enter("consent")?;
+        self.inner.consent(dialog_id).await
+    }
+
+    async fn record_decision(
+        &self,
+        decision: &Decision,
+        messages: &[Message],
+    ) -> StoreResult<DecisionWritten> {
+        self.enter("record_decision")?;
+        let result = self.inner.record_decision(decision, messages).await;
+        self.acknowledge("record_decision", result)
+    }
+
+    async fn append_consented(&self, message: &Message) -> StoreResult<Appended> {
+        self.enter("append_consented")?;
+        let result = self.inner.append_consented(message).await;
+        self.acknowledge("append_consented", result)
+    }
+
+    async fn dialog(&self, dialog_id: &DialogId) -> StoreResult<Option<Dialog>> {
+        self.enter("dialog")?;
+        self.inner.dialog(dialog_id).await
+    }
+
+    async fn scan_dialogs(
+        &self,
+        filter: &DialogFilter,
+        range: &KeyRange,
+        order: ScanOrder,
+        limit: usize,
+    ) -> StoreResult<Vec<Dialog>> {
+        self.enter("scan_dialogs")?;
+        self.inner.scan_dialogs(filter, range, order, limit).await
+    }
+
+    async fn count_dialogs(&self, filter: &DialogFilter) -> StoreResult<u64> {
+        self.enter("count_dialogs")?;
+        self.inner.count_dialogs(filter).await
+    }
+
+    async fn scan_messages(
+        &self,
+        filter: &MessageFilter,
+        range: &KeyRange,
+        order: ScanOrder,
+        limit: usize,
+    ) -> StoreResult<Vec<Message>> {
+        self.enter("scan_messages")?;
+        self.inner.scan_messages(filter, range, order, limit).await
+    }
+
+    async fn count_messages(&self, filter: &MessageFilter) -> StoreResult<u64> {
+        self.enter("count_messages")?;
+        self.inner.count_messages(filter).await
+    }
+
+    async fn messages_of_dialogs(&self, dialog_ids: &[DialogId]) -> StoreResult<Vec<Message>> {
+        self.enter("messages_of_dialogs")?;
+        self.inner.messages_of_dialogs(dialog_ids).await
+    }
+}
+
+/// What a test's database needs after the test.
+enum Cleanup {
+    TempDir(#[allow(dead_code)] tempfile::TempDir),
+    MongoDatabase(Arc<MongoStore>),
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    /// The store as the service sees it, instrumented.
+    pub store: Arc<InstrumentedStore>,
+    http: reqwest::Client,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Opens a fresh, empty store of `backend` and what to clean up after it.
+async fn fresh_store(backend: Backend) -> (SharedStore, Cleanup) {
+    match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().expect("temporary directory");
+            let store = SqliteStore::open(&dir.path().join("test.sqlite3"))
+                .await
+                .expect("open SQLite store");
+            (Arc::new(store), Cleanup::TempDir(dir))
+        }
+        Backend::Mongo => {
+            let database = format!("dataapi_test_{}", uuid::Uuid::now_v7().simple());
+            let store = Arc::new(
+                MongoStore::connect(&mongodb_url(), &database)
+                    .await
+                    .unwrap_or_else(|e| panic!("cannot reach TEST_MONGODB_URL: {e}")),
+            );
+            (store.clone(), Cleanup::MongoDatabase(store))
+        }
+    }
+}
+
+pub fn test_config(database: DatabaseConfig) -> Config {
+    Config {
+        database,
+        bind_addr: "127.0.0.1:0".parse().unwrap(),
+        log: "warn".into(),
+        max_page_size: 1000,
+    }
+}
+
+impl TestApp {
+    /// Starts the service on `store` on a free loopback port.
+    pub async fn start(store: SharedStore, config: Config) -> Self {
+        let store = Arc::new(InstrumentedStore::new(store));
+        let app = Application::with_store(&config, store.clone())
+            .await
+            .expect("the service starts");
+        let addr = app.local_addr();
+        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(app.run_until(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            store,
+            http: reqwest::Client::new(),
+            shutdown: Some(shutdown),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Posts one GraphQL operation and returns the whole response body.
+    pub async fn graphql(&self, query: &str, variables: Value) -> Value {
+        self.post_json(&json!({ "query": query, "variables": variables }))
+            .await
+    }
+
+    pub async fn post_json(&self, body: &Value) -> Value {
+        let response = self
+            .http
+            .post(self.url("/graphql"))
+            .json(body)
+            .send()
+            .await
+            .expect("POST /graphql");
+        response.json().await.expect("a JSON response")
+    }
+
+    /// Posts an operation that must succeed, and returns its `data`.
+    pub async fn data(&self, query: &str, variables: Value) -> Value {
+        let response = self.graphql(query, variables).await;
+        assert!(
+            response.get("errors").is_none(),
+            "unexpected errors: {response:#}"
+        );
+        response["data"].clone()
+    }
+
+    /// Posts an operation that must fail with one error, and returns that error.
+    pub async fn error(&self, query: &str, variables: Value) -> Value {
+        let response = self.graphql(query, variables).await;
+        let errors = response["errors"]
+            .as_array()
+            .unwrap_or_else(|| panic!("expected an error: {response:#}"));
+        assert_eq!(errors.len(), 1, "expected one error: {response:#}");
+        errors[0].clone()
+    }
+
+    /// Pushes a message; `message_id` is the optional client key. Returns the payload.
+    pub async fn push(
+        &self,
+        customer: &str,
+        dialog: &str,
+        text: &str,
+        language: &str,
+        message_id: Option<&str>,
+    ) -> Value {
+        let data = self
+            .data(
+                "mutation($input: PushMessageInput!) {
+                    pushMessage(input: $input) {
+                        status
+                        message { id messageId dialogId customerId text language createdAt }
+                    }
+                }",
+                json!({ "input": {
+                    "customerId": customer, "dialogId": dialog, "text": text,
+                    "language": language, "messageId": message_id,
+                }}),
+            )
+            .await;
+        data["pushMessage"].clone()
+    }
+
+    pub async fn consent(&self, dialog: &str, value: bool) -> Value {
+        let data = self
+            .data(
+                "mutation($dialogId: ID!, $value: Boolean!) {
+                    giveConsent(dialogId: $dialogId, value: $value) {
+                        dialogId value decidedAt storedCount discardedCount deletedCount
+                    }
+                }",
+                json!({ "dialogId": dialog, "value": value }),
+            )
+            .await;
+        data["giveConsent"].clone()
+    }
+
+    pub async fn consent_error(&self, dialog: &str, value: bool) -> Value {
+        self.error(
+            "mutation($dialogId: ID!, $value: Boolean!) {
+                giveConsent(dialogId: $dialogId, value: $value) { value }
+            }",
+            json!({ "dialogId": dialog, "value": value }),
+        )
+        .await
+    }
+
+    /// Every stored dialog with its messages, most recent first, read straight from the store.
+    pub async fn stored_messages(&self) -> u64 {
+        self.store
+            .count_messages(&MessageFilter::default())
+            .await
+            .expect("count messages")
+    }
+
+    pub async fn stored_dialogs(&self) -> u64 {
+        self.store
+            .count_dialogs(&DialogFilter::default())
+            .await
+            .expect("count dialogs")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+}
+
+/// Runs `test` against a fresh service on `backend`, then drops the test's database even if the test failed.
+pub async fn run<F, Fut>(backend: Backend, test: F)
+where
+    F: FnOnce(TestApp) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let (store, cleanup) = fresh_store(backend).await;
+    let app = TestApp::start(
+        store,
+        test_config(DatabaseConfig::Sqlite {
+            path: "unused".into(),
+        }),
+    )
+    .await;
+    let outcome = AssertUnwindSafe(test(app)).catch_unwind().await;
+    if let Cleanup::MongoDatabase(store) = &cleanup {
+        store.drop_database().await.expect("drop the test database");
+    }
+    drop(cleanup);
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// The `extensions.code` of an error.
+pub fn code(error: &Value) -> &str {
+    error["extensions"]["code"].as_str().unwrap_or("<no code>")
+}

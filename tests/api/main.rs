@@ -1,0 +1,7 @@
+//! The integration suite, in one test binary: the service over real HTTP against real databases.
+//! `scripts/test` runs it with a MongoDB-compatible server; see README.
+
+mod behaviour;
+mod graphiql;
+mod helpers;
+mod service;

@@ -1,0 +1,166 @@
+//! The service as an operator sees it: the binary, its settings, its HTTP surface and its public contract.
+
+use std::process::Command;
+
+use serde_json::json;
+
+use crate::helpers::{Backend, TestApp, run};
+
+fn dataapi() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dataapi"))
+}
+
+#[test]
+fn schema_graphql_is_the_schema_the_code_serves() {
+    let output = dataapi()
+        .arg("print-schema")
+        .output()
+        .expect("run dataapi print-schema");
+    assert!(output.status.success());
+    let printed = String::from_utf8(output.stdout).unwrap();
+    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/schema.graphql"))
+        .expect("schema.graphql at the repository root");
+    assert!(
+        printed == committed,
+        "schema.graphql is stale: regenerate it with `cargo run -- print-schema > schema.graphql`"
+    );
+}
+
+#[test]
+fn a_bad_setting_stops_startup_and_names_the_setting() {
+    for (name, value) in [
+        ("DATABASE_URL", "postgres://user:hunter2@db/x"),
+        ("BIND_ADDR", "not-an-address"),
+        ("MAX_PAGE_SIZE", "0"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let output = dataapi()
+            .current_dir(dir.path())
+            .env_clear()
+            .env(name, value)
+            .output()
+            .expect("run dataapi");
+        assert!(!output.status.success(), "{name}={value} must stop startup");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(name), "{name}: {stderr}");
+        assert!(
+            !stderr.contains("hunter2"),
+            "secrets are never echoed: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn the_binary_starts_on_the_embedded_store_and_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = dataapi()
+        .current_dir(dir.path())
+        .env_clear()
+        .env("BIND_ADDR", format!("127.0.0.1:{port}"))
+        .env("LOG", "warn")
+        .spawn()
+        .expect("start dataapi");
+    let health = format!("http://127.0.0.1:{port}/health");
+    let answered = (0..200).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(answered, "dataapi did not listen on {health}");
+    assert!(
+        dir.path().join("data/dataapi.sqlite3").exists(),
+        "the embedded store lives under ./data"
+    );
+}
+
+async fn http_surface(app: TestApp) {
+    let client = reqwest::Client::new();
+    let health = client.get(app.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert_eq!(
+        health.json::<serde_json::Value>().await.unwrap(),
+        json!({ "status": "ok" })
+    );
+
+    for path in ["/", "/graphql"] {
+        let page = client.get(app.url(path)).send().await.unwrap();
+        assert_eq!(page.status(), 200);
+        let html = page.text().await.unwrap();
+        assert!(
+            html.contains("/graphiql/graphiql.min.js"),
+            "{path} serves GraphiQL"
+        );
+        assert!(
+            !html.contains("unpkg") && !html.contains("jsdelivr"),
+            "no CDN"
+        );
+    }
+    for asset in [
+        "graphiql.min.js",
+        "graphiql.min.css",
+        "react.production.min.js",
+        "react-dom.production.min.js",
+    ] {
+        let response = client
+            .get(app.url(&format!("/graphiql/{asset}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{asset}");
+        assert!(response.bytes().await.unwrap().len() > 1000, "{asset}");
+    }
+    assert_eq!(
+        client
+            .get(app.url("/graphiql/nope.js"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+
+    // Not GraphQL at all: still a GraphQL-shaped error with a code.
+    for (content_type, body) in [("application/json", "{not json"), ("text/plain", "hello")] {
+        let response = client
+            .post(app.url("/graphql"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body_json: serde_json::Value = response.json().await.unwrap_or(json!(null));
+        assert_eq!(status, 400, "{content_type} {body}: {body_json}");
+        assert_eq!(
+            body_json["errors"][0]["extensions"]["code"], "BAD_REQUEST",
+            "{body_json}"
+        );
+    }
+    // JSON without an operation in it is a GraphQL error with a code.
+    let empty = app.post_json(&json!([])).await;
+    assert_eq!(
+        empty["errors"][0]["extensions"]["code"], "GRAPHQL_PARSE_FAILED",
+        "{empty}"
+    );
+    let empty = app.post_json(&json!({ "query": "" })).await;
+    assert_eq!(
+        empty["errors"][0]["extensions"]["code"], "GRAPHQL_PARSE_FAILED",
+        "{empty}"
+    );
+    // And the service keeps serving.
+    assert_eq!(
+        app.data("{ __typename }", json!({})).await,
+        json!({ "__typename": "QueryRoot" })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_surface_serves_graphiql_health_and_clear_transport_errors() {
+    run(Backend::Sqlite, http_surface).await;
+}
