@@ -2,6 +2,7 @@
 //! `scripts/test` runs it with a MongoDB-compatible server; see README.
 
 mod behaviour;
+mod faults;
 mod graphiql;
 mod helpers;
 mod service;
