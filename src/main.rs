@@ -46,6 +46,8 @@ async fn serve() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log))
+        // Colours only on a terminal: log collectors get plain lines.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
 
     let app = match Application::build(&config).await {

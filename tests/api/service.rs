@@ -50,32 +50,51 @@ fn a_bad_setting_stops_startup_and_names_the_setting() {
     }
 }
 
-#[test]
-fn the_binary_starts_on_the_embedded_store_and_answers() {
+#[tokio::test]
+async fn the_binary_starts_on_the_embedded_store_says_so_and_answers() {
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
+    let log = dir.path().join("stdout.log");
     let mut child = dataapi()
         .current_dir(dir.path())
         .env_clear()
         .env("BIND_ADDR", format!("127.0.0.1:{port}"))
-        .env("LOG", "warn")
+        .env("LOG", "info")
+        .stdout(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("start dataapi");
     let health = format!("http://127.0.0.1:{port}/health");
-    let answered = (0..200).any(|_| {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+    let mut answered = false;
+    for _ in 0..200 {
+        if let Ok(response) = reqwest::get(&health).await {
+            answered = response.status() == 200;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let _ = child.kill();
     let _ = child.wait();
-    assert!(answered, "dataapi did not listen on {health}");
+    assert!(answered, "dataapi did not answer {health}");
     assert!(
         dir.path().join("data/dataapi.sqlite3").exists(),
         "the embedded store lives under ./data"
+    );
+    let startup = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        startup.contains("embedded SQLite at ./data/dataapi.sqlite3"),
+        "{startup}"
+    );
+    assert!(
+        startup.contains("in-process"),
+        "names the buffer: {startup}"
+    );
+    assert!(
+        startup.contains(&format!("GraphiQL at http://127.0.0.1:{port}/")),
+        "{startup}"
     );
 }
 
