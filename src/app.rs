@@ -52,15 +52,14 @@ impl Application {
     /// Like [`build`](Self::build) with a store made by the caller (tests wrap stores to count or fail calls).
     pub async fn with_store(config: &Config, store: SharedStore) -> Result<Self, StartupError> {
         let service = Arc::new(DialogService::new(store));
-        let schema = schema::build(
-            service.clone(),
-            Limits {
-                max_page_size: config.max_page_size,
-            },
-        );
+        let limits = Limits {
+            max_page_size: config.max_page_size,
+        };
+        let schema = schema::build(service.clone(), limits);
         let router = http::router(AppState {
             schema,
             service: service.clone(),
+            limits,
         })
         .layer(TraceLayer::new_for_http());
         let listener = TcpListener::bind(config.bind_addr)

@@ -51,6 +51,9 @@ struct PendingDialog {
     messages: Vec<Message>,
     /// `seq` of each buffered message that carries a client `messageId`.
     by_client_id: HashMap<ClientMessageId, i64>,
+    /// Set once the dialog's consent `true` is committed: the dialog only waits for its last buffered
+    /// messages to be written, and new pushes must go to the store instead.
+    sealed: bool,
 }
 
 impl PendingDialog {
@@ -59,6 +62,7 @@ impl PendingDialog {
             customer_id,
             messages: Vec::new(),
             by_client_id: HashMap::new(),
+            sealed: false,
         }
     }
 
@@ -101,16 +105,18 @@ impl DialogBuffer {
         Self::default()
     }
 
-    /// Appends to a dialog that is already buffered. Refuses a message whose customer differs from the
-    /// dialog's, or whose `messageId` was used for a different message.
+    /// Appends to a dialog that is buffered and still undecided. Refuses a message whose customer differs
+    /// from the dialog's, or whose `messageId` was used for a different message.
     pub fn push_if_buffered(&self, incoming: IncomingMessage) -> Result<BufferPush, ApiError> {
         match self.dialogs.get_mut(&incoming.dialog_id) {
-            Some(mut entry) => entry.push(incoming, &self.clock).map(BufferPush::Done),
-            None => Ok(BufferPush::NotBuffered(incoming)),
+            Some(mut entry) if !entry.sealed => {
+                entry.push(incoming, &self.clock).map(BufferPush::Done)
+            }
+            _ => Ok(BufferPush::NotBuffered(incoming)),
         }
     }
 
-    /// Appends, starting the dialog's buffer if it has none.
+    /// Appends, starting the dialog's buffer if it has none. Only for dialogs without a decision.
     pub fn push(&self, incoming: IncomingMessage) -> Result<Buffered, ApiError> {
         let mut entry = self
             .dialogs
@@ -127,13 +133,15 @@ impl DialogBuffer {
         })
     }
 
-    /// Forgets the messages up to and including `seq` (they are stored now). Returns the messages pushed
-    /// since, which still have to be stored; the dialog leaves the buffer when none are left.
-    pub fn remove_through(&self, dialog_id: &DialogId, seq: i64) -> Vec<Message> {
+    /// Called once consent `true` is committed with the messages up to and including `seq`: forgets those,
+    /// and seals the dialog so that it accepts no more pushes. Returns the messages pushed meanwhile, which
+    /// still have to be stored; the dialog leaves the buffer when none are left.
+    pub fn seal_and_remove_through(&self, dialog_id: &DialogId, seq: i64) -> Vec<Message> {
         let Entry::Occupied(mut entry) = self.dialogs.entry(dialog_id.clone()) else {
             return Vec::new();
         };
         let state = entry.get_mut();
+        state.sealed = true;
         let done = state.messages.partition_point(|m| m.seq <= seq);
         for message in state.messages.drain(..done) {
             if let Some(client_id) = &message.client_id {
@@ -238,19 +246,28 @@ mod tests {
     }
 
     #[test]
-    fn remove_through_keeps_what_arrived_after_the_snapshot() {
+    fn a_sealed_dialog_keeps_what_arrived_after_the_snapshot_and_takes_no_more() {
         let buffer = DialogBuffer::new();
         for text in ["a", "b"] {
             buffer.push(incoming("d", "c", text, Some(text))).unwrap();
         }
         let snapshot = buffer.snapshot(&dialog("d")).unwrap();
         buffer.push(incoming("d", "c", "late", None)).unwrap();
-        let left = buffer.remove_through(&dialog("d"), snapshot.messages.last().unwrap().seq);
+        let left =
+            buffer.seal_and_remove_through(&dialog("d"), snapshot.messages.last().unwrap().seq);
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].text.as_str(), "late");
-        // The removed messages' ids are free again (they are in the store now, which dedups them).
-        buffer.push(incoming("d", "c", "a", Some("a"))).unwrap();
-        assert!(buffer.remove_through(&dialog("d"), i64::MAX).is_empty());
+        // Sealed: pushes (a retry of a stored messageId too) must go to the store from now on.
+        let pushed = buffer
+            .push_if_buffered(incoming("d", "c", "a", Some("a")))
+            .unwrap();
+        assert!(matches!(pushed, BufferPush::NotBuffered(_)));
+        assert_eq!(buffer.snapshot(&dialog("d")).unwrap().messages, left);
+        assert!(
+            buffer
+                .seal_and_remove_through(&dialog("d"), left[0].seq)
+                .is_empty()
+        );
         assert!(buffer.is_empty());
     }
 

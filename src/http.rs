@@ -14,13 +14,14 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 
-use crate::schema::{self, DataApiSchema};
+use crate::schema::{self, DataApiSchema, Limits};
 use crate::service::DialogService;
 
 #[derive(Clone)]
 pub struct AppState {
     pub schema: DataApiSchema,
     pub service: Arc<DialogService>,
+    pub limits: Limits,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -43,7 +44,7 @@ async fn graphql(
     let with_loader = |mut operation: async_graphql::Request| {
         operation
             .data
-            .insert(schema::request_loader(state.service.clone()));
+            .insert(schema::request_loader(state.service.clone(), state.limits));
         operation
     };
     let response = match request {

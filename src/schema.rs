@@ -49,13 +49,24 @@ fn builder() -> SchemaBuilder<QueryRoot, MutationRoot, EmptySubscription> {
     Schema::build(QueryRoot, MutationRoot, EmptySubscription).extension(ErrorCodes)
 }
 
-/// Per-request data: a fresh DataLoader, so that its cache never outlives the request.
-pub fn request_loader(service: Arc<DialogService>) -> DataLoader<MessagesByDialog> {
+/// Per-request data: a fresh DataLoader, so that its cache never outlives the request. A batch may hold a
+/// whole page of dialogs, so one page is always one query.
+pub fn request_loader(service: Arc<DialogService>, limits: Limits) -> DataLoader<MessagesByDialog> {
     DataLoader::new(MessagesByDialog(service), tokio::spawn)
+        .max_batch_size(limits.max_page_size.max(1))
+}
+
+/// Context data the server itself attaches; missing, it is a server bug, not the client's.
+fn data<'a, T: std::any::Any + Send + Sync>(ctx: &Context<'a>) -> Result<&'a T> {
+    ctx.data::<T>().map_err(|error| {
+        tracing::error!("missing request data: {}", error.message);
+        async_graphql::Error::new("internal error: the server is misconfigured; please report it")
+            .extend_with(|_, extensions| extensions.set("code", "INTERNAL_SERVER_ERROR"))
+    })
 }
 
 fn service<'a>(ctx: &Context<'a>) -> Result<&'a Arc<DialogService>> {
-    ctx.data::<Arc<DialogService>>()
+    data::<Arc<DialogService>>(ctx)
 }
 
 /// An instant in time: an RFC 3339 string in UTC with millisecond precision, e.g.
@@ -185,7 +196,7 @@ impl Dialog {
 
     /// Its messages, oldest first. Loaded in one batch for all dialogs of a page.
     async fn messages(&self, ctx: &Context<'_>) -> Result<Vec<Message>> {
-        let loader = ctx.data::<DataLoader<MessagesByDialog>>()?;
+        let loader = data::<DataLoader<MessagesByDialog>>(ctx)?;
         let messages = loader.load_one(self.0.id.clone()).await?;
         Ok(messages
             .unwrap_or_default()
@@ -413,7 +424,7 @@ impl QueryRoot {
         last: Option<i32>,
         before: Option<String>,
     ) -> Result<Connection<String, Dialog, DialogListTotals>> {
-        let limits = ctx.data::<Limits>()?;
+        let limits = data::<Limits>(ctx)?;
         let filter = filter.unwrap_or_default().parse()?;
         let request = PageArgs {
             first,
@@ -448,7 +459,7 @@ impl QueryRoot {
         last: Option<i32>,
         before: Option<String>,
     ) -> Result<Connection<String, Message, MessageListTotals>> {
-        let limits = ctx.data::<Limits>()?;
+        let limits = data::<Limits>(ctx)?;
         let filter = filter.unwrap_or_default().parse()?;
         let request = PageArgs {
             first,

@@ -121,11 +121,20 @@ impl DialogService {
         }
     }
 
+    /// Records a decision. Runs to completion even if the caller goes away (a dropped HTTP request must not
+    /// leave a committed decision with its buffer half cleaned up).
     pub async fn give_consent(
-        &self,
+        self: &Arc<Self>,
         dialog_id: DialogId,
         value: bool,
     ) -> Result<ConsentOutcome, ApiError> {
+        let service = self.clone();
+        tokio::spawn(async move { service.decide(dialog_id, value).await })
+            .await
+            .unwrap_or_else(|join_error| std::panic::resume_unwind(join_error.into_panic()))
+    }
+
+    async fn decide(&self, dialog_id: DialogId, value: bool) -> Result<ConsentOutcome, ApiError> {
         let _lock = self.locks.lock(&dialog_id).await;
         let buffered = self.buffer.snapshot(&dialog_id);
         let customer_id = match &buffered {
@@ -153,16 +162,17 @@ impl DialogService {
             });
         }
 
+        // On failure the messages stay buffered: a retry writes them, and the store skips those that an
+        // earlier, partly acknowledged attempt did write.
         let mut pending = buffered.map(|b| b.messages).unwrap_or_default();
         let mut stored = 0;
         loop {
-            // On failure the messages are still buffered: a retry writes them, and the store skips those
-            // that an earlier, partly acknowledged attempt did write.
             let written = self.store.record_decision(&decision, &pending).await?;
             stored += written.inserted;
-            // Messages pushed while the write ran are still buffered: write them too before answering.
+            // Messages pushed while the write ran are still buffered; sealing the dialog sends later pushes
+            // to the store, so at most one more pass writes these and the dialog leaves the buffer.
             let more = match pending.last() {
-                Some(last) => self.buffer.remove_through(&dialog_id, last.seq),
+                Some(last) => self.buffer.seal_and_remove_through(&dialog_id, last.seq),
                 None => Vec::new(),
             };
             if more.is_empty() {

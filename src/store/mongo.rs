@@ -29,7 +29,10 @@ use crate::model::{
 use crate::paging::{KeyRange, ScanOrder};
 
 /// How often a transaction that failed with a transient error (a write conflict, a failover) is retried.
-const TRANSACTION_ATTEMPTS: usize = 3;
+const TRANSACTION_ATTEMPTS: usize = 5;
+
+/// Documents per reply when loading the messages of a page of dialogs.
+const LOAD_BATCH_SIZE: u32 = 1_000_000;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -148,18 +151,19 @@ fn mongo_error(context: &'static str) -> impl Fn(mongodb::error::Error) -> Store
 
 /// Keyset bounds on `(at_field, _id)`; `at` values are converted by `at_value` (a date or an integer).
 fn range_filter(at_field: &str, range: &KeyRange, at_value: impl Fn(i64) -> Bson) -> Vec<Document> {
-    let bound = |op: &str, at: i64, id: &str| {
-        doc! { "$or": [
-            { at_field: { op: at_value(at) } },
-            { at_field: at_value(at), "_id": { op: id } },
-        ] }
+    // `at <= X` alone gives the planner a tight index bound; the `$or` then settles the ties on `at`.
+    let bound = |inclusive: &str, strict: &str, at: i64, id: &str| {
+        doc! {
+            at_field: { inclusive: at_value(at) },
+            "$or": [ { at_field: { strict: at_value(at) } }, { "_id": { strict: id } } ],
+        }
     };
     let mut clauses = Vec::new();
     if let Some(key) = &range.older_than {
-        clauses.push(bound("$lt", key.at, &key.id));
+        clauses.push(bound("$lte", "$lt", key.at, &key.id));
     }
     if let Some(key) = &range.newer_than {
-        clauses.push(bound("$gt", key.at, &key.id));
+        clauses.push(bound("$gte", "$gt", key.at, &key.id));
     }
     clauses
 }
@@ -267,7 +271,8 @@ macro_rules! in_transaction {
                     if error.contains_label(TRANSIENT_TRANSACTION_ERROR)
                         && attempt < TRANSACTION_ATTEMPTS =>
                 {
-                    continue;
+                    // A write conflict: let the other transaction finish first.
+                    tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
                 }
                 other => break other.map_err(mongo_error("transaction")),
             }
@@ -306,7 +311,8 @@ impl MongoStore {
         Self::with_options(options, database).await
     }
 
-    /// Like [`connect`](Self::connect) with options prepared by the caller (tests add command monitoring).
+    /// Like [`connect`](Self::connect) with options prepared by the caller (tests add command monitoring to
+    /// count round trips).
     pub async fn with_options(options: ClientOptions, database: &str) -> StoreResult<Self> {
         let hosts = options
             .hosts
@@ -381,16 +387,22 @@ impl MongoStore {
             .map_err(mongo_error("drop database"))
     }
 
-    /// Makes `decision` the one in force unless it already is; returns the record in force.
+    /// Makes `decision` the one in force unless it already is; returns the record in force. Always writes the
+    /// consent document (`updatedAt`), so that two transactions deciding or appending for one dialog
+    /// conflict instead of overtaking each other.
     async fn write_consent(
         &self,
         session: &mut ClientSession,
         decision: &Decision,
     ) -> mongodb::error::Result<ConsentRecord> {
         let dialog_id = decision.dialog_id.as_str();
+        let now = BsonDateTime::now();
         if let Some(existing) = self
             .consents
-            .find_one(doc! { "_id": dialog_id })
+            .find_one_and_update(
+                doc! { "_id": dialog_id },
+                doc! { "$set": { "updatedAt": now } },
+            )
             .session(&mut *session)
             .await?
             && existing.value == decision.value
@@ -402,7 +414,7 @@ impl MongoStore {
             .update_one(
                 doc! { "_id": dialog_id },
                 doc! {
-                    "$set": { "value": decision.value, "decidedAt": at },
+                    "$set": { "value": decision.value, "decidedAt": at, "updatedAt": now },
                     "$setOnInsert": { "customerId": decision.customer_id.as_str() },
                     "$push": { "history": { "value": decision.value, "decidedAt": at } },
                 },
@@ -603,6 +615,7 @@ impl Store for MongoStore {
         let options = FindOptions::builder()
             .sort(sort("lastMessageAt", order))
             .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .batch_size(u32::try_from(limit).unwrap_or(u32::MAX).max(1))
             .build();
         let docs: Vec<DialogDoc> = self
             .dialogs
@@ -633,6 +646,7 @@ impl Store for MongoStore {
         let options = FindOptions::builder()
             .sort(sort("seq", order))
             .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .batch_size(u32::try_from(limit).unwrap_or(u32::MAX).max(1))
             .build();
         let docs: Vec<MessageDoc> = self
             .messages
@@ -662,6 +676,8 @@ impl Store for MongoStore {
             .messages
             .find(doc! { "dialogId": { "$in": ids } })
             .sort(doc! { "dialogId": 1, "seq": 1 })
+            // One reply (up to the server's 16 MB) instead of the default first batch of 101 documents.
+            .batch_size(LOAD_BATCH_SIZE)
             .await
             .map_err(mongo_error("load messages"))?
             .try_collect()
@@ -699,10 +715,13 @@ mod tests {
             doc! { "$and": [
                 { "languages": "en" },
                 { "customerId": "c1" },
-                { "$or": [
-                    { "lastMessageAt": { "$lt": BsonDateTime::from_millis(1000) } },
-                    { "lastMessageAt": BsonDateTime::from_millis(1000), "_id": { "$lt": "d9" } },
-                ] },
+                {
+                    "lastMessageAt": { "$lte": BsonDateTime::from_millis(1000) },
+                    "$or": [
+                        { "lastMessageAt": { "$lt": BsonDateTime::from_millis(1000) } },
+                        { "_id": { "$lt": "d9" } },
+                    ],
+                },
             ] }
         );
         assert_eq!(
@@ -720,8 +739,8 @@ mod tests {
         assert_eq!(
             message_query(&MessageFilter::default(), &range),
             doc! { "$and": [
-                { "$or": [ { "seq": { "$lt": 50_i64 } }, { "seq": 50_i64, "_id": { "$lt": "b" } } ] },
-                { "$or": [ { "seq": { "$gt": 10_i64 } }, { "seq": 10_i64, "_id": { "$gt": "a" } } ] },
+                { "seq": { "$lte": 50_i64 }, "$or": [ { "seq": { "$lt": 50_i64 } }, { "_id": { "$lt": "b" } } ] },
+                { "seq": { "$gte": 10_i64 }, "$or": [ { "seq": { "$gt": 10_i64 } }, { "_id": { "$gt": "a" } } ] },
             ] }
         );
         assert_eq!(

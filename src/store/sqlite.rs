@@ -102,11 +102,13 @@ impl SqliteStore {
                     .lock()
                     .map_err(|_| HookError::message("sqlite connection mutex poisoned"))?;
                 // Readers never block the writer in WAL mode; a writer waits for another one instead of failing.
+                // FULL: a committed consent (the audit record, and messages the client was told are stored)
+                // survives a power loss, not only a crash of the process.
                 connection
                     .busy_timeout(std::time::Duration::from_secs(10))
                     .and_then(|_| {
                         connection.execute_batch(
-                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
                         )
                     })
                     .map_err(HookError::Backend)
@@ -590,21 +592,25 @@ impl Store for SqliteStore {
     }
 
     async fn messages_of_dialogs(&self, dialog_ids: &[DialogId]) -> StoreResult<Vec<Message>> {
-        if dialog_ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let placeholders = vec!["?"; dialog_ids.len()].join(", ");
-        let sql = format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE dialog_id IN ({placeholders}) ORDER BY dialog_id, seq"
-        );
-        let params: Vec<Value> = dialog_ids.iter().map(|id| text(id.as_str())).collect();
+        // SQLite caps the parameters of one statement (32766), and MAX_PAGE_SIZE may exceed that.
+        const IDS_PER_STATEMENT: usize = 10_000;
+        let dialog_ids: Vec<String> = dialog_ids.iter().map(ToString::to_string).collect();
         self.with_connection(move |c| {
-            let mut statement = c.prepare(&sql).map_err(sqlite_error("load messages"))?;
-            let rows = statement
-                .query_map(params_from_iter(params), message_from_row)
-                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-                .map_err(sqlite_error("load messages"))?;
-            Ok(rows)
+            let mut messages = Vec::new();
+            for chunk in dialog_ids.chunks(IDS_PER_STATEMENT) {
+                let placeholders = vec!["?"; chunk.len()].join(", ");
+                let sql = format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE dialog_id IN ({placeholders}) \
+                     ORDER BY dialog_id, seq"
+                );
+                let mut statement = c.prepare(&sql).map_err(sqlite_error("load messages"))?;
+                let rows = statement
+                    .query_map(params_from_iter(chunk), message_from_row)
+                    .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                    .map_err(sqlite_error("load messages"))?;
+                messages.extend(rows);
+            }
+            Ok(messages)
         })
         .await
     }

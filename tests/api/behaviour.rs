@@ -824,32 +824,78 @@ pub async fn batched_requests_run_every_operation(app: TestApp) {
     assert_eq!(response[2]["data"]["dialog"]["messageCount"], 1);
 }
 
-pub async fn consent_and_pushes_racing_on_one_dialog_lose_nothing(app: TestApp) {
+pub async fn messages_pushed_while_consent_is_written_are_stored_too(app: TestApp) {
     app.push("jo", "race", "opening", "en", None).await;
     let app = std::sync::Arc::new(app);
-    let pusher = {
+    let (entered, release) = app.store.hold_next_decision();
+    let consent = {
         let app = app.clone();
-        tokio::spawn(async move {
-            let mut statuses = Vec::new();
-            for i in 0..60 {
-                let pushed = app.push("jo", "race", &format!("r{i}"), "en", None).await;
-                statuses.push(pushed["status"].as_str().unwrap().to_owned());
-            }
-            statuses
-        })
+        tokio::spawn(async move { app.consent("race", true).await })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    app.consent("race", true).await;
-    let statuses = pusher.await.unwrap();
-    assert!(
-        statuses.iter().all(|s| s == "BUFFERED" || s == "STORED"),
-        "{statuses:?}"
+    entered.notified().await;
+    // The decision is not committed yet: these wait in the buffer.
+    for i in 0..10 {
+        let pushed = app
+            .push("jo", "race", &format!("r{i}"), "en", Some(&format!("k{i}")))
+            .await;
+        assert_eq!(pushed["status"], "BUFFERED");
+    }
+    release.notify_one();
+    let outcome = consent.await.unwrap();
+    assert_eq!(
+        outcome["storedCount"], 11,
+        "the consent call stored what arrived during its write"
     );
-    // Every message pushed is stored exactly once, whichever side of the decision it landed on.
+    assert_eq!(
+        app.store.calls().get("record_decision"),
+        Some(&2),
+        "one more pass, not a loop"
+    );
+
+    // From now on messages go straight to the store, retries of buffered ones included.
+    assert_eq!(
+        app.push("jo", "race", "after", "en", None).await["status"],
+        "STORED"
+    );
+    assert_eq!(
+        app.push("jo", "race", "r3", "en", Some("k3")).await["status"],
+        "STORED"
+    );
     let stored = dialog(&app, "race").await;
-    assert_eq!(stored["messageCount"], 61);
-    assert_eq!(texts(&stored).len(), 61);
-    assert_eq!(app.stored_messages().await, 61);
+    let mut expected = vec!["opening".to_owned()];
+    expected.extend((0..10).map(|i| format!("r{i}")));
+    expected.push("after".to_owned());
+    assert_eq!(texts(&stored), expected);
+    assert_eq!(app.stored_messages().await, 12);
+}
+
+pub async fn a_write_failing_half_way_leaves_nothing_and_a_retry_stores_once(app: TestApp) {
+    for i in 0..4 {
+        app.push("lee", "halfway", &format!("m{i}"), "en", None)
+            .await;
+    }
+    // The messages are written first, then the dialog summary, which the database now refuses.
+    app.reject_dialog_summaries(true).await;
+    assert_eq!(
+        code(&app.consent_error("halfway", true).await),
+        "STORE_UNAVAILABLE"
+    );
+    app.reject_dialog_summaries(false).await;
+    assert_eq!(
+        app.stored_messages().await,
+        0,
+        "the messages written before the failure were rolled back"
+    );
+    assert_eq!(app.stored_dialogs().await, 0);
+    let dialog_id = dataapi::model::DialogId::parse("dialogId", "halfway").unwrap();
+    assert!(
+        app.store.consent(&dialog_id).await.unwrap().is_none(),
+        "and so was the decision"
+    );
+
+    assert_eq!(app.consent("halfway", true).await["storedCount"], 4);
+    assert_eq!(dialog(&app, "halfway").await["messageCount"], 4);
+    assert_eq!(app.stored_messages().await, 4);
 }
 
 macro_rules! for_each_store {
@@ -890,5 +936,6 @@ for_each_store!(
     a_page_of_dialogs_loads_its_messages_in_one_store_query,
     pushing_to_a_buffered_dialog_costs_no_store_call,
     batched_requests_run_every_operation,
-    consent_and_pushes_racing_on_one_dialog_lose_nothing,
+    messages_pushed_while_consent_is_written_are_stored_too,
+    a_write_failing_half_way_leaves_nothing_and_a_retry_stores_once,
 );

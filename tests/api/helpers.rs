@@ -8,6 +8,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::Notify;
+
 use async_trait::async_trait;
 use dataapi::app::Application;
 use dataapi::config::{Config, DatabaseConfig};
@@ -43,6 +45,8 @@ pub struct InstrumentedStore {
     calls: Mutex<HashMap<&'static str, usize>>,
     fail_all: AtomicBool,
     fail_after_write: AtomicBool,
+    /// When set, the next `record_decision` signals the first and waits for the second before writing.
+    hold: Mutex<Option<(Arc<Notify>, Arc<Notify>)>>,
 }
 
 impl InstrumentedStore {
@@ -52,7 +56,17 @@ impl InstrumentedStore {
             calls: Mutex::default(),
             fail_all: AtomicBool::new(false),
             fail_after_write: AtomicBool::new(false),
+            hold: Mutex::default(),
         }
+    }
+
+    /// Holds the next consent write: `entered` is notified when it starts, and it proceeds only after
+    /// `release` is notified.
+    pub fn hold_next_decision(&self) -> (Arc<Notify>, Arc<Notify>) {
+        let entered = Arc::new(Notify::new());
+        let release = Arc::new(Notify::new());
+        *self.hold.lock().unwrap() = Some((entered.clone(), release.clone()));
+        (entered, release)
     }
 
     /// How many times each store method ran since the last reset.
@@ -115,6 +129,11 @@ impl Store for InstrumentedStore {
         messages: &[Message],
     ) -> StoreResult<DecisionWritten> {
         self.enter("record_decision")?;
+        let hold = self.hold.lock().unwrap().take();
+        if let Some((entered, release)) = hold {
+            entered.notify_one();
+            release.notified().await;
+        }
         let result = self.inner.record_decision(decision, messages).await;
         self.acknowledge("record_decision", result)
     }
@@ -174,8 +193,17 @@ enum Cleanup {
     MongoDatabase(Arc<MongoStore>),
 }
 
+/// Where a test's data lives, for tests that reach into the database behind the service's back.
+#[derive(Clone, Debug)]
+pub enum TestDatabase {
+    Sqlite(std::path::PathBuf),
+    Mongo { url: String, name: String },
+}
+
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// Set by [`run`]; `None` for services started on a store of the test's own.
+    pub database: Option<TestDatabase>,
     /// The store as the service sees it, instrumented.
     pub store: Arc<InstrumentedStore>,
     http: reqwest::Client,
@@ -183,23 +211,31 @@ pub struct TestApp {
 }
 
 /// Opens a fresh, empty store of `backend` and what to clean up after it.
-async fn fresh_store(backend: Backend) -> (SharedStore, Cleanup) {
+async fn fresh_store(backend: Backend) -> (SharedStore, Cleanup, TestDatabase) {
     match backend {
         Backend::Sqlite => {
             let dir = tempfile::tempdir().expect("temporary directory");
-            let store = SqliteStore::open(&dir.path().join("test.sqlite3"))
-                .await
-                .expect("open SQLite store");
-            (Arc::new(store), Cleanup::TempDir(dir))
+            let path = dir.path().join("test.sqlite3");
+            let store = SqliteStore::open(&path).await.expect("open SQLite store");
+            (
+                Arc::new(store),
+                Cleanup::TempDir(dir),
+                TestDatabase::Sqlite(path),
+            )
         }
         Backend::Mongo => {
-            let database = format!("dataapi_test_{}", uuid::Uuid::now_v7().simple());
+            let name = format!("dataapi_test_{}", uuid::Uuid::now_v7().simple());
+            let url = mongodb_url();
             let store = Arc::new(
-                MongoStore::connect(&mongodb_url(), &database)
+                MongoStore::connect(&url, &name)
                     .await
                     .unwrap_or_else(|e| panic!("cannot reach TEST_MONGODB_URL: {e}")),
             );
-            (store.clone(), Cleanup::MongoDatabase(store))
+            (
+                store.clone(),
+                Cleanup::MongoDatabase(store),
+                TestDatabase::Mongo { url, name },
+            )
         }
     }
 }
@@ -227,6 +263,7 @@ impl TestApp {
         }));
         Self {
             addr,
+            database: None,
             store,
             http: reqwest::Client::new(),
             shutdown: Some(shutdown),
@@ -340,6 +377,42 @@ impl TestApp {
     }
 }
 
+impl TestApp {
+    /// Makes the database refuse (or accept again) writes of dialog summaries, which a consent writes after
+    /// the messages: a failure half-way through the write's transaction.
+    pub async fn reject_dialog_summaries(&self, reject: bool) {
+        match self.database.clone().expect("a database of the test's own") {
+            TestDatabase::Sqlite(path) => {
+                let sql = if reject {
+                    "CREATE TRIGGER reject_dialogs BEFORE INSERT ON dialogs \
+                     BEGIN SELECT RAISE(ABORT, 'injected failure'); END;"
+                } else {
+                    "DROP TRIGGER reject_dialogs;"
+                };
+                deadpool_sqlite::rusqlite::Connection::open(path)
+                    .and_then(|c| c.execute_batch(sql))
+                    .expect("change the SQLite trigger");
+            }
+            TestDatabase::Mongo { url, name } => {
+                let validator = if reject {
+                    mongodb::bson::doc! { "_id": { "$exists": false } }
+                } else {
+                    mongodb::bson::doc! {}
+                };
+                mongodb::Client::with_uri_str(&url)
+                    .await
+                    .expect("connect")
+                    .database(&name)
+                    .run_command(mongodb::bson::doc! {
+                        "collMod": "dialogs", "validator": validator, "validationAction": "error",
+                    })
+                    .await
+                    .expect("change the dialogs validator");
+            }
+        }
+    }
+}
+
 impl Drop for TestApp {
     fn drop(&mut self) {
         if let Some(shutdown) = self.shutdown.take() {
@@ -354,14 +427,15 @@ where
     F: FnOnce(TestApp) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let (store, cleanup) = fresh_store(backend).await;
-    let app = TestApp::start(
+    let (store, cleanup, database) = fresh_store(backend).await;
+    let mut app = TestApp::start(
         store,
         test_config(DatabaseConfig::Sqlite {
             path: "unused".into(),
         }),
     )
     .await;
+    app.database = Some(database);
     let outcome = AssertUnwindSafe(test(app)).catch_unwind().await;
     if let Cleanup::MongoDatabase(store) = &cleanup {
         store.drop_database().await.expect("drop the test database");

@@ -5,4 +5,5 @@ mod behaviour;
 mod faults;
 mod graphiql;
 mod helpers;
+mod roundtrips;
 mod service;

@@ -1,0 +1,117 @@
+//! Round trips to MongoDB, counted with the driver's command monitoring: what the hot paths cost in
+//! commands must not grow with the dialog's length or the page size. (The test server's speed means
+//! nothing; the counts are exact.)
+
+use std::sync::{Arc, Mutex};
+
+use dataapi::config::DatabaseConfig;
+use dataapi::store::MongoStore;
+use mongodb::event::EventHandler;
+use mongodb::event::command::CommandEvent;
+use mongodb::options::ClientOptions;
+use serde_json::json;
+
+use crate::helpers::{TestApp, mongodb_url, test_config};
+
+/// The names of the commands the service sent, in order.
+#[derive(Clone, Default)]
+struct CommandLog(Arc<Mutex<Vec<String>>>);
+
+impl CommandLog {
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut self.0.lock().unwrap())
+    }
+}
+
+async fn monitored_app() -> (TestApp, CommandLog, Arc<MongoStore>) {
+    let log = CommandLog::default();
+    let mut options = ClientOptions::parse(mongodb_url())
+        .await
+        .expect("TEST_MONGODB_URL");
+    let sink = log.clone();
+    options.command_event_handler = Some(EventHandler::callback(move |event: CommandEvent| {
+        if let CommandEvent::Started(started) = event {
+            sink.0.lock().unwrap().push(started.command_name);
+        }
+    }));
+    let name = format!("dataapi_roundtrips_{}", uuid::Uuid::now_v7().simple());
+    let store = Arc::new(
+        MongoStore::with_options(options, &name)
+            .await
+            .expect("connect"),
+    );
+    let app = TestApp::start(
+        store.clone(),
+        test_config(DatabaseConfig::Sqlite {
+            path: "unused".into(),
+        }),
+    )
+    .await;
+    log.take();
+    (app, log, store)
+}
+
+/// Pushes `messages` messages to a new dialog and consents; returns the commands the consent sent.
+async fn consent_commands(
+    app: &TestApp,
+    log: &CommandLog,
+    dialog: &str,
+    messages: usize,
+) -> Vec<String> {
+    for i in 0..messages {
+        app.push("c", dialog, &format!("m{i}"), "en", None).await;
+    }
+    log.take();
+    assert_eq!(app.consent(dialog, true).await["storedCount"], messages);
+    log.take()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_round_trips_do_not_grow_with_dialog_length_or_page_size() {
+    let (app, log, store) = monitored_app().await;
+
+    // A dialog's first message looks its decision up once; the rest cost nothing.
+    app.push("c", "quiet", "first", "en", None).await;
+    assert_eq!(log.take(), ["find"]);
+    for i in 0..20 {
+        app.push("c", "quiet", &format!("more {i}"), "en", None)
+            .await;
+    }
+    assert_eq!(
+        log.take(),
+        Vec::<String>::new(),
+        "pushing to a buffered dialog sends no command"
+    );
+
+    // Consent costs the same number of commands for 2 messages as for 300.
+    let short = consent_commands(&app, &log, "short", 2).await;
+    let long = consent_commands(&app, &log, "long", 300).await;
+    assert_eq!(short, long);
+    assert!(short.len() <= 6, "{short:?}");
+    assert_eq!(short.last().map(String::as_str), Some("commitTransaction"));
+
+    // A page of dialogs with their messages: two finds, whatever the page size.
+    for d in 0..40 {
+        let dialog = format!("paged-{d:02}");
+        for m in 0..4 {
+            app.push("c", &dialog, &format!("text {m}"), "en", None)
+                .await;
+        }
+        app.consent(&dialog, true).await;
+    }
+    for page_size in [1, 10, 40] {
+        log.take();
+        let data = app
+            .data(
+                "query($n: Int) { dialogs(first: $n) { edges { node { id messages { text } } } } }",
+                json!({ "n": page_size }),
+            )
+            .await;
+        assert_eq!(
+            data["dialogs"]["edges"].as_array().unwrap().len(),
+            page_size
+        );
+        assert_eq!(log.take(), ["find", "find"], "page of {page_size}");
+    }
+    store.drop_database().await.expect("drop the test database");
+}
