@@ -253,10 +253,7 @@ impl PushMessageInput {
             dialog_id: DialogId::parse("dialogId", &self.dialog_id)?,
             text: MessageText::parse("text", &self.text)?,
             language: Language::parse("language", &self.language)?,
-            client_id: self
-                .message_id
-                .map(|id| ClientMessageId::parse("messageId", &id))
-                .transpose()?,
+            client_id: parse_field(self.message_id, "messageId", ClientMessageId::parse)?,
         })
     }
 }
@@ -323,17 +320,20 @@ pub struct DialogFilter {
     pub customer_id: Option<ID>,
 }
 
+/// Parses an optional filter field.
+fn parse_field<T>(
+    value: Option<impl AsRef<str>>,
+    field: &'static str,
+    parse: fn(&'static str, &str) -> Result<T, ApiError>,
+) -> Result<Option<T>, ApiError> {
+    value.map(|value| parse(field, value.as_ref())).transpose()
+}
+
 impl DialogFilter {
     fn parse(self) -> Result<store::DialogFilter, ApiError> {
         Ok(store::DialogFilter {
-            language: self
-                .language
-                .map(|l| Language::parse("filter.language", &l))
-                .transpose()?,
-            customer_id: self
-                .customer_id
-                .map(|id| CustomerId::parse("filter.customerId", &id))
-                .transpose()?,
+            language: parse_field(self.language, "filter.language", Language::parse)?,
+            customer_id: parse_field(self.customer_id, "filter.customerId", CustomerId::parse)?,
         })
     }
 }
@@ -350,18 +350,9 @@ pub struct MessageFilter {
 impl MessageFilter {
     fn parse(self) -> Result<store::MessageFilter, ApiError> {
         Ok(store::MessageFilter {
-            language: self
-                .language
-                .map(|l| Language::parse("filter.language", &l))
-                .transpose()?,
-            customer_id: self
-                .customer_id
-                .map(|id| CustomerId::parse("filter.customerId", &id))
-                .transpose()?,
-            dialog_id: self
-                .dialog_id
-                .map(|id| DialogId::parse("filter.dialogId", &id))
-                .transpose()?,
+            language: parse_field(self.language, "filter.language", Language::parse)?,
+            customer_id: parse_field(self.customer_id, "filter.customerId", CustomerId::parse)?,
+            dialog_id: parse_field(self.dialog_id, "filter.dialogId", DialogId::parse)?,
         })
     }
 }

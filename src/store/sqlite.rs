@@ -145,6 +145,16 @@ impl SqliteStore {
             .map_err(|e| StoreError::new("sqlite call", e))?
     }
 
+    /// Runs a `SELECT count(*)` query.
+    async fn count(&self, sql: String, params: Vec<Value>) -> StoreResult<u64> {
+        self.with_connection(move |c| {
+            c.query_row(&sql, params_from_iter(params), |row| row.get::<_, i64>(0))
+                .map(|n| n.unsigned_abs())
+                .map_err(sqlite_error("count"))
+        })
+        .await
+    }
+
     /// Runs `f` in a write transaction that commits only if `f` succeeds.
     async fn write<T, F>(&self, f: F) -> StoreResult<T>
     where
@@ -391,6 +401,21 @@ fn message_conditions(filter: &MessageFilter) -> Conditions {
     conditions
 }
 
+/// Runs a query on `c` and maps every row.
+fn select<T>(
+    c: &Connection,
+    context: &'static str,
+    sql: &str,
+    params: impl IntoIterator<Item = impl rusqlite::ToSql>,
+    row: fn(&Row<'_>) -> rusqlite::Result<T>,
+) -> StoreResult<Vec<T>> {
+    let mut statement = c.prepare_cached(sql).map_err(sqlite_error(context))?;
+    statement
+        .query_map(params_from_iter(params), row)
+        .and_then(|rows| rows.collect())
+        .map_err(sqlite_error(context))
+}
+
 fn limit_value(limit: usize) -> Value {
     Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX))
 }
@@ -523,29 +548,16 @@ impl Store for SqliteStore {
         );
         let mut params = conditions.params;
         params.push(limit_value(limit));
-        self.with_connection(move |c| {
-            let mut statement = c
-                .prepare_cached(&sql)
-                .map_err(sqlite_error("scan dialogs"))?;
-            let rows = statement
-                .query_map(params_from_iter(params), dialog_from_row)
-                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-                .map_err(sqlite_error("scan dialogs"))?;
-            Ok(rows)
-        })
-        .await
+        self.with_connection(move |c| select(c, "scan dialogs", &sql, params, dialog_from_row))
+            .await
     }
 
     async fn count_dialogs(&self, filter: &DialogFilter) -> StoreResult<u64> {
         let (from, _, _, conditions) = dialog_source(filter);
-        let sql = format!("SELECT count(*) FROM {from}{}", conditions.sql());
-        self.with_connection(move |c| {
-            c.query_row(&sql, params_from_iter(conditions.params), |row| {
-                row.get::<_, i64>(0)
-            })
-            .map(|n| n as u64)
-            .map_err(sqlite_error("count dialogs"))
-        })
+        self.count(
+            format!("SELECT count(*) FROM {from}{}", conditions.sql()),
+            conditions.params,
+        )
         .await
     }
 
@@ -565,29 +577,16 @@ impl Store for SqliteStore {
         );
         let mut params = conditions.params;
         params.push(limit_value(limit));
-        self.with_connection(move |c| {
-            let mut statement = c
-                .prepare_cached(&sql)
-                .map_err(sqlite_error("scan messages"))?;
-            let rows = statement
-                .query_map(params_from_iter(params), message_from_row)
-                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-                .map_err(sqlite_error("scan messages"))?;
-            Ok(rows)
-        })
-        .await
+        self.with_connection(move |c| select(c, "scan messages", &sql, params, message_from_row))
+            .await
     }
 
     async fn count_messages(&self, filter: &MessageFilter) -> StoreResult<u64> {
         let conditions = message_conditions(filter);
-        let sql = format!("SELECT count(*) FROM messages{}", conditions.sql());
-        self.with_connection(move |c| {
-            c.query_row(&sql, params_from_iter(conditions.params), |row| {
-                row.get::<_, i64>(0)
-            })
-            .map(|n| n as u64)
-            .map_err(sqlite_error("count messages"))
-        })
+        self.count(
+            format!("SELECT count(*) FROM messages{}", conditions.sql()),
+            conditions.params,
+        )
         .await
     }
 
@@ -603,12 +602,7 @@ impl Store for SqliteStore {
                     "SELECT {MESSAGE_COLUMNS} FROM messages WHERE dialog_id IN ({placeholders}) \
                      ORDER BY dialog_id, seq"
                 );
-                let mut statement = c.prepare(&sql).map_err(sqlite_error("load messages"))?;
-                let rows = statement
-                    .query_map(params_from_iter(chunk), message_from_row)
-                    .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-                    .map_err(sqlite_error("load messages"))?;
-                messages.extend(rows);
+                messages.extend(select(c, "load messages", &sql, chunk, message_from_row)?);
             }
             Ok(messages)
         })

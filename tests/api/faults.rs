@@ -5,11 +5,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dataapi::config::DatabaseConfig;
 use dataapi::store::{MongoStore, Store};
 use serde_json::json;
 
-use crate::helpers::{TestApp, code, test_config};
+use crate::helpers::{TestApp, code};
 
 /// A SecantusDB process on a fixed loopback port, in memory, that can be killed and started again.
 struct KillableServer {
@@ -93,13 +92,7 @@ async fn a_database_killed_before_consent_loses_nothing_and_a_retry_after_restar
             .await
             .expect("connect"),
     );
-    let app = TestApp::start(
-        store.clone(),
-        test_config(DatabaseConfig::Sqlite {
-            path: "unused".into(),
-        }),
-    )
-    .await;
+    let app = TestApp::start(store.clone()).await;
 
     for i in 0..5 {
         app.push(

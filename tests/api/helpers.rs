@@ -240,9 +240,12 @@ async fn fresh_store(backend: Backend) -> (SharedStore, Cleanup, TestDatabase) {
     }
 }
 
-pub fn test_config(database: DatabaseConfig) -> Config {
+/// The settings of a test service; its store is given to it directly, so the database setting is unused.
+pub fn test_config() -> Config {
     Config {
-        database,
+        database: DatabaseConfig::Sqlite {
+            path: "(given by the test)".into(),
+        },
         bind_addr: "127.0.0.1:0".parse().unwrap(),
         log: "warn".into(),
         max_page_size: 1000,
@@ -251,9 +254,9 @@ pub fn test_config(database: DatabaseConfig) -> Config {
 
 impl TestApp {
     /// Starts the service on `store` on a free loopback port.
-    pub async fn start(store: SharedStore, config: Config) -> Self {
+    pub async fn start(store: SharedStore) -> Self {
         let store = Arc::new(InstrumentedStore::new(store));
-        let app = Application::with_store(&config, store.clone())
+        let app = Application::with_store(&test_config(), store.clone())
             .await
             .expect("the service starts");
         let addr = app.local_addr();
@@ -428,13 +431,7 @@ where
     Fut: Future<Output = ()>,
 {
     let (store, cleanup, database) = fresh_store(backend).await;
-    let mut app = TestApp::start(
-        store,
-        test_config(DatabaseConfig::Sqlite {
-            path: "unused".into(),
-        }),
-    )
-    .await;
+    let mut app = TestApp::start(store).await;
     app.database = Some(database);
     let outcome = AssertUnwindSafe(test(app)).catch_unwind().await;
     if let Cleanup::MongoDatabase(store) = &cleanup {

@@ -4,14 +4,13 @@
 
 use std::sync::{Arc, Mutex};
 
-use dataapi::config::DatabaseConfig;
 use dataapi::store::MongoStore;
 use mongodb::event::EventHandler;
 use mongodb::event::command::CommandEvent;
 use mongodb::options::ClientOptions;
 use serde_json::json;
 
-use crate::helpers::{TestApp, mongodb_url, test_config};
+use crate::helpers::{TestApp, mongodb_url};
 
 /// The names of the commands the service sent, in order.
 #[derive(Clone, Default)]
@@ -40,13 +39,7 @@ async fn monitored_app() -> (TestApp, CommandLog, Arc<MongoStore>) {
             .await
             .expect("connect"),
     );
-    let app = TestApp::start(
-        store.clone(),
-        test_config(DatabaseConfig::Sqlite {
-            path: "unused".into(),
-        }),
-    )
-    .await;
+    let app = TestApp::start(store.clone()).await;
     log.take();
     (app, log, store)
 }
