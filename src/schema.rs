@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_graphql::connection::{Connection, Edge};
-use async_graphql::dataloader::{DataLoader, Loader};
+use async_graphql::dataloader::{DataLoader, HashMapCache, Loader};
 use async_graphql::extensions::{
     Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextValidation,
 };
@@ -49,11 +49,18 @@ fn builder() -> SchemaBuilder<QueryRoot, MutationRoot, EmptySubscription> {
     Schema::build(QueryRoot, MutationRoot, EmptySubscription).extension(ErrorCodes)
 }
 
+/// The per-request loader of dialogs' messages.
+pub type MessagesLoader = DataLoader<MessagesByDialog, HashMapCache>;
+
 /// Per-request data: a fresh DataLoader, so that its cache never outlives the request. A batch may hold a
 /// whole page of dialogs, so one page is always one query.
-pub fn request_loader(service: Arc<DialogService>, limits: Limits) -> DataLoader<MessagesByDialog> {
-    DataLoader::new(MessagesByDialog(service), tokio::spawn)
-        .max_batch_size(limits.max_page_size.max(1))
+pub fn request_loader(service: Arc<DialogService>, limits: Limits) -> MessagesLoader {
+    DataLoader::with_cache(
+        MessagesByDialog(service),
+        tokio::spawn,
+        HashMapCache::default(),
+    )
+    .max_batch_size(limits.max_page_size.max(1))
 }
 
 /// Context data the server itself attaches; missing, it is a server bug, not the client's.
@@ -196,7 +203,7 @@ impl Dialog {
 
     /// Its messages, oldest first. Loaded in one batch for all dialogs of a page.
     async fn messages(&self, ctx: &Context<'_>) -> Result<Vec<Message>> {
-        let loader = data::<DataLoader<MessagesByDialog>>(ctx)?;
+        let loader = data::<MessagesLoader>(ctx)?;
         let messages = loader.load_one(self.0.id.clone()).await?;
         Ok(messages
             .unwrap_or_default()
@@ -425,6 +432,19 @@ impl QueryRoot {
         }
         .parse(ListKind::Dialogs, limits.max_page_size)?;
         let page = service(ctx)?.dialogs(&filter, &request).await?;
+        // The loader batches the `messages` of the page's dialogs by waiting a moment for their resolvers;
+        // loading them all up front makes the page one query however long resolving takes.
+        let look_ahead = ctx.look_ahead();
+        if look_ahead
+            .field("edges")
+            .field("node")
+            .field("messages")
+            .exists()
+            || look_ahead.field("nodes").field("messages").exists()
+        {
+            let ids = page.items.iter().map(|dialog| dialog.id.clone());
+            data::<MessagesLoader>(ctx)?.load_many(ids).await?;
+        }
         Ok(connection(
             page,
             ListKind::Dialogs,
