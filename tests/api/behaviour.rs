@@ -166,12 +166,23 @@ pub async fn repeating_a_decision_changes_nothing(app: TestApp) {
     assert_eq!(dialog(&app, "d4").await["messageCount"], 2);
     assert_eq!(app.stored_messages().await, 2);
 
+    assert_eq!(
+        app.consent_history_len("d4").await,
+        1,
+        "the audit history has one entry"
+    );
+
     app.push("dan", "d5", "one", "en", None).await;
     let no = app.consent("d5", false).await;
     let no_again = app.consent("d5", false).await;
     assert_eq!(no_again["decidedAt"], no["decidedAt"]);
     assert_eq!(no_again["discardedCount"], 0);
     assert_eq!(app.stored_messages().await, 2);
+    assert_eq!(app.consent_history_len("d5").await, 1);
+
+    // A change of decision is a new history entry.
+    app.consent("d4", false).await;
+    assert_eq!(app.consent_history_len("d4").await, 2);
 }
 
 pub async fn later_messages_follow_the_recorded_decision(app: TestApp) {
@@ -483,6 +494,60 @@ pub async fn paging_visits_every_dialog_once_in_both_directions_while_new_dialog
         );
     }
     assert!(arrivals > 20);
+}
+
+pub async fn after_and_before_bound_a_page_from_both_sides(app: TestApp) {
+    let rows: Vec<(String, String)> = (0..10).map(|i| ("c".to_owned(), format!("b{i}"))).collect();
+    let rows: Vec<(&str, &str, &str, &str)> = rows
+        .iter()
+        .map(|(c, d)| (c.as_str(), d.as_str(), "en", "x"))
+        .collect();
+    seed(&app, &rows).await;
+    let all = app
+        .data(
+            "{ dialogs(first: 10) { edges { cursor node { id } } } }",
+            json!({}),
+        )
+        .await;
+    let edges = all["dialogs"]["edges"].as_array().unwrap().clone();
+    let all_ids = ids(&all["dialogs"]);
+    let (after, before) = (edges[2]["cursor"].clone(), edges[7]["cursor"].clone());
+
+    let query = "query($a: String, $b: String, $f: Int, $l: Int) {
+        dialogs(after: $a, before: $b, first: $f, last: $l) {
+            edges { node { id } } pageInfo { hasPreviousPage hasNextPage } } }";
+    let between = app.data(query, json!({ "a": after, "b": before })).await;
+    assert_eq!(ids(&between["dialogs"]), all_ids[3..7]);
+    let first_two = app
+        .data(query, json!({ "a": after, "b": before, "f": 2 }))
+        .await;
+    assert_eq!(ids(&first_two["dialogs"]), all_ids[3..5]);
+    assert_eq!(
+        first_two["dialogs"]["pageInfo"],
+        json!({ "hasPreviousPage": true, "hasNextPage": true })
+    );
+    let last_two = app
+        .data(query, json!({ "a": after, "b": before, "l": 2 }))
+        .await;
+    assert_eq!(ids(&last_two["dialogs"]), all_ids[5..7]);
+    assert_eq!(
+        last_two["dialogs"]["pageInfo"],
+        json!({ "hasPreviousPage": true, "hasNextPage": true })
+    );
+
+    // An empty page still tells whether there is more.
+    let none = app.data(query, json!({ "f": 0 })).await;
+    assert_eq!(ids(&none["dialogs"]), Vec::<String>::new());
+    assert_eq!(
+        none["dialogs"]["pageInfo"],
+        json!({ "hasPreviousPage": false, "hasNextPage": true })
+    );
+    let past_the_end = app.data(query, json!({ "a": edges[9]["cursor"] })).await;
+    assert_eq!(ids(&past_the_end["dialogs"]), Vec::<String>::new());
+    assert_eq!(
+        past_the_end["dialogs"]["pageInfo"],
+        json!({ "hasPreviousPage": true, "hasNextPage": false })
+    );
 }
 
 pub async fn invalid_cursors_and_inputs_are_named_errors_and_change_nothing(app: TestApp) {
@@ -929,6 +994,7 @@ for_each_store!(
     consent_for_an_unknown_dialog_is_dialog_not_found,
     filters_match_language_case_insensitively_and_combine_with_and,
     paging_visits_every_dialog_once_in_both_directions_while_new_dialogs_arrive,
+    after_and_before_bound_a_page_from_both_sides,
     invalid_cursors_and_inputs_are_named_errors_and_change_nothing,
     concurrent_pushes_to_one_dialog_keep_their_order,
     a_store_outage_during_consent_loses_nothing_and_a_retry_stores_once,

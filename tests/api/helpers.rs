@@ -381,6 +381,33 @@ impl TestApp {
 }
 
 impl TestApp {
+    /// How many times a dialog's decision changed, from the audit history in the database.
+    pub async fn consent_history_len(&self, dialog: &str) -> usize {
+        match self.database.clone().expect("a database of the test's own") {
+            TestDatabase::Sqlite(path) => deadpool_sqlite::rusqlite::Connection::open(path)
+                .and_then(|c| {
+                    c.query_row(
+                        "SELECT count(*) FROM consent_events WHERE dialog_id = ?1",
+                        [dialog],
+                        |row| row.get::<_, i64>(0),
+                    )
+                })
+                .expect("read consent_events") as usize,
+            TestDatabase::Mongo { url, name } => {
+                let consent = mongodb::Client::with_uri_str(&url)
+                    .await
+                    .expect("connect")
+                    .database(&name)
+                    .collection::<mongodb::bson::Document>("consents")
+                    .find_one(mongodb::bson::doc! { "_id": dialog })
+                    .await
+                    .expect("read consents")
+                    .expect("a consent record");
+                consent.get_array("history").expect("history").len()
+            }
+        }
+    }
+
     /// Makes the database refuse (or accept again) writes of dialog summaries, which a consent writes after
     /// the messages: a failure half-way through the write's transaction.
     pub async fn reject_dialog_summaries(&self, reject: bool) {
