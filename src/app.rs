@@ -1,6 +1,6 @@
 //! Building and running the service: one builder used by `main`, the tests and the benchmarks alike. It opens
 //! the store, binds the listener (port 0 gives a free port, reported by `local_addr`), and serves until a
-//! shutdown signal.
+//! shutdown signal, then lets in-flight requests finish within a deadline and closes the store.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -9,11 +9,13 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tower_http::trace::TraceLayer;
 
+use crate::buffer::BufferLimits;
 use crate::config::{Config, DatabaseConfig};
 use crate::http::{self, AppState};
+use crate::metrics::Metrics;
 use crate::schema::{self, Limits};
 use crate::service::DialogService;
-use crate::store::{MongoStore, SharedStore, SqliteStore, StoreError};
+use crate::store::{GuardedStore, MongoStore, SharedStore, SqliteStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -40,6 +42,7 @@ pub struct Application {
     listener: TcpListener,
     router: axum::Router,
     service: Arc<DialogService>,
+    config: Config,
 }
 
 impl Application {
@@ -51,16 +54,37 @@ impl Application {
 
     /// Like [`build`](Self::build) with a store made by the caller (tests wrap stores to count or fail calls).
     pub async fn with_store(config: &Config, store: SharedStore) -> Result<Self, StartupError> {
-        let service = Arc::new(DialogService::new(store));
+        let metrics = Arc::new(Metrics::new());
+        let store: SharedStore = Arc::new(GuardedStore::new(
+            store,
+            config.store_timeout,
+            metrics.clone(),
+        ));
+        let service = Arc::new(DialogService::new(
+            store,
+            BufferLimits {
+                max_messages_per_dialog: config.buffer.max_messages_per_dialog,
+                max_bytes: config.buffer.max_bytes,
+            },
+            metrics,
+        ));
         let limits = Limits {
-            max_page_size: config.max_page_size,
+            max_page_size: config.limits.max_page_size,
+            max_query_depth: config.limits.max_query_depth,
+            max_query_complexity: config.limits.max_query_complexity,
         };
-        let schema = schema::build(service.clone(), limits);
-        let router = http::router(AppState {
-            schema,
-            service: service.clone(),
-            limits,
-        })
+        let schema = schema::build(service.clone(), limits, config.access.introspection);
+        let router = http::router(
+            AppState {
+                schema,
+                service: service.clone(),
+                limits,
+                api_keys: config.access.api_keys.clone(),
+                max_batch_operations: config.limits.max_batch_operations,
+                max_body_bytes: config.limits.max_body_bytes,
+            },
+            config.access.graphiql,
+        )
         .layer(TraceLayer::new_for_http());
         let listener = TcpListener::bind(config.bind_addr)
             .await
@@ -72,6 +96,7 @@ impl Application {
             listener,
             router,
             service,
+            config: config.clone(),
         })
     }
 
@@ -85,14 +110,43 @@ impl Application {
         &self.service
     }
 
-    /// Serves until `shutdown` completes, then lets in-flight requests finish.
+    /// Serves until `shutdown` completes; then stops accepting, gives in-flight requests
+    /// `SHUTDOWN_TIMEOUT` to finish, and closes the store. Undecided messages in the buffer are dropped
+    /// (they are never written anywhere without consent); their number is logged.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await
+        let sweeper = self.service.spawn_sweeper(self.config.buffer.ttl);
+        let stopping = Arc::new(tokio::sync::Notify::new());
+        let signalled = stopping.clone();
+        let server = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
+            shutdown.await;
+            signalled.notify_one();
+        });
+        let deadline = self.config.shutdown_timeout;
+        let result = tokio::select! {
+            result = server.into_future() => result,
+            () = async {
+                stopping.notified().await;
+                tokio::time::sleep(deadline).await;
+            } => {
+                tracing::warn!(?deadline, "requests still running at the shutdown deadline were cut off");
+                Ok(())
+            }
+        };
+        sweeper.abort();
+        let buffered = self.service.buffer().stats();
+        if buffered.messages > 0 {
+            tracing::warn!(
+                dialogs = buffered.dialogs,
+                messages = buffered.messages,
+                "shutting down: undecided buffered messages are dropped, never stored"
+            );
+        }
+        self.service.store().close().await;
+        tracing::info!("stopped");
+        result
     }
 
     /// Serves until SIGINT (Ctrl-C) or SIGTERM.

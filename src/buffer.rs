@@ -1,8 +1,15 @@
 //! The dialog buffer: messages of dialogs that have no consent decision yet, held in process memory and never
 //! written anywhere. A concurrent map sharded by dialog, so pushes to different dialogs never wait for each
 //! other; pushes to one dialog are ordered by that dialog's shard lock, and get their acceptance order there.
+//!
+//! The buffer is bounded: a dialog holds at most `max_messages_per_dialog` messages, and all messages together
+//! at most `max_bytes` (an estimate of their memory). A push beyond either is refused with `BUFFER_FULL`;
+//! nothing already accepted is ever dropped to make room. Undecided dialogs older than the retention period
+//! are dropped by [`DialogBuffer::expire`].
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
@@ -44,6 +51,55 @@ pub struct BufferedDialog {
     pub messages: Vec<Message>,
 }
 
+/// The buffer's bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BufferLimits {
+    pub max_messages_per_dialog: usize,
+    pub max_bytes: usize,
+}
+
+impl Default for BufferLimits {
+    fn default() -> Self {
+        Self {
+            max_messages_per_dialog: usize::MAX,
+            max_bytes: usize::MAX,
+        }
+    }
+}
+
+/// How much the buffer holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BufferStats {
+    pub dialogs: usize,
+    pub messages: usize,
+    /// Estimated memory of the buffered messages.
+    pub bytes: usize,
+}
+
+/// What dropping dialogs from the buffer removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Dropped {
+    pub dialogs: usize,
+    pub messages: usize,
+}
+
+/// Estimated memory of one buffered message: its strings, the struct, and a share of the vector and
+/// client-id index around it.
+fn footprint(message: &Message) -> usize {
+    const OVERHEAD: usize = 64;
+    std::mem::size_of::<Message>()
+        + OVERHEAD
+        + message.id.len()
+        + message.text.as_str().len()
+        + message.dialog_id.as_str().len()
+        + message.customer_id.as_str().len()
+        + message.language.as_str().len()
+        + message
+            .client_id
+            .as_ref()
+            .map_or(0, |id| 2 * id.as_str().len())
+}
+
 #[derive(Debug)]
 struct PendingDialog {
     customer_id: CustomerId,
@@ -54,6 +110,9 @@ struct PendingDialog {
     /// Set once the dialog's consent `true` is committed: the dialog only waits for its last buffered
     /// messages to be written, and new pushes must go to the store instead.
     sealed: bool,
+    /// When the dialog's first message arrived: the retention period counts from here.
+    started: Instant,
+    bytes: usize,
 }
 
 impl PendingDialog {
@@ -63,34 +122,9 @@ impl PendingDialog {
             messages: Vec::new(),
             by_client_id: HashMap::new(),
             sealed: false,
+            started: Instant::now(),
+            bytes: 0,
         }
-    }
-
-    fn push(&mut self, incoming: IncomingMessage, clock: &Clock) -> Result<Buffered, ApiError> {
-        if incoming.customer_id != self.customer_id {
-            return Err(ApiError::CustomerMismatch {
-                dialog_id: incoming.dialog_id.to_string(),
-            });
-        }
-        if let Some(client_id) = &incoming.client_id
-            && let Some(seq) = self.by_client_id.get(client_id)
-            && let Ok(index) = self.messages.binary_search_by_key(seq, |m| m.seq)
-        {
-            let existing = &self.messages[index];
-            if !incoming.same_content_as(existing) {
-                return Err(ApiError::MessageIdConflict {
-                    dialog_id: incoming.dialog_id.to_string(),
-                    message_id: client_id.to_string(),
-                });
-            }
-            return Ok(Buffered::AlreadyThere(existing.clone()));
-        }
-        let message = Message::accept(incoming, clock.next());
-        if let Some(client_id) = &message.client_id {
-            self.by_client_id.insert(client_id.clone(), message.seq);
-        }
-        self.messages.push(message.clone());
-        Ok(Buffered::Added(message))
     }
 }
 
@@ -98,19 +132,25 @@ impl PendingDialog {
 pub struct DialogBuffer {
     dialogs: DashMap<DialogId, PendingDialog>,
     clock: Clock,
+    limits: BufferLimits,
+    messages: AtomicUsize,
+    bytes: AtomicUsize,
 }
 
 impl DialogBuffer {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(limits: BufferLimits) -> Self {
+        Self {
+            limits,
+            ..Self::default()
+        }
     }
 
     /// Appends to a dialog that is buffered and still undecided. Refuses a message whose customer differs
-    /// from the dialog's, or whose `messageId` was used for a different message.
+    /// from the dialog's, or whose `messageId` was used for a different message, or that does not fit.
     pub fn push_if_buffered(&self, incoming: IncomingMessage) -> Result<BufferPush, ApiError> {
         match self.dialogs.get_mut(&incoming.dialog_id) {
             Some(mut entry) if !entry.sealed => {
-                entry.push(incoming, &self.clock).map(BufferPush::Done)
+                self.append(&mut entry, incoming).map(BufferPush::Done)
             }
             _ => Ok(BufferPush::NotBuffered(incoming)),
         }
@@ -122,7 +162,71 @@ impl DialogBuffer {
             .dialogs
             .entry(incoming.dialog_id.clone())
             .or_insert_with(|| PendingDialog::new(incoming.customer_id.clone()));
-        entry.push(incoming, &self.clock)
+        let result = self.append(&mut entry, incoming);
+        if entry.messages.is_empty() {
+            // A new dialog whose first message was refused leaves nothing behind.
+            let dialog_id = entry.key().clone();
+            drop(entry);
+            self.dialogs
+                .remove_if(&dialog_id, |_, pending| pending.messages.is_empty());
+        }
+        result
+    }
+
+    fn append(
+        &self,
+        pending: &mut PendingDialog,
+        incoming: IncomingMessage,
+    ) -> Result<Buffered, ApiError> {
+        if incoming.customer_id != pending.customer_id {
+            return Err(ApiError::CustomerMismatch {
+                dialog_id: incoming.dialog_id.to_string(),
+            });
+        }
+        if let Some(client_id) = &incoming.client_id
+            && let Some(seq) = pending.by_client_id.get(client_id)
+            && let Ok(index) = pending.messages.binary_search_by_key(seq, |m| m.seq)
+        {
+            let existing = &pending.messages[index];
+            if !incoming.same_content_as(existing) {
+                return Err(ApiError::MessageIdConflict {
+                    dialog_id: incoming.dialog_id.to_string(),
+                    message_id: client_id.to_string(),
+                });
+            }
+            return Ok(Buffered::AlreadyThere(existing.clone()));
+        }
+        if pending.messages.len() >= self.limits.max_messages_per_dialog {
+            return Err(ApiError::BufferFull(format!(
+                "dialog `{}` already holds {} undecided messages, the most a dialog may buffer: give its \
+                 consent decision first",
+                incoming.dialog_id, self.limits.max_messages_per_dialog
+            )));
+        }
+        let message = Message::accept(incoming, self.clock.next());
+        let cost = footprint(&message);
+        let before = self.bytes.fetch_add(cost, Ordering::Relaxed);
+        if before.saturating_add(cost) > self.limits.max_bytes {
+            self.bytes.fetch_sub(cost, Ordering::Relaxed);
+            return Err(ApiError::BufferFull(
+                "the buffer of undecided messages is full: retry later, once consent decisions have \
+                 drained it"
+                    .to_owned(),
+            ));
+        }
+        self.messages.fetch_add(1, Ordering::Relaxed);
+        pending.bytes += cost;
+        if let Some(client_id) = &message.client_id {
+            pending.by_client_id.insert(client_id.clone(), message.seq);
+        }
+        pending.messages.push(message.clone());
+        Ok(Buffered::Added(message))
+    }
+
+    /// Accounts for messages leaving the buffer.
+    fn release(&self, messages: usize, bytes: usize) {
+        self.messages.fetch_sub(messages, Ordering::Relaxed);
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     /// A copy of a dialog's buffered messages.
@@ -143,11 +247,15 @@ impl DialogBuffer {
         let state = entry.get_mut();
         state.sealed = true;
         let done = state.messages.partition_point(|m| m.seq <= seq);
+        let mut freed = 0;
         for message in state.messages.drain(..done) {
+            freed += footprint(&message);
             if let Some(client_id) = &message.client_id {
                 state.by_client_id.remove(client_id);
             }
         }
+        state.bytes -= freed;
+        self.release(done, freed);
         if state.messages.is_empty() {
             entry.remove();
             Vec::new()
@@ -158,9 +266,38 @@ impl DialogBuffer {
 
     /// Drops a dialog's buffered messages; returns how many there were.
     pub fn discard(&self, dialog_id: &DialogId) -> usize {
-        self.dialogs
-            .remove(dialog_id)
-            .map_or(0, |(_, entry)| entry.messages.len())
+        match self.dialogs.remove(dialog_id) {
+            Some((_, pending)) => {
+                self.release(pending.messages.len(), pending.bytes);
+                pending.messages.len()
+            }
+            None => 0,
+        }
+    }
+
+    /// Drops the dialogs for which `drop` is true.
+    fn drop_where(&self, drop: impl Fn(&PendingDialog) -> bool) -> Dropped {
+        let mut dropped = Dropped::default();
+        self.dialogs.retain(|_, pending| {
+            if !drop(pending) {
+                return true;
+            }
+            dropped.dialogs += 1;
+            dropped.messages += pending.messages.len();
+            self.release(pending.messages.len(), pending.bytes);
+            false
+        });
+        dropped
+    }
+
+    /// Drops every buffered dialog of a customer (erasure).
+    pub fn discard_customer(&self, customer_id: &CustomerId) -> Dropped {
+        self.drop_where(|pending| &pending.customer_id == customer_id)
+    }
+
+    /// Drops the dialogs whose first message is older than `ttl`: no decision came in time.
+    pub fn expire(&self, ttl: Duration) -> Dropped {
+        self.drop_where(|pending| pending.started.elapsed() >= ttl)
     }
 
     /// The next acceptance order, for messages that bypass the buffer.
@@ -168,13 +305,12 @@ impl DialogBuffer {
         self.clock.next()
     }
 
-    /// How many dialogs and messages are buffered.
-    pub fn len(&self) -> (usize, usize) {
-        self.dialogs
-            .iter()
-            .fold((0, 0), |(dialogs, messages), entry| {
-                (dialogs + 1, messages + entry.messages.len())
-            })
+    pub fn stats(&self) -> BufferStats {
+        BufferStats {
+            dialogs: self.dialogs.len(),
+            messages: self.messages.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -210,7 +346,7 @@ mod tests {
 
     #[test]
     fn push_if_buffered_hands_back_messages_of_unknown_dialogs() {
-        let buffer = DialogBuffer::new();
+        let buffer = DialogBuffer::new(BufferLimits::default());
         let pushed = buffer
             .push_if_buffered(incoming("d", "c", "hi", None))
             .unwrap();
@@ -221,12 +357,12 @@ mod tests {
             .push_if_buffered(incoming("d", "c", "again", None))
             .unwrap();
         assert!(matches!(pushed, BufferPush::Done(Buffered::Added(_))));
-        assert_eq!(buffer.len(), (1, 2));
+        assert_eq!((buffer.stats().dialogs, buffer.stats().messages), (1, 2));
     }
 
     #[test]
     fn a_repeated_message_id_is_recorded_once_and_a_conflicting_one_refused() {
-        let buffer = DialogBuffer::new();
+        let buffer = DialogBuffer::new(BufferLimits::default());
         let first = buffer.push(incoming("d", "c", "hi", Some("m1"))).unwrap();
         let again = buffer.push(incoming("d", "c", "hi", Some("m1"))).unwrap();
         assert_eq!(again, Buffered::AlreadyThere(first.clone().message()));
@@ -234,12 +370,12 @@ mod tests {
             .push(incoming("d", "c", "other", Some("m1")))
             .unwrap_err();
         assert_eq!(conflict.code(), "MESSAGE_ID_CONFLICT");
-        assert_eq!(buffer.len(), (1, 1));
+        assert_eq!((buffer.stats().dialogs, buffer.stats().messages), (1, 1));
     }
 
     #[test]
     fn a_dialog_keeps_its_customer() {
-        let buffer = DialogBuffer::new();
+        let buffer = DialogBuffer::new(BufferLimits::default());
         buffer.push(incoming("d", "c1", "hi", None)).unwrap();
         let error = buffer.push(incoming("d", "c2", "hi", None)).unwrap_err();
         assert_eq!(error.code(), "CUSTOMER_MISMATCH");
@@ -247,7 +383,7 @@ mod tests {
 
     #[test]
     fn a_sealed_dialog_keeps_what_arrived_after_the_snapshot_and_takes_no_more() {
-        let buffer = DialogBuffer::new();
+        let buffer = DialogBuffer::new(BufferLimits::default());
         for text in ["a", "b"] {
             buffer.push(incoming("d", "c", text, Some(text))).unwrap();
         }
@@ -271,9 +407,101 @@ mod tests {
         assert!(buffer.is_empty());
     }
 
+    fn limited(max_messages_per_dialog: usize, max_bytes: usize) -> DialogBuffer {
+        DialogBuffer::new(BufferLimits {
+            max_messages_per_dialog,
+            max_bytes,
+        })
+    }
+
+    #[test]
+    fn a_full_dialog_refuses_new_messages_but_accepts_retries() {
+        let buffer = limited(2, usize::MAX);
+        buffer.push(incoming("d", "c", "a", Some("a"))).unwrap();
+        buffer.push(incoming("d", "c", "b", None)).unwrap();
+        let full = buffer.push(incoming("d", "c", "c", None)).unwrap_err();
+        assert_eq!(full.code(), "BUFFER_FULL");
+        assert!(full.message().contains("consent decision"));
+        // A retry of an accepted message is not a new message.
+        assert!(buffer.push(incoming("d", "c", "a", Some("a"))).is_ok());
+        assert_eq!(buffer.stats().messages, 2);
+        // Other dialogs are not affected.
+        assert!(buffer.push(incoming("other", "c", "x", None)).is_ok());
+    }
+
+    #[test]
+    fn the_memory_budget_refuses_what_does_not_fit_and_frees_what_leaves() {
+        let one = footprint(&Message::accept(incoming("d0", "c", "x", None), 0));
+        let buffer = limited(usize::MAX, one * 3 + one / 2);
+        for d in 0..3 {
+            buffer
+                .push(incoming(&format!("d{d}"), "c", "x", None))
+                .unwrap();
+        }
+        assert_eq!(buffer.stats().bytes, one * 3);
+        let full = buffer.push(incoming("d3", "c", "x", None)).unwrap_err();
+        assert_eq!(full.code(), "BUFFER_FULL");
+        assert!(
+            buffer.snapshot(&dialog("d3")).is_none(),
+            "a refused first message leaves no dialog behind"
+        );
+        assert_eq!(
+            buffer.stats(),
+            BufferStats {
+                dialogs: 3,
+                messages: 3,
+                bytes: one * 3
+            }
+        );
+        // Nothing accepted was dropped to make room; a decision frees room.
+        buffer.discard(&dialog("d0"));
+        assert!(buffer.push(incoming("d3", "c", "x", None)).is_ok());
+        buffer.seal_and_remove_through(&dialog("d1"), i64::MAX);
+        buffer.discard_customer(&CustomerId::parse("customerId", "c").unwrap());
+        assert_eq!(buffer.stats(), BufferStats::default());
+    }
+
+    #[test]
+    fn expiry_drops_only_dialogs_older_than_the_retention_period() {
+        let buffer = DialogBuffer::new(BufferLimits::default());
+        buffer.push(incoming("old", "c", "a", None)).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        buffer.push(incoming("new", "c", "b", None)).unwrap();
+        buffer.push(incoming("old", "c", "late", None)).unwrap();
+        let dropped = buffer.expire(Duration::from_millis(25));
+        assert_eq!(
+            dropped,
+            Dropped {
+                dialogs: 1,
+                messages: 2
+            }
+        );
+        assert!(buffer.snapshot(&dialog("old")).is_none());
+        assert!(buffer.snapshot(&dialog("new")).is_some());
+        assert_eq!(buffer.stats().messages, 1);
+    }
+
+    #[test]
+    fn erasure_drops_every_dialog_of_the_customer_only() {
+        let buffer = DialogBuffer::new(BufferLimits::default());
+        buffer.push(incoming("a1", "alice", "x", None)).unwrap();
+        buffer.push(incoming("a2", "alice", "y", None)).unwrap();
+        buffer.push(incoming("a2", "alice", "z", None)).unwrap();
+        buffer.push(incoming("b1", "bob", "x", None)).unwrap();
+        let dropped = buffer.discard_customer(&CustomerId::parse("customerId", "alice").unwrap());
+        assert_eq!(
+            dropped,
+            Dropped {
+                dialogs: 2,
+                messages: 3
+            }
+        );
+        assert_eq!(buffer.stats().dialogs, 1);
+    }
+
     #[test]
     fn discard_forgets_the_dialog() {
-        let buffer = DialogBuffer::new();
+        let buffer = DialogBuffer::new(BufferLimits::default());
         buffer.push(incoming("d", "c", "a", None)).unwrap();
         buffer.push(incoming("d", "c", "b", None)).unwrap();
         assert_eq!(buffer.discard(&dialog("d")), 2);
@@ -283,7 +511,7 @@ mod tests {
 
     #[test]
     fn concurrent_pushes_to_one_dialog_are_all_kept_in_acceptance_order() {
-        let buffer = Arc::new(DialogBuffer::new());
+        let buffer = Arc::new(DialogBuffer::new(BufferLimits::default()));
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let buffer = buffer.clone();

@@ -3,6 +3,9 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::auth::ApiKeys;
 
 /// Where the embedded store lives when `DATABASE_URL` is unset.
 pub const DEFAULT_SQLITE_PATH: &str = "./data/dataapi.sqlite3";
@@ -25,8 +28,80 @@ pub struct Config {
     pub bind_addr: SocketAddr,
     /// A `tracing` filter, e.g. `info` or `dataapi=debug,info`.
     pub log: String,
+    pub access: AccessConfig,
+    pub limits: LimitsConfig,
+    pub buffer: BufferConfig,
+    /// How long one store call may take before it fails with `STORE_UNAVAILABLE`.
+    pub store_timeout: Duration,
+    /// How long in-flight requests get to finish after SIGTERM/SIGINT.
+    pub shutdown_timeout: Duration,
+}
+
+/// Who may call, and what is exposed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessConfig {
+    pub api_keys: ApiKeys,
+    /// Without keys, serve a non-loopback address anyway (everyone is admin).
+    pub allow_unauthenticated: bool,
+    /// Serve GraphiQL at `/` and `GET /graphql`.
+    pub graphiql: bool,
+    /// Answer introspection queries (GraphiQL needs them).
+    pub introspection: bool,
+}
+
+/// Limits that protect the service from expensive or oversized requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LimitsConfig {
     /// The largest `first`/`last` a listing accepts.
     pub max_page_size: usize,
+    /// Operations in one batch request.
+    pub max_batch_operations: usize,
+    /// Bytes of one request body.
+    pub max_body_bytes: usize,
+    pub max_query_depth: usize,
+    pub max_query_complexity: usize,
+}
+
+/// Bounds on the in-memory dialog buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BufferConfig {
+    pub max_messages_per_dialog: usize,
+    /// Estimated bytes of all buffered messages together.
+    pub max_bytes: usize,
+    /// An undecided dialog is discarded this long after its first message.
+    pub ttl: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            database: DatabaseConfig::Sqlite {
+                path: PathBuf::from(DEFAULT_SQLITE_PATH),
+            },
+            bind_addr: DEFAULT_BIND_ADDR.parse().expect("a valid default address"),
+            log: "info".to_owned(),
+            access: AccessConfig {
+                api_keys: ApiKeys::default(),
+                allow_unauthenticated: false,
+                graphiql: true,
+                introspection: true,
+            },
+            limits: LimitsConfig {
+                max_page_size: DEFAULT_MAX_PAGE_SIZE,
+                max_batch_operations: 20,
+                max_body_bytes: 2 * 1024 * 1024,
+                max_query_depth: 16,
+                max_query_complexity: 5_000,
+            },
+            buffer: BufferConfig {
+                max_messages_per_dialog: 2_000,
+                max_bytes: 512 * 1024 * 1024,
+                ttl: Duration::from_secs(24 * 60 * 60),
+            },
+            store_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -75,8 +150,9 @@ impl Config {
             },
         };
 
+        let defaults = Self::default();
         let bind_text = get("BIND_ADDR").unwrap_or_else(|| DEFAULT_BIND_ADDR.to_owned());
-        let bind_addr = bind_text.parse().map_err(|_| {
+        let bind_addr: SocketAddr = bind_text.parse().map_err(|_| {
             error(
                 "BIND_ADDR",
                 &bind_text,
@@ -84,7 +160,7 @@ impl Config {
             )
         })?;
 
-        let log = get("LOG").unwrap_or_else(|| "info".to_owned());
+        let log = get("LOG").unwrap_or_else(|| defaults.log.clone());
         if tracing_subscriber::EnvFilter::try_new(&log).is_err() {
             return Err(error(
                 "LOG",
@@ -93,25 +169,107 @@ impl Config {
             ));
         }
 
-        let max_page_size = match get("MAX_PAGE_SIZE") {
-            None => DEFAULT_MAX_PAGE_SIZE,
-            Some(text) => match text.parse::<usize>() {
-                Ok(size) if (1..=100_000).contains(&size) => size,
-                _ => {
-                    return Err(error(
-                        "MAX_PAGE_SIZE",
-                        &text,
-                        "expected a whole number from 1 to 100000",
-                    ));
-                }
+        let number = |name: &'static str,
+                      default: usize,
+                      range: std::ops::RangeInclusive<usize>| match get(name) {
+            None => Ok(default),
+            Some(text) => match text.trim().replace('_', "").parse::<usize>() {
+                Ok(value) if range.contains(&value) => Ok(value),
+                _ => Err(error(
+                    name,
+                    &text,
+                    &format!(
+                        "expected a whole number from {} to {}",
+                        range.start(),
+                        range.end()
+                    ),
+                )),
             },
+        };
+        let duration = |name: &'static str, default: Duration| match get(name) {
+            None => Ok(default),
+            Some(text) => match humantime::parse_duration(text.trim()) {
+                Ok(value) if !value.is_zero() => Ok(value),
+                _ => Err(error(
+                    name,
+                    &text,
+                    "expected a duration such as 30s, 15m, 24h or 1h 30m",
+                )),
+            },
+        };
+        let flag = |name: &'static str, default: bool| match get(name) {
+            None => Ok(default),
+            Some(text) => match text.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => Ok(true),
+                "false" | "0" | "no" | "off" => Ok(false),
+                _ => Err(error(name, &text, "expected true or false")),
+            },
+        };
+
+        let api_keys = match var("API_KEYS") {
+            None => ApiKeys::default(),
+            // Never echo the value: it is a list of key digests.
+            Some(text) => {
+                ApiKeys::parse(&text).map_err(|reason| error("API_KEYS", "(hidden)", &reason))?
+            }
+        };
+        let access = AccessConfig {
+            api_keys,
+            allow_unauthenticated: flag("ALLOW_UNAUTHENTICATED", false)?,
+            graphiql: flag("GRAPHIQL", defaults.access.graphiql)?,
+            introspection: flag("INTROSPECTION", defaults.access.introspection)?,
+        };
+        if access.api_keys.is_empty()
+            && !bind_addr.ip().is_loopback()
+            && !access.allow_unauthenticated
+        {
+            return Err(error(
+                "API_KEYS",
+                "",
+                &format!(
+                    "no API keys are configured and BIND_ADDR={bind_addr} is reachable from other machines: \
+                     configure keys (see `dataapi hash-key`), bind to 127.0.0.1, or set \
+                     ALLOW_UNAUTHENTICATED=true to serve everyone as admin"
+                ),
+            ));
+        }
+
+        let d = defaults.limits;
+        let limits = LimitsConfig {
+            max_page_size: number("MAX_PAGE_SIZE", d.max_page_size, 1..=100_000)?,
+            max_batch_operations: number(
+                "MAX_BATCH_OPERATIONS",
+                d.max_batch_operations,
+                1..=1_000,
+            )?,
+            max_body_bytes: number("MAX_BODY_BYTES", d.max_body_bytes, 1_024..=1_073_741_824)?,
+            max_query_depth: number("MAX_QUERY_DEPTH", d.max_query_depth, 2..=1_000)?,
+            max_query_complexity: number(
+                "MAX_QUERY_COMPLEXITY",
+                d.max_query_complexity,
+                10..=10_000_000,
+            )?,
+        };
+        let b = defaults.buffer;
+        let buffer = BufferConfig {
+            max_messages_per_dialog: number(
+                "BUFFER_MAX_MESSAGES_PER_DIALOG",
+                b.max_messages_per_dialog,
+                1..=10_000_000,
+            )?,
+            max_bytes: number("BUFFER_MAX_BYTES", b.max_bytes, 1_024..=usize::MAX)?,
+            ttl: duration("BUFFER_TTL", b.ttl)?,
         };
 
         Ok(Self {
             database,
             bind_addr,
             log,
-            max_page_size,
+            access,
+            limits,
+            buffer,
+            store_timeout: duration("STORE_TIMEOUT", defaults.store_timeout)?,
+            shutdown_timeout: duration("SHUTDOWN_TIMEOUT", defaults.shutdown_timeout)?,
         })
     }
 
@@ -147,8 +305,11 @@ mod tests {
             }
         );
         assert_eq!(config.bind_addr.to_string(), "127.0.0.1:8000");
-        assert_eq!(config.max_page_size, 1000);
+        assert_eq!(config.limits.max_page_size, 1000);
         assert_eq!(config.log, "info");
+        assert!(config.access.api_keys.is_empty() && config.access.graphiql);
+        assert_eq!(config.buffer.ttl, Duration::from_secs(86_400));
+        assert_eq!(config, Config::default());
     }
 
     #[test]
@@ -192,5 +353,53 @@ mod tests {
             "MAX_PAGE_SIZE"
         );
         assert_eq!(config(&[("LOG", "info,[")]).unwrap_err().name, "LOG");
+        assert_eq!(
+            config(&[("BUFFER_TTL", "soon")]).unwrap_err().name,
+            "BUFFER_TTL"
+        );
+        assert_eq!(
+            config(&[("GRAPHIQL", "maybe")]).unwrap_err().name,
+            "GRAPHIQL"
+        );
+        let keys = config(&[("API_KEYS", "read:secretsecret")]).unwrap_err();
+        assert_eq!(keys.name, "API_KEYS");
+        assert!(!keys.to_string().contains("secretsecret"));
+    }
+
+    #[test]
+    fn without_keys_only_loopback_is_served_unless_explicitly_allowed() {
+        assert!(config(&[("BIND_ADDR", "127.0.0.1:9000")]).is_ok());
+        assert!(config(&[("BIND_ADDR", "[::1]:9000")]).is_ok());
+        let open = config(&[("BIND_ADDR", "0.0.0.0:8000")]).unwrap_err();
+        assert_eq!(open.name, "API_KEYS");
+        assert!(open.to_string().contains("ALLOW_UNAUTHENTICATED"));
+        let allowed = config(&[
+            ("BIND_ADDR", "0.0.0.0:8000"),
+            ("ALLOW_UNAUTHENTICATED", "true"),
+        ])
+        .unwrap();
+        assert!(allowed.access.allow_unauthenticated);
+        let digest = hex::encode(crate::auth::digest("k"));
+        let keyed = config(&[
+            ("BIND_ADDR", "0.0.0.0:8000"),
+            ("API_KEYS", &format!("read:{digest}")),
+        ])
+        .unwrap();
+        assert_eq!(keyed.access.api_keys.len(), 1);
+    }
+
+    #[test]
+    fn limits_and_durations_are_read() {
+        let config = config(&[
+            ("BUFFER_TTL", "90m"),
+            ("STORE_TIMEOUT", "2s"),
+            ("MAX_BATCH_OPERATIONS", "5"),
+            ("BUFFER_MAX_BYTES", "1_000_000"),
+        ])
+        .unwrap();
+        assert_eq!(config.buffer.ttl, Duration::from_secs(5400));
+        assert_eq!(config.store_timeout, Duration::from_secs(2));
+        assert_eq!(config.limits.max_batch_operations, 5);
+        assert_eq!(config.buffer.max_bytes, 1_000_000);
     }
 }

@@ -32,6 +32,18 @@ pub enum ApiError {
     },
 
     StoreUnavailable(StoreError),
+
+    /// The buffer cannot take the message; the text says which bound was hit.
+    BufferFull(String),
+
+    /// No valid API key was sent.
+    Unauthenticated,
+
+    /// The key's role may not do this; names the operation and the roles that may.
+    Forbidden {
+        operation: String,
+        allowed: &'static str,
+    },
 }
 
 impl ApiError {
@@ -68,6 +80,13 @@ impl ApiError {
                 "the database is unavailable, nothing was lost or half-written: retry the call"
                     .to_owned()
             }
+            Self::BufferFull(reason) => reason.clone(),
+            Self::Unauthenticated => {
+                "send a valid API key as `Authorization: Bearer <key>`".to_owned()
+            }
+            Self::Forbidden { operation, allowed } => format!(
+                "`{operation}` needs a key with the {allowed} role; this key's role may not use it"
+            ),
         }
     }
 
@@ -79,6 +98,9 @@ impl ApiError {
             Self::MessageIdConflict { .. } => "MESSAGE_ID_CONFLICT",
             Self::CustomerMismatch { .. } => "CUSTOMER_MISMATCH",
             Self::StoreUnavailable(_) => "STORE_UNAVAILABLE",
+            Self::BufferFull(_) => "BUFFER_FULL",
+            Self::Unauthenticated => "UNAUTHENTICATED",
+            Self::Forbidden { .. } => "FORBIDDEN",
         }
     }
 }

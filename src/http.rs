@@ -1,19 +1,26 @@
 //! The HTTP shell around the schema: `POST /graphql` (single and batch requests), GraphiQL at `GET /` and
-//! `GET /graphql`, and `GET /health`. GraphiQL's scripts and styles are compiled into the binary and served
-//! from `/graphiql/`, so the page works without internet access.
+//! `GET /graphql`, `GET /health` (alive), `GET /ready` (the store answers) and `GET /metrics` (Prometheus).
+//! GraphiQL's scripts and styles are compiled into the binary and served from `/graphiql/`, so the page works
+//! without internet access.
+//!
+//! Before any GraphQL runs, this layer checks what GraphQL cannot: the API key, the body's size and type,
+//! and the number of operations in a batch. Its refusals have the same `{"errors": [...]}` shape, with a
+//! code, and an HTTP status that matches.
 
 use std::sync::Arc;
 
+use async_graphql::http::MultipartOptions;
 use async_graphql::{BatchRequest, BatchResponse};
-use async_graphql_axum::{GraphQLBatchRequest, GraphQLResponse, rejection::GraphQLRejection};
-use axum::Json;
+use async_graphql_axum::GraphQLResponse;
 use axum::Router;
-use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
 
+use crate::auth::{ApiKeys, Caller};
 use crate::schema::{self, DataApiSchema, Limits};
 use crate::service::DialogService;
 
@@ -22,72 +29,256 @@ pub struct AppState {
     pub schema: DataApiSchema,
     pub service: Arc<DialogService>,
     pub limits: Limits,
+    pub api_keys: ApiKeys,
+    pub max_batch_operations: usize,
+    pub max_body_bytes: usize,
 }
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/", get(graphiql))
-        .route("/graphql", get(graphiql).post(graphql))
-        .route("/graphiql/{file}", get(graphiql_asset))
-        .route("/health", get(health))
-        .with_state(state)
-}
-
-async fn graphql(
-    State(state): State<AppState>,
-    request: Result<GraphQLBatchRequest, GraphQLRejection>,
-) -> Response {
-    let request = match request {
-        Ok(request) => request.into_inner(),
-        Err(rejection) => return bad_request(&rejection.0.to_string()),
+pub fn router(state: AppState, graphiql: bool) -> Router {
+    let graphql_route = if graphiql {
+        get(graphiql_page).post(graphql)
+    } else {
+        axum::routing::post(graphql)
     };
-    let with_loader = |mut operation: async_graphql::Request| {
+    let mut router = Router::new()
+        .route("/graphql", graphql_route)
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics));
+    if graphiql {
+        router = router
+            .route("/", get(graphiql_page))
+            .route("/graphiql/{file}", get(graphiql_asset));
+    }
+    router.with_state(state)
+}
+
+/// A refusal in GraphQL's error shape, counted in the error metrics.
+fn refuse(state: &AppState, status: StatusCode, code: &str, message: &str) -> Response {
+    state
+        .service
+        .metrics()
+        .errors
+        .with_label_values(&[code])
+        .inc();
+    let body = json!({ "errors": [{ "message": message, "extensions": { "code": code } }] });
+    let mut response = (status, axum::Json(body)).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"dataapi\""),
+        );
+    }
+    response
+}
+
+/// Who is calling: open access when no keys are configured, else the role of a valid bearer key.
+fn caller(keys: &ApiKeys, headers: &HeaderMap) -> Option<Caller> {
+    if keys.is_empty() {
+        return Some(Caller::Open);
+    }
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, key) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    keys.role_of(key.trim()).map(Caller::Key)
+}
+
+async fn graphql(State(state): State<AppState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let Some(caller) = caller(&state.api_keys, &parts.headers) else {
+        return refuse(
+            &state,
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHENTICATED",
+            "send a valid API key as `Authorization: Bearer <key>`",
+        );
+    };
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    if !content_type
+        .split(';')
+        .next()
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+    {
+        return refuse(
+            &state,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UNSUPPORTED_MEDIA_TYPE",
+            "send the GraphQL request as JSON, with Content-Type: application/json",
+        );
+    }
+    let bytes = match axum::body::to_bytes(body, state.max_body_bytes).await {
+        Ok(bytes) => bytes,
+        Err(_) => {
+            return refuse(
+                &state,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "PAYLOAD_TOO_LARGE",
+                &format!(
+                    "the request body is larger than {} bytes (MAX_BODY_BYTES): send fewer operations or \
+                     smaller messages per request",
+                    state.max_body_bytes
+                ),
+            );
+        }
+    };
+    let request = match async_graphql::http::receive_batch_body(
+        Some(&content_type),
+        bytes.as_ref(),
+        MultipartOptions::default(),
+    )
+    .await
+    {
+        Ok(request) => request,
+        Err(error) => {
+            return refuse(
+                &state,
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                &format!(
+                    "the request is not a valid GraphQL request ({error}): send a JSON body like \
+                     {{\"query\": \"{{ __typename }}\"}}"
+                ),
+            );
+        }
+    };
+    let is_batch = matches!(request, BatchRequest::Batch(_));
+    let operations = match request {
+        BatchRequest::Single(operation) => vec![operation],
+        BatchRequest::Batch(operations) if operations.is_empty() => {
+            return refuse(
+                &state,
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                "the batch holds no operation",
+            );
+        }
+        BatchRequest::Batch(operations) if operations.len() > state.max_batch_operations => {
+            return refuse(
+                &state,
+                StatusCode::BAD_REQUEST,
+                "BATCH_TOO_LARGE",
+                &format!(
+                    "the batch holds {} operations, more than MAX_BATCH_OPERATIONS ({}): split it",
+                    operations.len(),
+                    state.max_batch_operations
+                ),
+            );
+        }
+        BatchRequest::Batch(operations) => operations,
+    };
+
+    // In order, one after another (async-graphql would run them concurrently): a batch that pushes
+    // messages and then gives consent must see its own pushes.
+    let mut responses = Vec::with_capacity(operations.len());
+    for mut operation in operations {
+        operation.data.insert(caller);
         operation
             .data
             .insert(schema::request_loader(state.service.clone(), state.limits));
-        operation
-    };
-    let response = match request {
-        BatchRequest::Single(operation) => {
-            BatchResponse::Single(state.schema.execute(with_loader(operation)).await)
-        }
-        BatchRequest::Batch(operations) if operations.is_empty() => {
-            return bad_request("the batch holds no operation");
-        }
-        // In order, one after another (async-graphql would run them concurrently): a batch that pushes
-        // messages and then gives consent must see its own pushes.
-        BatchRequest::Batch(operations) => {
-            let mut responses = Vec::with_capacity(operations.len());
-            for operation in operations {
-                responses.push(state.schema.execute(with_loader(operation)).await);
+        responses.push(state.schema.execute(operation).await);
+    }
+
+    let codes: Vec<String> = responses
+        .iter()
+        .flat_map(|response| &response.errors)
+        .filter_map(|error| {
+            let code = error.extensions.as_ref()?.get("code")?;
+            match code {
+                async_graphql::Value::String(code) => Some(code.clone()),
+                _ => None,
             }
-            BatchResponse::Batch(responses)
-        }
+        })
+        .collect();
+    for code in &codes {
+        state
+            .service
+            .metrics()
+            .errors
+            .with_label_values(&[code])
+            .inc();
+    }
+    let status = status_for(&codes);
+    let batch = if is_batch {
+        BatchResponse::Batch(responses)
+    } else {
+        BatchResponse::Single(responses.pop().expect("one response"))
     };
-    GraphQLResponse::from(response).into_response()
+    let mut response = GraphQLResponse::from(batch).into_response();
+    if let Some(status) = status {
+        *response.status_mut() = status;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
+    }
+    response
 }
 
-/// A request that is not GraphQL at all (bad JSON, wrong content type) still gets a GraphQL-shaped error.
-fn bad_request(reason: &str) -> Response {
-    let body = json!({
-        "errors": [{
-            "message": format!(
-                "the request is not a valid GraphQL request ({reason}): send POST /graphql with \
-                 Content-Type: application/json and a body like {{\"query\": \"{{ __typename }}\"}}"
-            ),
-            "extensions": { "code": "BAD_REQUEST" },
-        }]
-    });
-    (StatusCode::BAD_REQUEST, Json(body)).into_response()
+/// The HTTP status that says what the errors mean, where one does: a refused role is 403, and a full buffer
+/// or an unavailable database is 503 (retry later). Other errors keep GraphQL's 200.
+fn status_for(codes: &[String]) -> Option<StatusCode> {
+    if codes.iter().any(|code| code == "FORBIDDEN") {
+        Some(StatusCode::FORBIDDEN)
+    } else if codes.iter().any(|code| code == "UNAUTHENTICATED") {
+        Some(StatusCode::UNAUTHORIZED)
+    } else if codes
+        .iter()
+        .any(|code| code == "BUFFER_FULL" || code == "STORE_UNAVAILABLE")
+    {
+        Some(StatusCode::SERVICE_UNAVAILABLE)
+    } else {
+        None
+    }
 }
 
 async fn health() -> impl IntoResponse {
-    Json(json!({ "status": "ok" }))
+    axum::Json(json!({ "status": "ok" }))
+}
+
+/// Ready when the store answers a ping; load balancers stop sending traffic otherwise.
+async fn ready(State(state): State<AppState>) -> Response {
+    match state.service.store().ping().await {
+        Ok(()) => axum::Json(json!({ "status": "ready" })).into_response(),
+        Err(error) => {
+            tracing::warn!(%error, "readiness check: the store does not answer");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(
+                    json!({ "status": "unavailable", "reason": "the database does not answer" }),
+                ),
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let metrics = state.service.metrics();
+    let buffer = state.service.buffer().stats();
+    metrics.buffer_dialogs.set(buffer.dialogs as i64);
+    metrics.buffer_messages.set(buffer.messages as i64);
+    metrics.buffer_bytes.set(buffer.bytes as i64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        Body::from(metrics.render()),
+    )
+        .into_response()
 }
 
 const GRAPHIQL_PAGE: &str = include_str!("graphiql.html");
 
-async fn graphiql() -> Html<&'static str> {
+async fn graphiql_page() -> Html<&'static str> {
     Html(GRAPHIQL_PAGE)
 }
 

@@ -4,11 +4,13 @@
 //! which tests and benchmarks build the same way.
 
 pub mod app;
+pub mod auth;
 pub mod buffer;
 pub mod clock;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod paging;
 pub mod schema;

@@ -1,5 +1,5 @@
 //! The `dataapi` binary: `dataapi` (or `dataapi serve`) runs the service; `dataapi print-schema` prints the
-//! GraphQL schema that `schema.graphql` holds.
+//! GraphQL schema that `schema.graphql` holds; `dataapi hash-key` makes API keys.
 
 use std::process::ExitCode;
 
@@ -23,6 +23,15 @@ enum Command {
     Serve,
     /// Print the GraphQL schema (SDL) to standard output.
     PrintSchema,
+    /// Make an API key for ROLE (ingest, read or admin) and print it with its `API_KEYS` entry. With
+    /// --stdin, hash a key read from standard input instead of making a new one.
+    HashKey {
+        /// ingest (pushMessage, giveConsent), read (queries) or admin (everything).
+        role: String,
+        /// Read the key from standard input instead of generating one.
+        #[arg(long)]
+        stdin: bool,
+    },
 }
 
 #[tokio::main]
@@ -33,7 +42,30 @@ async fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve => serve().await,
+        Command::HashKey { role, stdin } => hash_key(&role, stdin),
     }
+}
+
+fn hash_key(role: &str, from_stdin: bool) -> ExitCode {
+    let Some(role) = dataapi::auth::Role::parse(role) else {
+        eprintln!("dataapi hash-key: the role must be ingest, read or admin (got {role:?})");
+        return ExitCode::FAILURE;
+    };
+    let key = if from_stdin {
+        let mut key = String::new();
+        if std::io::stdin().read_line(&mut key).is_err() || key.trim().is_empty() {
+            eprintln!("dataapi hash-key: no key on standard input");
+            return ExitCode::FAILURE;
+        }
+        key.trim().to_owned()
+    } else {
+        let key = dataapi::auth::generate_key();
+        println!("key (give it to the client; it is not stored anywhere): {key}");
+        key
+    };
+    let digest = hex::encode(dataapi::auth::digest(&key));
+    println!("API_KEYS entry (comma-separate several): {role}:{digest}");
+    ExitCode::SUCCESS
 }
 
 async fn serve() -> ExitCode {
@@ -58,13 +90,24 @@ async fn serve() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if config.access.api_keys.is_empty() {
+        tracing::warn!(
+            "NO API KEYS ARE CONFIGURED: every caller is admin (read, write and erase). This is only \
+             acceptable on a trusted machine; set API_KEYS (see `dataapi hash-key`) before exposing the service"
+        );
+    } else {
+        tracing::info!(keys = config.access.api_keys.len(), "API keys configured");
+    }
     tracing::info!(
         store = %app.service().store().describe(),
         buffer = "in-process (unconsented messages live in memory only)",
-        graphiql = %format!("http://{}/", app.local_addr()),
-        "DataAPI listening on {}; GraphiQL at http://{}/",
+        "DataAPI listening on {}; {}",
         app.local_addr(),
-        app.local_addr(),
+        if config.access.graphiql {
+            format!("GraphiQL at http://{}/", app.local_addr())
+        } else {
+            "GraphiQL is off (GRAPHIQL=false)".to_owned()
+        },
     );
     match app.run_until_stopped().await {
         Ok(()) => ExitCode::SUCCESS,

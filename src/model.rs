@@ -257,6 +257,31 @@ pub struct ConsentRecord {
     pub decided_at: i64,
 }
 
+/// A dialog's decision in force and every change of decision, oldest first: the audit trail.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConsentHistory {
+    pub record: ConsentRecord,
+    /// `(value, decided_at)` of each change, oldest first.
+    pub changes: Vec<(bool, i64)>,
+}
+
+/// How much an erasure removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Erased {
+    pub dialogs: u64,
+    pub messages: u64,
+    pub consents: u64,
+    /// Messages dropped from the buffer (never stored).
+    pub buffered_messages: u64,
+}
+
+/// The digest under which an erasure is audited: it proves that a given customer id was erased without
+/// keeping the id itself.
+pub fn customer_digest(customer_id: &CustomerId) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(customer_id.as_str().as_bytes()))
+}
+
 /// A stored (consented) dialog, as summarised by the store.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dialog {

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use async_graphql::connection::{Connection, Edge};
 use async_graphql::dataloader::{DataLoader, HashMapCache, Loader};
 use async_graphql::extensions::{
-    Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextValidation,
+    Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextResolve,
+    NextValidation, ResolveInfo,
 };
 use async_graphql::parser::types::ExecutableDocument;
 use async_graphql::{
@@ -18,7 +19,9 @@ use async_graphql::{
 };
 use chrono::SecondsFormat;
 
+use crate::auth::{Caller, Permission};
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::model::{
     ClientMessageId, CustomerId, DialogId, IncomingMessage, Language, MessageFate, MessageText,
     millis_to_time,
@@ -33,11 +36,45 @@ pub type DataApiSchema = Schema<QueryRoot, MutationRoot, EmptySubscription>;
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     pub max_page_size: usize,
+    pub max_query_depth: usize,
+    pub max_query_complexity: usize,
 }
 
 /// The schema with the service attached, ready to execute requests.
-pub fn build(service: Arc<DialogService>, limits: Limits) -> DataApiSchema {
-    builder().data(service).data(limits).finish()
+pub fn build(service: Arc<DialogService>, limits: Limits, introspection: bool) -> DataApiSchema {
+    let metrics = service.metrics().clone();
+    let mut builder = builder()
+        .data(service)
+        .data(limits)
+        .extension(OperationMetrics(metrics))
+        .limit_depth(limits.max_query_depth)
+        .limit_complexity(limits.max_query_complexity);
+    if !introspection {
+        builder = builder.disable_introspection();
+    }
+    builder.finish()
+}
+
+/// A guard that lets a field run only for callers with `permission`.
+fn require(permission: Permission) -> impl Fn(&Context<'_>) -> Result<()> + Send + Sync + 'static {
+    move |ctx| {
+        let caller = ctx
+            .data_opt::<Caller>()
+            .ok_or_else(|| ApiError::Unauthenticated.extend())?;
+        if caller.may(permission) {
+            return Ok(());
+        }
+        let allowed = match permission {
+            Permission::Ingest => "ingest or admin",
+            Permission::Read => "read or admin",
+            Permission::Admin => "admin",
+        };
+        Err(ApiError::Forbidden {
+            operation: ctx.field().name().to_owned(),
+            allowed,
+        }
+        .extend())
+    }
 }
 
 /// The schema's SDL, as committed in `schema.graphql`.
@@ -46,7 +83,7 @@ pub fn sdl() -> String {
 }
 
 fn builder() -> SchemaBuilder<QueryRoot, MutationRoot, EmptySubscription> {
-    Schema::build(QueryRoot, MutationRoot, EmptySubscription).extension(ErrorCodes)
+    Schema::build(QueryRoot, MutationRoot::default(), EmptySubscription).extension(ErrorCodes)
 }
 
 /// The per-request loader of dialogs' messages.
@@ -413,6 +450,7 @@ pub struct QueryRoot;
 impl QueryRoot {
     /// Consented dialogs, most recent first (by their latest message; ties by id). Page forwards with
     /// `first`/`after`, backwards with `last`/`before`; without either, the first 20.
+    #[graphql(guard = "require(Permission::Read)")]
     async fn dialogs(
         &self,
         ctx: &Context<'_>,
@@ -455,12 +493,25 @@ impl QueryRoot {
     }
 
     /// One consented dialog, or null if no dialog with that id is stored.
+    #[graphql(guard = "require(Permission::Read)")]
     async fn dialog(&self, ctx: &Context<'_>, id: ID) -> Result<Option<Dialog>> {
         let id = DialogId::parse("id", &id)?;
         Ok(service(ctx)?.dialog(&id).await?.map(Dialog))
     }
 
+    /// The recorded consent decision of a dialog and every change of it, for audits; null when the dialog
+    /// has no decision (undecided dialogs exist only in the buffer).
+    #[graphql(guard = "require(Permission::Read)")]
+    async fn consent(&self, ctx: &Context<'_>, dialog_id: ID) -> Result<Option<ConsentRecord>> {
+        let dialog_id = DialogId::parse("dialogId", &dialog_id)?;
+        Ok(service(ctx)?
+            .consent_history(&dialog_id)
+            .await?
+            .map(ConsentRecord))
+    }
+
     /// Stored messages of all consented dialogs, most recent first; the same paging rules as `dialogs`.
+    #[graphql(guard = "require(Permission::Read)")]
     async fn messages(
         &self,
         ctx: &Context<'_>,
@@ -490,13 +541,19 @@ impl QueryRoot {
     }
 }
 
-pub struct MutationRoot;
+/// The mutation root: the ingest operations and the privacy operations.
+#[derive(async_graphql::MergedObject, Default)]
+pub struct MutationRoot(IngestMutation, ErasureMutation);
+
+#[derive(Default)]
+pub struct IngestMutation;
 
 #[Object]
-impl MutationRoot {
+impl IngestMutation {
     /// Records one customer message. Until the dialog has a consent decision it waits in the buffer
     /// (`BUFFERED`); after `true` it is stored at once (`STORED`); after `false` it is dropped (`DISCARDED`).
     /// Safe to retry when `messageId` is set.
+    #[graphql(guard = "require(Permission::Ingest)")]
     async fn push_message(
         &self,
         ctx: &Context<'_>,
@@ -514,6 +571,7 @@ impl MutationRoot {
     /// later one; `false` discards them, deletes anything stored earlier (withdrawal), and discards later
     /// ones. Repeating a decision changes nothing. A dialog with neither buffered messages nor a decision is
     /// `DIALOG_NOT_FOUND`.
+    #[graphql(guard = "require(Permission::Ingest)")]
     async fn give_consent(
         &self,
         ctx: &Context<'_>,
@@ -523,6 +581,144 @@ impl MutationRoot {
         let dialog_id = DialogId::parse("dialogId", &dialog_id)?;
         let outcome = service(ctx)?.give_consent(dialog_id, value).await?;
         Ok(ConsentPayload(outcome))
+    }
+}
+
+#[Object]
+impl ErasureMutation {
+    /// Erases everything held about a customer: stored dialogs and messages, consent records, and messages
+    /// still waiting in the buffer. Records that the erasure happened (when, how much, and a SHA-256 digest
+    /// of the customer id; no content). Messages pushed afterwards are new data. Admin only.
+    #[graphql(guard = "require(Permission::Admin)")]
+    async fn erase_customer(&self, ctx: &Context<'_>, customer_id: ID) -> Result<ErasurePayload> {
+        let customer_id = CustomerId::parse("customerId", &customer_id)?;
+        let erased = service(ctx)?.erase_customer(customer_id.clone()).await?;
+        Ok(ErasurePayload {
+            customer_id,
+            erased,
+        })
+    }
+}
+
+/// Mutations of the privacy operations, merged into the mutation root.
+#[derive(Default)]
+pub struct ErasureMutation;
+
+/// A consent decision and its history.
+pub struct ConsentRecord(crate::model::ConsentHistory);
+
+/// A dialog's recorded consent decision and every change of it.
+#[Object]
+impl ConsentRecord {
+    async fn dialog_id(&self) -> ID {
+        ID(self.0.record.dialog_id.to_string())
+    }
+
+    async fn customer_id(&self) -> ID {
+        ID(self.0.record.customer_id.to_string())
+    }
+
+    /// The decision in force.
+    async fn value(&self) -> bool {
+        self.0.record.value
+    }
+
+    /// When the decision in force was given.
+    async fn decided_at(&self) -> DateTime {
+        DateTime(self.0.record.decided_at)
+    }
+
+    /// Every change of decision, oldest first.
+    async fn history(&self) -> Vec<ConsentChange> {
+        self.0
+            .changes
+            .iter()
+            .map(|&(value, at)| ConsentChange { value, at })
+            .collect()
+    }
+}
+
+/// One change of a consent decision.
+pub struct ConsentChange {
+    value: bool,
+    at: i64,
+}
+
+/// One change of a consent decision.
+#[Object]
+impl ConsentChange {
+    async fn value(&self) -> bool {
+        self.value
+    }
+
+    async fn decided_at(&self) -> DateTime {
+        DateTime(self.at)
+    }
+}
+
+/// What an erasure removed.
+pub struct ErasurePayload {
+    customer_id: CustomerId,
+    erased: crate::model::Erased,
+}
+
+/// What an erasure removed.
+#[Object]
+impl ErasurePayload {
+    async fn customer_id(&self) -> ID {
+        ID(self.customer_id.to_string())
+    }
+
+    /// Stored dialogs deleted.
+    async fn dialog_count(&self) -> u64 {
+        self.erased.dialogs
+    }
+
+    /// Stored messages deleted.
+    async fn message_count(&self) -> u64 {
+        self.erased.messages
+    }
+
+    /// Consent records deleted.
+    async fn consent_count(&self) -> u64 {
+        self.erased.consents
+    }
+
+    /// Messages dropped from the buffer (they had never been stored).
+    async fn buffered_message_count(&self) -> u64 {
+        self.erased.buffered_messages
+    }
+}
+
+/// Counts and times the GraphQL root fields (`pushMessage`, `dialogs`, ...).
+struct OperationMetrics(Arc<Metrics>);
+
+impl ExtensionFactory for OperationMetrics {
+    fn create(&self) -> Arc<dyn Extension> {
+        Arc::new(OperationMetrics(self.0.clone()))
+    }
+}
+
+#[async_trait::async_trait]
+impl Extension for OperationMetrics {
+    async fn resolve(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        info: ResolveInfo<'_>,
+        next: NextResolve<'_>,
+    ) -> ServerResult<Option<Value>> {
+        if info.path_node.parent.is_some() || info.is_for_introspection {
+            return next.run(ctx, info).await;
+        }
+        let operation = info.name.to_owned();
+        let started = std::time::Instant::now();
+        let result = next.run(ctx, info).await;
+        self.0.operations.with_label_values(&[&operation]).inc();
+        self.0
+            .operation_seconds
+            .with_label_values(&[&operation])
+            .observe(started.elapsed().as_secs_f64());
+        result
     }
 }
 
@@ -566,7 +762,23 @@ impl Extension for ErrorCodes {
         next.run(ctx).await.map_err(|errors| {
             errors
                 .into_iter()
-                .map(|error| with_code(error, "GRAPHQL_VALIDATION_FAILED"))
+                .map(|mut error| match error.message.as_str() {
+                    "Query is nested too deep." => {
+                        error.message =
+                            "the query is nested deeper than MAX_QUERY_DEPTH allows: select \
+                                         fewer levels"
+                                .to_owned();
+                        with_code(error, "QUERY_TOO_DEEP")
+                    }
+                    "Query is too complex." => {
+                        error.message =
+                            "the query selects more fields than MAX_QUERY_COMPLEXITY allows \
+                                         (every field and alias counts): split it"
+                                .to_owned();
+                        with_code(error, "QUERY_TOO_COMPLEX")
+                    }
+                    _ => with_code(error, "GRAPHQL_VALIDATION_FAILED"),
+                })
                 .collect()
         })
     }

@@ -13,13 +13,19 @@
 
 use std::sync::Arc;
 
-use dashmap::DashMap;
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use std::time::Duration;
 
-use crate::buffer::{BufferPush, DialogBuffer};
+use dashmap::DashMap;
+use tokio::sync::{Mutex, OwnedMutexGuard, RwLock};
+
+use crate::buffer::{BufferLimits, BufferPush, DialogBuffer, Dropped};
 use crate::clock::now_millis;
 use crate::error::ApiError;
-use crate::model::{ConsentRecord, Dialog, DialogId, IncomingMessage, Message, MessageFate};
+use crate::metrics::Metrics;
+use crate::model::{
+    ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Erased, IncomingMessage, Message,
+    MessageFate,
+};
 use crate::paging::{Page, PageRequest, fetch_page};
 use crate::store::{
     Appended, Decision, DialogFilter, MessageFilter, SharedStore, dialog_key, message_key,
@@ -48,15 +54,88 @@ pub struct DialogService {
     store: SharedStore,
     buffer: DialogBuffer,
     locks: DialogLocks,
+    /// Shared by the slow paths (first message, decision), exclusive for an erasure, so that no write of a
+    /// customer's data can be in flight while their data is erased. The hot path does not take it.
+    erasure_gate: RwLock<()>,
+    metrics: Arc<Metrics>,
 }
 
 impl DialogService {
-    pub fn new(store: SharedStore) -> Self {
+    pub fn new(store: SharedStore, limits: BufferLimits, metrics: Arc<Metrics>) -> Self {
         Self {
             store,
-            buffer: DialogBuffer::new(),
+            buffer: DialogBuffer::new(limits),
             locks: DialogLocks::default(),
+            erasure_gate: RwLock::new(()),
+            metrics,
         }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Drops undecided dialogs older than `ttl` from the buffer; returns what was dropped.
+    pub fn expire(&self, ttl: Duration) -> Dropped {
+        let dropped = self.buffer.expire(ttl);
+        if dropped.dialogs > 0 {
+            self.metrics.expired_dialogs.inc_by(dropped.dialogs as u64);
+            self.metrics
+                .expired_messages
+                .inc_by(dropped.messages as u64);
+            tracing::info!(
+                dialogs = dropped.dialogs,
+                messages = dropped.messages,
+                "discarded undecided dialogs older than BUFFER_TTL"
+            );
+        }
+        dropped
+    }
+
+    /// Runs [`expire`](Self::expire) every `ttl / 10` (at least every minute) until the task is aborted.
+    pub fn spawn_sweeper(self: &Arc<Self>, ttl: Duration) -> tokio::task::JoinHandle<()> {
+        let period = (ttl / 10).clamp(Duration::from_millis(10), Duration::from_secs(60));
+        let service = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(period);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                match service.upgrade() {
+                    Some(service) => {
+                        service.expire(ttl);
+                    }
+                    None => return,
+                }
+            }
+        })
+    }
+
+    /// Erases everything of a customer: buffered messages, stored dialogs and messages, consent records.
+    /// Leaves an audit record of the erasure (counts and the customer's digest, no content).
+    pub async fn erase_customer(&self, customer_id: CustomerId) -> Result<Erased, ApiError> {
+        let _exclusive = self.erasure_gate.write().await;
+        let dropped = self.buffer.discard_customer(&customer_id);
+        let erased = self
+            .store
+            .erase_customer(&customer_id, now_millis(), dropped.messages as u64)
+            .await?;
+        tracing::info!(
+            dialogs = erased.dialogs,
+            messages = erased.messages,
+            consents = erased.consents,
+            buffered_messages = erased.buffered_messages,
+            "erased a customer's data"
+        );
+        Ok(erased)
+    }
+
+    /// The recorded decision of a dialog and its changes, for audits.
+    pub async fn consent_history(
+        &self,
+        dialog_id: &DialogId,
+    ) -> Result<Option<ConsentHistory>, ApiError> {
+        Ok(self.store.consent_history(dialog_id).await?)
     }
 
     pub fn store(&self) -> &SharedStore {
@@ -73,6 +152,7 @@ impl DialogService {
             BufferPush::Done(buffered) => return Ok(Pushed::buffered(buffered.message())),
             BufferPush::NotBuffered(incoming) => incoming,
         };
+        let _shared = self.erasure_gate.read().await;
         let _lock = self.locks.lock(&incoming.dialog_id).await;
         // Another push may have opened the buffer while this one waited.
         let incoming = match self.buffer.push_if_buffered(incoming)? {
@@ -135,6 +215,20 @@ impl DialogService {
     }
 
     async fn decide(&self, dialog_id: DialogId, value: bool) -> Result<ConsentOutcome, ApiError> {
+        let outcome = self.decide_locked(dialog_id, value).await?;
+        self.metrics
+            .consents
+            .with_label_values(&[if value { "true" } else { "false" }])
+            .inc();
+        Ok(outcome)
+    }
+
+    async fn decide_locked(
+        &self,
+        dialog_id: DialogId,
+        value: bool,
+    ) -> Result<ConsentOutcome, ApiError> {
+        let _shared = self.erasure_gate.read().await;
         let _lock = self.locks.lock(&dialog_id).await;
         let buffered = self.buffer.snapshot(&dialog_id);
         let customer_id = match &buffered {

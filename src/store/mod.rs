@@ -10,12 +10,17 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::model::{ConsentRecord, CustomerId, Dialog, DialogId, Language, Message};
+pub use crate::model::Erased;
+use crate::model::{
+    ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Language, Message,
+};
 use crate::paging::{KeyRange, ScanOrder, SortKey};
 
+pub mod guarded;
 pub mod mongo;
 pub mod sqlite;
 
+pub use guarded::GuardedStore;
 pub use mongo::MongoStore;
 pub use sqlite::SqliteStore;
 
@@ -102,8 +107,14 @@ pub trait Store: Send + Sync + 'static {
     /// Answers when the database does.
     async fn ping(&self) -> StoreResult<()>;
 
+    /// Releases connections at shutdown. Calls after this may fail.
+    async fn close(&self) {}
+
     /// The recorded decision for a dialog, if any.
     async fn consent(&self, dialog_id: &DialogId) -> StoreResult<Option<ConsentRecord>>;
+
+    /// The recorded decision and every change of it, for audits.
+    async fn consent_history(&self, dialog_id: &DialogId) -> StoreResult<Option<ConsentHistory>>;
 
     /// Records `decision` atomically. `true`: `messages` (all of this dialog) are inserted, those already
     /// present are skipped. `false`: the dialog's stored messages are deleted and `messages` is ignored.
@@ -116,6 +127,16 @@ pub trait Store: Send + Sync + 'static {
     /// Stores one message of a dialog whose decision is `true`, checking that decision in the same
     /// transaction so that a concurrent withdrawal cannot be overtaken.
     async fn append_consented(&self, message: &Message) -> StoreResult<Appended>;
+
+    /// Deletes, in one transaction, every stored dialog, message and consent record of a customer, and
+    /// records that the erasure happened (counts and the customer's digest, no content). `erased.dialogs`,
+    /// `messages` and `consents` are filled in; `buffered_messages` (dropped by the caller) is recorded as given.
+    async fn erase_customer(
+        &self,
+        customer_id: &CustomerId,
+        at: i64,
+        buffered_messages: u64,
+    ) -> StoreResult<Erased>;
 
     /// One stored dialog.
     async fn dialog(&self, dialog_id: &DialogId) -> StoreResult<Option<Dialog>>;

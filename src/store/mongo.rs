@@ -20,11 +20,12 @@ use mongodb::{Client, ClientSession, Collection, IndexModel};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Appended, Decision, DecisionWritten, DialogFilter, MessageFilter, Store, StoreError,
+    Appended, Decision, DecisionWritten, DialogFilter, Erased, MessageFilter, Store, StoreError,
     StoreResult,
 };
 use crate::model::{
-    ClientMessageId, ConsentRecord, CustomerId, Dialog, DialogId, Language, Message, MessageText,
+    ClientMessageId, ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Language,
+    Message, MessageText, customer_digest,
 };
 use crate::paging::{KeyRange, ScanOrder};
 
@@ -122,6 +123,15 @@ struct ConsentDoc {
     customer_id: String,
     value: bool,
     decided_at: BsonDateTime,
+    #[serde(default)]
+    history: Vec<ConsentChangeDoc>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ConsentChangeDoc {
+    value: bool,
+    decided_at: BsonDateTime,
 }
 
 impl From<ConsentDoc> for ConsentRecord {
@@ -143,6 +153,8 @@ pub struct MongoStore {
     messages: Collection<MessageDoc>,
     dialogs: Collection<DialogDoc>,
     consents: Collection<ConsentDoc>,
+    /// Proof that erasures happened: counts and the customer's digest, no content.
+    erasures: Collection<Document>,
 }
 
 fn mongo_error(context: &'static str) -> impl Fn(mongodb::error::Error) -> StoreError {
@@ -326,6 +338,7 @@ impl MongoStore {
             messages: db.collection("messages"),
             dialogs: db.collection("dialogs"),
             consents: db.collection("consents"),
+            erasures: db.collection("erasures"),
             database: database.to_owned(),
             hosts,
             client,
@@ -375,6 +388,10 @@ impl MongoStore {
             .create_index(index(doc! { "customerId": 1 }, "customer"))
             .await
             .map_err(mongo_error("create consent indexes"))?;
+        self.erasures
+            .create_index(index(doc! { "customerDigest": 1 }, "customer_digest"))
+            .await
+            .map_err(mongo_error("create erasure indexes"))?;
         Ok(())
     }
 
@@ -510,6 +527,52 @@ impl MongoStore {
         }
     }
 
+    async fn erase_in(
+        &self,
+        session: &mut ClientSession,
+        customer_id: &str,
+        at: i64,
+        buffered_messages: u64,
+    ) -> mongodb::error::Result<Erased> {
+        let filter = doc! { "customerId": customer_id };
+        let messages = self
+            .messages
+            .delete_many(filter.clone())
+            .session(&mut *session)
+            .await?
+            .deleted_count;
+        let dialogs = self
+            .dialogs
+            .delete_many(filter.clone())
+            .session(&mut *session)
+            .await?
+            .deleted_count;
+        let consents = self
+            .consents
+            .delete_many(filter)
+            .session(&mut *session)
+            .await?
+            .deleted_count;
+        let digest = customer_digest(&CustomerId::from_trusted(customer_id.to_owned()));
+        self.erasures
+            .insert_one(doc! {
+                "customerDigest": digest,
+                "erasedAt": BsonDateTime::from_millis(at),
+                "dialogs": dialogs as i64,
+                "messages": messages as i64,
+                "consents": consents as i64,
+                "bufferedMessages": buffered_messages as i64,
+            })
+            .session(&mut *session)
+            .await?;
+        Ok(Erased {
+            dialogs,
+            messages,
+            consents,
+            buffered_messages,
+        })
+    }
+
     async fn append_in(
         &self,
         session: &mut ClientSession,
@@ -565,6 +628,39 @@ impl Store for MongoStore {
             .await
             .map(drop)
             .map_err(mongo_error("ping"))
+    }
+
+    async fn close(&self) {
+        self.client.clone().shutdown().immediate(true).await;
+    }
+
+    async fn consent_history(&self, dialog_id: &DialogId) -> StoreResult<Option<ConsentHistory>> {
+        let doc = self
+            .consents
+            .find_one(doc! { "_id": dialog_id.as_str() })
+            .await
+            .map_err(mongo_error("read consent"))?;
+        Ok(doc.map(|doc| ConsentHistory {
+            changes: doc
+                .history
+                .iter()
+                .map(|change| (change.value, change.decided_at.timestamp_millis()))
+                .collect(),
+            record: doc.into(),
+        }))
+    }
+
+    async fn erase_customer(
+        &self,
+        customer_id: &CustomerId,
+        at: i64,
+        buffered_messages: u64,
+    ) -> StoreResult<Erased> {
+        in_transaction!(
+            self,
+            session,
+            self.erase_in(&mut session, customer_id.as_str(), at, buffered_messages)
+        )
     }
 
     async fn consent(&self, dialog_id: &DialogId) -> StoreResult<Option<ConsentRecord>> {

@@ -14,11 +14,12 @@ use deadpool_sqlite::rusqlite::{
 use deadpool_sqlite::{Hook, HookError, Pool, Runtime};
 
 use super::{
-    Appended, Decision, DecisionWritten, DialogFilter, MessageFilter, Store, StoreError,
+    Appended, Decision, DecisionWritten, DialogFilter, Erased, MessageFilter, Store, StoreError,
     StoreResult,
 };
 use crate::model::{
-    ClientMessageId, ConsentRecord, CustomerId, Dialog, DialogId, Language, Message, MessageText,
+    ClientMessageId, ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Language,
+    Message, MessageText, customer_digest,
 };
 use crate::paging::{KeyRange, ScanOrder};
 
@@ -69,6 +70,17 @@ CREATE INDEX IF NOT EXISTS messages_dialog ON messages (dialog_id, seq);
 CREATE INDEX IF NOT EXISTS messages_recent ON messages (seq, id);
 CREATE INDEX IF NOT EXISTS messages_language_recent ON messages (language, seq, id);
 CREATE INDEX IF NOT EXISTS messages_customer_recent ON messages (customer_id, seq, id);
+CREATE INDEX IF NOT EXISTS consents_customer ON consents (customer_id);
+-- Proof that an erasure happened: when, how much, and whose (as a SHA-256 digest of the customer id).
+CREATE TABLE IF NOT EXISTS erasures (
+    id                INTEGER PRIMARY KEY,
+    customer_digest   TEXT NOT NULL,
+    erased_at         INTEGER NOT NULL,
+    dialogs           INTEGER NOT NULL,
+    messages          INTEGER NOT NULL,
+    consents          INTEGER NOT NULL,
+    buffered_messages INTEGER NOT NULL
+);
 "#;
 
 const MESSAGE_COLUMNS: &str =
@@ -430,6 +442,68 @@ impl Store for SqliteStore {
         self.with_connection(|c| {
             c.query_row("SELECT 1", [], |_| Ok(()))
                 .map_err(sqlite_error("ping"))
+        })
+        .await
+    }
+
+    async fn close(&self) {
+        self.pool.close();
+    }
+
+    async fn consent_history(&self, dialog_id: &DialogId) -> StoreResult<Option<ConsentHistory>> {
+        let dialog_id = dialog_id.to_string();
+        self.with_connection(move |c| {
+            let Some(record) = read_consent(c, &dialog_id).map_err(sqlite_error("read consent"))?
+            else {
+                return Ok(None);
+            };
+            let changes = select(
+                c,
+                "read consent history",
+                "SELECT value, decided_at FROM consent_events WHERE dialog_id = ?1 ORDER BY id",
+                [&dialog_id],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )?;
+            Ok(Some(ConsentHistory { record, changes }))
+        })
+        .await
+    }
+
+    async fn erase_customer(
+        &self,
+        customer_id: &CustomerId,
+        at: i64,
+        buffered_messages: u64,
+    ) -> StoreResult<Erased> {
+        let customer = customer_id.to_string();
+        let digest = customer_digest(customer_id);
+        self.write(move |tx| {
+            let run = |sql: &str| tx.execute(sql, [&customer]).map(|n| n as u64);
+            let erased = (|| {
+                run("DELETE FROM dialog_languages WHERE dialog_id IN (SELECT id FROM dialogs WHERE customer_id = ?1)")?;
+                run("DELETE FROM consent_events WHERE dialog_id IN (SELECT dialog_id FROM consents WHERE customer_id = ?1)")?;
+                Ok::<_, rusqlite::Error>(Erased {
+                    dialogs: run("DELETE FROM dialogs WHERE customer_id = ?1")?,
+                    messages: run("DELETE FROM messages WHERE customer_id = ?1")?,
+                    consents: run("DELETE FROM consents WHERE customer_id = ?1")?,
+                    buffered_messages,
+                })
+            })()
+            .map_err(sqlite_error("erase customer"))?;
+            tx.execute(
+                "INSERT INTO erasures (customer_digest, erased_at, dialogs, messages, consents, buffered_messages)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    digest,
+                    at,
+                    erased.dialogs as i64,
+                    erased.messages as i64,
+                    erased.consents as i64,
+                    buffered_messages as i64
+                ],
+            )
+            .map_err(sqlite_error("record erasure"))?;
+            Ok(erased)
         })
         .await
     }

@@ -12,8 +12,10 @@ use tokio::sync::Notify;
 
 use async_trait::async_trait;
 use dataapi::app::Application;
-use dataapi::config::{Config, DatabaseConfig};
-use dataapi::model::{ConsentRecord, Dialog, DialogId, Message};
+use dataapi::config::Config;
+use dataapi::model::{
+    ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Erased, Message,
+};
 use dataapi::paging::{KeyRange, ScanOrder};
 use dataapi::store::{
     Appended, Decision, DecisionWritten, DialogFilter, MessageFilter, MongoStore, SharedStore,
@@ -123,6 +125,29 @@ impl Store for InstrumentedStore {
         self.inner.consent(dialog_id).await
     }
 
+    async fn consent_history(&self, dialog_id: &DialogId) -> StoreResult<Option<ConsentHistory>> {
+        self.enter("consent_history")?;
+        self.inner.consent_history(dialog_id).await
+    }
+
+    async fn erase_customer(
+        &self,
+        customer_id: &CustomerId,
+        at: i64,
+        buffered_messages: u64,
+    ) -> StoreResult<Erased> {
+        self.enter("erase_customer")?;
+        let result = self
+            .inner
+            .erase_customer(customer_id, at, buffered_messages)
+            .await;
+        self.acknowledge("erase_customer", result)
+    }
+
+    async fn close(&self) {
+        self.inner.close().await;
+    }
+
     async fn record_decision(
         &self,
         decision: &Decision,
@@ -190,7 +215,11 @@ impl Store for InstrumentedStore {
 /// What a test's database needs after the test.
 enum Cleanup {
     TempDir(#[allow(dead_code)] tempfile::TempDir),
-    MongoDatabase(Arc<MongoStore>),
+    /// Dropped through a client of its own: the service closes its client when it stops.
+    MongoDatabase {
+        url: String,
+        name: String,
+    },
 }
 
 /// Where a test's data lives, for tests that reach into the database behind the service's back.
@@ -232,23 +261,24 @@ async fn fresh_store(backend: Backend) -> (SharedStore, Cleanup, TestDatabase) {
                     .unwrap_or_else(|e| panic!("cannot reach TEST_MONGODB_URL: {e}")),
             );
             (
-                store.clone(),
-                Cleanup::MongoDatabase(store),
+                store,
+                Cleanup::MongoDatabase {
+                    url: url.clone(),
+                    name: name.clone(),
+                },
                 TestDatabase::Mongo { url, name },
             )
         }
     }
 }
 
-/// The settings of a test service; its store is given to it directly, so the database setting is unused.
+/// The settings of a test service: defaults, on a free loopback port. Its store is given to it directly,
+/// so the database setting is unused.
 pub fn test_config() -> Config {
     Config {
-        database: DatabaseConfig::Sqlite {
-            path: "(given by the test)".into(),
-        },
         bind_addr: "127.0.0.1:0".parse().unwrap(),
         log: "warn".into(),
-        max_page_size: 1000,
+        ..Config::default()
     }
 }
 
@@ -461,8 +491,14 @@ where
     let mut app = TestApp::start(store).await;
     app.database = Some(database);
     let outcome = AssertUnwindSafe(test(app)).catch_unwind().await;
-    if let Cleanup::MongoDatabase(store) = &cleanup {
-        store.drop_database().await.expect("drop the test database");
+    if let Cleanup::MongoDatabase { url, name } = &cleanup {
+        mongodb::Client::with_uri_str(url)
+            .await
+            .expect("connect to drop the test database")
+            .database(name)
+            .drop()
+            .await
+            .expect("drop the test database");
     }
     drop(cleanup);
     if let Err(panic) = outcome {

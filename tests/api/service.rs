@@ -145,7 +145,16 @@ async fn http_surface(app: TestApp) {
     );
 
     // Not GraphQL at all: still a GraphQL-shaped error with a code.
-    for (content_type, body) in [("application/json", "{not json"), ("text/plain", "hello")] {
+    for (content_type, body, status, expected_code) in [
+        ("application/json", "{not json", 400, "BAD_REQUEST"),
+        ("application/json", "\"just a string\"", 400, "BAD_REQUEST"),
+        (
+            "text/plain",
+            "{\"query\": \"{ __typename }\"}",
+            415,
+            "UNSUPPORTED_MEDIA_TYPE",
+        ),
+    ] {
         let response = client
             .post(app.url("/graphql"))
             .header("content-type", content_type)
@@ -153,11 +162,11 @@ async fn http_surface(app: TestApp) {
             .send()
             .await
             .unwrap();
-        let status = response.status();
+        let got = response.status();
         let body_json: serde_json::Value = response.json().await.unwrap_or(json!(null));
-        assert_eq!(status, 400, "{content_type} {body}: {body_json}");
+        assert_eq!(got, status, "{content_type} {body}: {body_json}");
         assert_eq!(
-            body_json["errors"][0]["extensions"]["code"], "BAD_REQUEST",
+            body_json["errors"][0]["extensions"]["code"], expected_code,
             "{body_json}"
         );
     }

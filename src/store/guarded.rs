@@ -1,0 +1,161 @@
+//! Wraps any store so that every call has a deadline and is timed: a slow or dead database turns into
+//! `STORE_UNAVAILABLE` after `STORE_TIMEOUT` instead of hanging the request, and its latency is a metric.
+//!
+//! A call cut off by the deadline may still complete in the database (a SQLite write runs on its own
+//! thread; a MongoDB commit may already be on the wire). That is safe: every write is idempotent, so the
+//! client's retry finds it done.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use super::{
+    Appended, Decision, DecisionWritten, DialogFilter, Erased, MessageFilter, SharedStore, Store,
+    StoreError, StoreResult,
+};
+use crate::metrics::Metrics;
+use crate::model::{ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Message};
+use crate::paging::{KeyRange, ScanOrder};
+
+pub struct GuardedStore {
+    inner: SharedStore,
+    timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl GuardedStore {
+    pub fn new(inner: SharedStore, timeout: Duration, metrics: Arc<Metrics>) -> Self {
+        Self {
+            inner,
+            timeout,
+            metrics,
+        }
+    }
+
+    async fn call<T>(
+        &self,
+        name: &'static str,
+        call: impl Future<Output = StoreResult<T>>,
+    ) -> StoreResult<T> {
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.timeout, call).await;
+        self.metrics
+            .store_seconds
+            .with_label_values(&[name])
+            .observe(started.elapsed().as_secs_f64());
+        result.unwrap_or_else(|_| {
+            Err(StoreError(format!(
+                "{name} timed out after {:?} (STORE_TIMEOUT)",
+                self.timeout
+            )))
+        })
+    }
+}
+
+#[async_trait]
+impl Store for GuardedStore {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.call("ping", self.inner.ping()).await
+    }
+
+    async fn close(&self) {
+        // Closing gets the same deadline; a store that cannot close in time is abandoned.
+        let _ = tokio::time::timeout(self.timeout, self.inner.close()).await;
+    }
+
+    async fn consent(&self, dialog_id: &DialogId) -> StoreResult<Option<ConsentRecord>> {
+        self.call("consent", self.inner.consent(dialog_id)).await
+    }
+
+    async fn consent_history(&self, dialog_id: &DialogId) -> StoreResult<Option<ConsentHistory>> {
+        self.call("consent_history", self.inner.consent_history(dialog_id))
+            .await
+    }
+
+    async fn record_decision(
+        &self,
+        decision: &Decision,
+        messages: &[Message],
+    ) -> StoreResult<DecisionWritten> {
+        self.call(
+            "record_decision",
+            self.inner.record_decision(decision, messages),
+        )
+        .await
+    }
+
+    async fn append_consented(&self, message: &Message) -> StoreResult<Appended> {
+        self.call("append_consented", self.inner.append_consented(message))
+            .await
+    }
+
+    async fn erase_customer(
+        &self,
+        customer_id: &CustomerId,
+        at: i64,
+        buffered_messages: u64,
+    ) -> StoreResult<Erased> {
+        self.call(
+            "erase_customer",
+            self.inner
+                .erase_customer(customer_id, at, buffered_messages),
+        )
+        .await
+    }
+
+    async fn dialog(&self, dialog_id: &DialogId) -> StoreResult<Option<Dialog>> {
+        self.call("dialog", self.inner.dialog(dialog_id)).await
+    }
+
+    async fn scan_dialogs(
+        &self,
+        filter: &DialogFilter,
+        range: &KeyRange,
+        order: ScanOrder,
+        limit: usize,
+    ) -> StoreResult<Vec<Dialog>> {
+        self.call(
+            "scan_dialogs",
+            self.inner.scan_dialogs(filter, range, order, limit),
+        )
+        .await
+    }
+
+    async fn count_dialogs(&self, filter: &DialogFilter) -> StoreResult<u64> {
+        self.call("count_dialogs", self.inner.count_dialogs(filter))
+            .await
+    }
+
+    async fn scan_messages(
+        &self,
+        filter: &MessageFilter,
+        range: &KeyRange,
+        order: ScanOrder,
+        limit: usize,
+    ) -> StoreResult<Vec<Message>> {
+        self.call(
+            "scan_messages",
+            self.inner.scan_messages(filter, range, order, limit),
+        )
+        .await
+    }
+
+    async fn count_messages(&self, filter: &MessageFilter) -> StoreResult<u64> {
+        self.call("count_messages", self.inner.count_messages(filter))
+            .await
+    }
+
+    async fn messages_of_dialogs(&self, dialog_ids: &[DialogId]) -> StoreResult<Vec<Message>> {
+        self.call(
+            "messages_of_dialogs",
+            self.inner.messages_of_dialogs(dialog_ids),
+        )
+        .await
+    }
+}
