@@ -963,27 +963,6 @@ pub async fn a_write_failing_half_way_leaves_nothing_and_a_retry_stores_once(app
     assert_eq!(app.stored_messages().await, 4);
 }
 
-macro_rules! for_each_store {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    crate::helpers::run(crate::helpers::Backend::Sqlite, super::$test).await;
-                }
-            )*
-        }
-        mod mongodb {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    crate::helpers::run(crate::helpers::Backend::Mongo, super::$test).await;
-                }
-            )*
-        }
-    };
-}
-
 for_each_store!(
     messages_wait_in_the_buffer_until_consent_true_stores_them,
     consent_false_leaves_nothing_in_the_database,

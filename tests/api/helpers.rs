@@ -47,6 +47,8 @@ pub struct InstrumentedStore {
     calls: Mutex<HashMap<&'static str, usize>>,
     fail_all: AtomicBool,
     fail_after_write: AtomicBool,
+    /// Milliseconds every call waits before running, as a slow database would.
+    delay_ms: std::sync::atomic::AtomicU64,
     /// When set, the next `record_decision` signals the first and waits for the second before writing.
     hold: Mutex<Option<(Arc<Notify>, Arc<Notify>)>>,
 }
@@ -58,8 +60,15 @@ impl InstrumentedStore {
             calls: Mutex::default(),
             fail_all: AtomicBool::new(false),
             fail_after_write: AtomicBool::new(false),
+            delay_ms: Default::default(),
             hold: Mutex::default(),
         }
+    }
+
+    /// Every call first waits this long (zero: no wait).
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Holds the next consent write: `entered` is notified when it starts, and it proceeds only after
@@ -90,8 +99,12 @@ impl InstrumentedStore {
         self.fail_after_write.store(lose, Ordering::SeqCst);
     }
 
-    fn enter(&self, method: &'static str) -> StoreResult<()> {
+    async fn enter(&self, method: &'static str) -> StoreResult<()> {
         *self.calls.lock().unwrap().entry(method).or_default() += 1;
+        let delay = self.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
         if self.fail_all.load(Ordering::SeqCst) {
             return Err(StoreError(format!("injected outage in {method}")));
         }
@@ -116,17 +129,17 @@ impl Store for InstrumentedStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        self.enter("ping")?;
+        self.enter("ping").await?;
         self.inner.ping().await
     }
 
     async fn consent(&self, dialog_id: &DialogId) -> StoreResult<Option<ConsentRecord>> {
-        self.enter("consent")?;
+        self.enter("consent").await?;
         self.inner.consent(dialog_id).await
     }
 
     async fn consent_history(&self, dialog_id: &DialogId) -> StoreResult<Option<ConsentHistory>> {
-        self.enter("consent_history")?;
+        self.enter("consent_history").await?;
         self.inner.consent_history(dialog_id).await
     }
 
@@ -136,7 +149,7 @@ impl Store for InstrumentedStore {
         at: i64,
         buffered_messages: u64,
     ) -> StoreResult<Erased> {
-        self.enter("erase_customer")?;
+        self.enter("erase_customer").await?;
         let result = self
             .inner
             .erase_customer(customer_id, at, buffered_messages)
@@ -153,7 +166,7 @@ impl Store for InstrumentedStore {
         decision: &Decision,
         messages: &[Message],
     ) -> StoreResult<DecisionWritten> {
-        self.enter("record_decision")?;
+        self.enter("record_decision").await?;
         let hold = self.hold.lock().unwrap().take();
         if let Some((entered, release)) = hold {
             entered.notify_one();
@@ -164,13 +177,13 @@ impl Store for InstrumentedStore {
     }
 
     async fn append_consented(&self, message: &Message) -> StoreResult<Appended> {
-        self.enter("append_consented")?;
+        self.enter("append_consented").await?;
         let result = self.inner.append_consented(message).await;
         self.acknowledge("append_consented", result)
     }
 
     async fn dialog(&self, dialog_id: &DialogId) -> StoreResult<Option<Dialog>> {
-        self.enter("dialog")?;
+        self.enter("dialog").await?;
         self.inner.dialog(dialog_id).await
     }
 
@@ -181,12 +194,12 @@ impl Store for InstrumentedStore {
         order: ScanOrder,
         limit: usize,
     ) -> StoreResult<Vec<Dialog>> {
-        self.enter("scan_dialogs")?;
+        self.enter("scan_dialogs").await?;
         self.inner.scan_dialogs(filter, range, order, limit).await
     }
 
     async fn count_dialogs(&self, filter: &DialogFilter) -> StoreResult<u64> {
-        self.enter("count_dialogs")?;
+        self.enter("count_dialogs").await?;
         self.inner.count_dialogs(filter).await
     }
 
@@ -197,17 +210,17 @@ impl Store for InstrumentedStore {
         order: ScanOrder,
         limit: usize,
     ) -> StoreResult<Vec<Message>> {
-        self.enter("scan_messages")?;
+        self.enter("scan_messages").await?;
         self.inner.scan_messages(filter, range, order, limit).await
     }
 
     async fn count_messages(&self, filter: &MessageFilter) -> StoreResult<u64> {
-        self.enter("count_messages")?;
+        self.enter("count_messages").await?;
         self.inner.count_messages(filter).await
     }
 
     async fn messages_of_dialogs(&self, dialog_ids: &[DialogId]) -> StoreResult<Vec<Message>> {
-        self.enter("messages_of_dialogs")?;
+        self.enter("messages_of_dialogs").await?;
         self.inner.messages_of_dialogs(dialog_ids).await
     }
 }
@@ -236,6 +249,8 @@ pub struct TestApp {
     /// The store as the service sees it, instrumented.
     pub store: Arc<InstrumentedStore>,
     http: reqwest::Client,
+    /// Sent as `Authorization: Bearer <key>` by the request helpers, when set.
+    pub key: Option<String>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
@@ -285,8 +300,13 @@ pub fn test_config() -> Config {
 impl TestApp {
     /// Starts the service on `store` on a free loopback port.
     pub async fn start(store: SharedStore) -> Self {
+        Self::start_with(store, test_config()).await
+    }
+
+    /// Starts the service on `store` with the given settings.
+    pub async fn start_with(store: SharedStore, config: Config) -> Self {
         let store = Arc::new(InstrumentedStore::new(store));
-        let app = Application::with_store(&test_config(), store.clone())
+        let app = Application::with_store(&config, store.clone())
             .await
             .expect("the service starts");
         let addr = app.local_addr();
@@ -299,8 +319,13 @@ impl TestApp {
             database: None,
             store,
             http: reqwest::Client::new(),
+            key: None,
             shutdown: Some(shutdown),
         }
+    }
+
+    pub fn http_client(&self) -> &reqwest::Client {
+        &self.http
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -314,14 +339,18 @@ impl TestApp {
     }
 
     pub async fn post_json(&self, body: &Value) -> Value {
-        let response = self
-            .http
-            .post(self.url("/graphql"))
-            .json(body)
-            .send()
-            .await
-            .expect("POST /graphql");
-        response.json().await.expect("a JSON response")
+        self.post_as(self.key.as_deref(), body).await.1
+    }
+
+    /// Posts `body` with `key` as the bearer key (or none); returns the HTTP status and the body.
+    pub async fn post_as(&self, key: Option<&str>, body: &Value) -> (u16, Value) {
+        let mut request = self.http.post(self.url("/graphql")).json(body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.expect("POST /graphql");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("a JSON response"))
     }
 
     /// Posts an operation that must succeed, and returns its `data`.
@@ -438,6 +467,51 @@ impl TestApp {
         }
     }
 
+    /// The erasure audit records in the database, as JSON.
+    pub async fn erasure_records(&self) -> Vec<Value> {
+        match self.database.clone().expect("a database of the test's own") {
+            TestDatabase::Sqlite(path) => {
+                let connection = deadpool_sqlite::rusqlite::Connection::open(path).unwrap();
+                let mut statement = connection
+                    .prepare("SELECT customer_digest, erased_at, dialogs, messages, consents, buffered_messages FROM erasures")
+                    .unwrap();
+                statement
+                    .query_map([], |row| {
+                        Ok(json!({
+                            "customerDigest": row.get::<_, String>(0)?,
+                            "erasedAt": row.get::<_, i64>(1)?,
+                            "dialogs": row.get::<_, i64>(2)?,
+                            "messages": row.get::<_, i64>(3)?,
+                            "consents": row.get::<_, i64>(4)?,
+                            "bufferedMessages": row.get::<_, i64>(5)?,
+                        }))
+                    })
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap()
+            }
+            TestDatabase::Mongo { url, name } => {
+                use futures::TryStreamExt;
+                let documents: Vec<mongodb::bson::Document> = mongodb::Client::with_uri_str(&url)
+                    .await
+                    .unwrap()
+                    .database(&name)
+                    .collection("erasures")
+                    .find(mongodb::bson::doc! {})
+                    .projection(mongodb::bson::doc! { "_id": 0 })
+                    .await
+                    .unwrap()
+                    .try_collect()
+                    .await
+                    .unwrap();
+                documents
+                    .into_iter()
+                    .map(|d| mongodb::bson::Bson::Document(d).into_relaxed_extjson())
+                    .collect()
+            }
+        }
+    }
+
     /// Makes the database refuse (or accept again) writes of dialog summaries, which a consent writes after
     /// the messages: a failure half-way through the write's transaction.
     pub async fn reject_dialog_summaries(&self, reject: bool) {
@@ -487,8 +561,17 @@ where
     F: FnOnce(TestApp) -> Fut,
     Fut: Future<Output = ()>,
 {
+    run_with(backend, test_config(), test).await;
+}
+
+/// Like [`run`], with settings of the test's own.
+pub async fn run_with<F, Fut>(backend: Backend, config: Config, test: F)
+where
+    F: FnOnce(TestApp) -> Fut,
+    Fut: Future<Output = ()>,
+{
     let (store, cleanup, database) = fresh_store(backend).await;
-    let mut app = TestApp::start(store).await;
+    let mut app = TestApp::start_with(store, config).await;
     app.database = Some(database);
     let outcome = AssertUnwindSafe(test(app)).catch_unwind().await;
     if let Cleanup::MongoDatabase { url, name } = &cleanup {
