@@ -10,15 +10,25 @@ use serde_json::json;
 
 use crate::helpers::{TestApp, code};
 
-/// A SecantusDB process on a fixed loopback port, in memory, that can be killed and started again.
+/// A SecantusDB process on a fixed loopback port that can be killed and started again; in memory, or on
+/// disk (kept across restarts, synced on every commit) with [`KillableServer::start_durable`].
 struct KillableServer {
     python: String,
     port: u16,
     child: Option<Child>,
+    storage: Option<tempfile::TempDir>,
 }
 
 impl KillableServer {
     fn start() -> Self {
+        Self::launch(None)
+    }
+
+    fn start_durable() -> Self {
+        Self::launch(Some(tempfile::tempdir().expect("a storage directory")))
+    }
+
+    fn launch(storage: Option<tempfile::TempDir>) -> Self {
         let python = std::env::var("SECANTUS_PYTHON").unwrap_or_else(|_| {
             panic!("SECANTUS_PYTHON is not set: run the suite with scripts/test, which installs SecantusDB")
         });
@@ -31,6 +41,7 @@ impl KillableServer {
             python,
             port,
             child: None,
+            storage,
         };
         server.restart();
         server
@@ -53,7 +64,15 @@ impl KillableServer {
                 "--port",
                 &self.port.to_string(),
             ])
-            .args(["--storage-path", ":memory:", "--log-level", "WARNING"])
+            .args(match &self.storage {
+                Some(dir) => vec![
+                    "--storage-path".to_owned(),
+                    dir.path().display().to_string(),
+                    "--sync-on-commit".to_owned(),
+                ],
+                None => vec!["--storage-path".to_owned(), ":memory:".to_owned()],
+            })
+            .args(["--log-level", "WARNING"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -160,4 +179,327 @@ async fn a_database_killed_before_consent_loses_nothing_and_a_retry_after_restar
         .await;
     assert_eq!(data["dialog"]["messageCount"], 6);
     assert_eq!(store.count_messages(&Default::default()).await.unwrap(), 6);
+}
+
+/// Pushes `messages` messages (keys `k0`..) to `dialog`, retrying each until it is acknowledged; returns
+/// the acknowledged keys. Gives up (panics) after `deadline`.
+async fn push_until_acknowledged(
+    app: &TestApp,
+    customer: &str,
+    dialog: &str,
+    messages: usize,
+    deadline: Instant,
+) -> Vec<String> {
+    let mut acknowledged = Vec::new();
+    for i in 0..messages {
+        let key = format!("k{i}");
+        loop {
+            let response = app
+                .graphql(
+                    "mutation($i: PushMessageInput!) { pushMessage(input: $i) { status } }",
+                    json!({ "i": { "customerId": customer, "dialogId": dialog, "text": format!("text {i}"),
+                                   "language": "en", "messageId": key } }),
+                )
+                .await;
+            if response.get("errors").is_none() {
+                acknowledged.push(key);
+                break;
+            }
+            assert_eq!(
+                code(&response["errors"][0]),
+                "STORE_UNAVAILABLE",
+                "{response}"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "no acknowledgement for {dialog}/{key}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    acknowledged
+}
+
+/// Gives consent, retrying while the database is unavailable.
+async fn consent_until_recorded(app: &TestApp, dialog: &str, value: bool, deadline: Instant) {
+    loop {
+        let response = app
+            .graphql(
+                "mutation($d: ID!, $v: Boolean!) { giveConsent(dialogId: $d, value: $v) { value } }",
+                json!({ "d": dialog, "v": value }),
+            )
+            .await;
+        if response.get("errors").is_none() {
+            return;
+        }
+        assert_eq!(
+            code(&response["errors"][0]),
+            "STORE_UNAVAILABLE",
+            "{response}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "consent for {dialog} never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The `messageId`s stored for a dialog, in order.
+async fn stored_keys(app: &TestApp, dialog: &str) -> Vec<String> {
+    let data = app
+        .data(
+            "query($d: ID!) { dialog(id: $d) { messageCount messages { messageId } } }",
+            json!({ "d": dialog }),
+        )
+        .await;
+    if data["dialog"].is_null() {
+        return Vec::new();
+    }
+    let keys: Vec<String> = data["dialog"]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["messageId"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        data["dialog"]["messageCount"],
+        keys.len(),
+        "{dialog}: summary and messages agree"
+    );
+    keys
+}
+
+fn durable_config() -> dataapi::config::Config {
+    let mut config = crate::helpers::test_config();
+    config.store_timeout = Duration::from_secs(3);
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_stopped_during_a_stream_of_pushes_and_consents_keeps_every_acknowledged_message_once()
+ {
+    let mut server = KillableServer::start_durable();
+    let store = Arc::new(
+        MongoStore::connect(&server.url(), "dataapi_stream")
+            .await
+            .expect("connect"),
+    );
+    let app = Arc::new(TestApp::start_with(store.clone(), durable_config()).await);
+    let deadline = Instant::now() + Duration::from_secs(120);
+
+    // Four clients, each working through its dialogs: push, then decide (every third one refuses).
+    let workers: Vec<_> = (0..4)
+        .map(|worker| {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                for n in 0..12 {
+                    let dialog = format!("w{worker}-d{n}");
+                    let keys =
+                        push_until_acknowledged(&app, &format!("c{worker}"), &dialog, 6, deadline)
+                            .await;
+                    let value = n % 3 != 0;
+                    consent_until_recorded(&app, &dialog, value, deadline).await;
+                    outcomes.push((dialog, value, keys));
+                }
+                outcomes
+            })
+        })
+        .collect();
+
+    // Meanwhile the database goes away twice.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        server.kill();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        server.restart();
+    }
+
+    let mut expected_total = 0;
+    for worker in workers {
+        for (dialog, value, keys) in worker.await.unwrap() {
+            let stored = stored_keys(&app, &dialog).await;
+            if value {
+                assert_eq!(
+                    stored, keys,
+                    "{dialog}: every acknowledged message, once, in order"
+                );
+                expected_total += keys.len();
+            } else {
+                assert!(stored.is_empty(), "{dialog}: refused, nothing stored");
+            }
+        }
+    }
+    let total = store.count_messages(&Default::default()).await.unwrap();
+    assert_eq!(total as usize, expected_total, "and nothing else");
+    store.drop_database().await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_database_mid_consent_leaves_no_partial_dialog() {
+    let mut server = KillableServer::start_durable();
+    let store = Arc::new(
+        MongoStore::connect(&server.url(), "dataapi_midconsent")
+            .await
+            .expect("connect"),
+    );
+    let app = Arc::new(TestApp::start_with(store.clone(), durable_config()).await);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    const DIALOGS: usize = 6;
+    const MESSAGES: usize = 300;
+    for d in 0..DIALOGS {
+        push_until_acknowledged(&app, "c", &format!("big-{d}"), MESSAGES, deadline).await;
+    }
+    // Consents run while the database is killed under them: as soon as the first one has committed.
+    let mut consents = tokio::task::JoinSet::new();
+    for d in 0..DIALOGS {
+        let app = app.clone();
+        consents.spawn(async move {
+            app.graphql(
+                "mutation($d: ID!) { giveConsent(dialogId: $d, value: true) { storedCount } }",
+                json!({ "d": format!("big-{d}") }),
+            )
+            .await
+        });
+    }
+    let first = consents.join_next().await.unwrap().unwrap();
+    server.kill();
+    assert!(first.get("errors").is_none(), "{first}");
+    while let Some(response) = consents.join_next().await {
+        let response = response.unwrap();
+        if let Some(errors) = response.get("errors") {
+            assert_eq!(code(&errors[0]), "STORE_UNAVAILABLE", "{response}");
+        }
+    }
+    server.restart();
+
+    // Every dialog is all there or not there at all, and retried consents complete the rest once.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut visible_before_retry = 0;
+    for d in 0..DIALOGS {
+        let dialog = format!("big-{d}");
+        let stored = loop {
+            let response = app
+                .graphql(
+                    "query($d: ID!) { dialog(id: $d) { messageCount messages { messageId } } }",
+                    json!({ "d": dialog }),
+                )
+                .await;
+            if response.get("errors").is_none() {
+                break response["data"]["dialog"].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the database did not come back: {response}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        if !stored.is_null() {
+            visible_before_retry += 1;
+            assert_eq!(stored["messageCount"], MESSAGES, "{dialog} is complete");
+            assert_eq!(
+                stored["messages"].as_array().unwrap().len(),
+                MESSAGES,
+                "{dialog} is complete"
+            );
+        }
+        consent_until_recorded(&app, &dialog, true, deadline).await;
+        assert_eq!(
+            stored_keys(&app, &dialog).await.len(),
+            MESSAGES,
+            "{dialog} after the retry"
+        );
+    }
+    assert_eq!(
+        store.count_messages(&Default::default()).await.unwrap() as usize,
+        DIALOGS * MESSAGES
+    );
+    eprintln!("{visible_before_retry} of {DIALOGS} consents had committed before the kill");
+    store.drop_database().await.ok();
+}
+
+#[tokio::test]
+async fn killing_the_service_mid_consent_leaves_the_embedded_store_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dataapi"))
+        .current_dir(dir.path())
+        .env_clear()
+        .env("BIND_ADDR", format!("127.0.0.1:{port}"))
+        .env("LOG", "warn")
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/graphql");
+    let client = reqwest::Client::new();
+    let post = |body: serde_json::Value| {
+        let client = client.clone();
+        let url = url.clone();
+        async move { client.post(&url).json(&body).send().await }
+    };
+    let ready = Instant::now() + Duration::from_secs(10);
+    while post(json!({ "query": "{ __typename }" })).await.is_err() {
+        assert!(Instant::now() < ready, "dataapi did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    const DIALOGS: usize = 8;
+    const MESSAGES: usize = 400;
+    for d in 0..DIALOGS {
+        for chunk in 0..(MESSAGES / 50) {
+            let pushes: Vec<String> = (0..50)
+                .map(|i| format!("p{i}: pushMessage(input: {{customerId: \"c\", dialogId: \"big-{d}\", text: \"message {}\", language: \"en\"}}) {{ status }}", chunk * 50 + i))
+                .collect();
+            let response = post(json!({ "query": format!("mutation {{ {} }}", pushes.join(" ")) }))
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+        }
+    }
+    // Fire the consents and kill the process while they run.
+    let consents: Vec<_> = (0..DIALOGS)
+        .map(|d| tokio::spawn(post(json!({ "query": format!("mutation {{ giveConsent(dialogId: \"big-{d}\", value: true) {{ storedCount }} }}") }))))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for consent in consents {
+        let _ = consent.await;
+    }
+
+    // Whatever committed is whole: every dialog's summary matches its messages, no message is orphaned,
+    // and a consent record of true exists exactly for the dialogs whose messages are there.
+    let path = dir.path().join("data/dataapi.sqlite3");
+    let db = deadpool_sqlite::rusqlite::Connection::open(&path).unwrap();
+    let query = |sql: &str| -> i64 { db.query_row(sql, [], |row| row.get(0)).unwrap() };
+    assert_eq!(
+        query(
+            "SELECT count(*) FROM dialogs d WHERE message_count != (SELECT count(*) FROM messages m WHERE m.dialog_id = d.id)"
+        ),
+        0
+    );
+    assert_eq!(
+        query(
+            "SELECT count(*) FROM messages m WHERE NOT EXISTS (SELECT 1 FROM dialogs d WHERE d.id = m.dialog_id)"
+        ),
+        0
+    );
+    assert_eq!(
+        query(
+            "SELECT count(*) FROM consents c WHERE c.value = 1 AND NOT EXISTS (SELECT 1 FROM dialogs d WHERE d.id = c.dialog_id)"
+        ),
+        0
+    );
+    let complete = query(&format!(
+        "SELECT count(*) FROM dialogs WHERE message_count = {MESSAGES}"
+    ));
+    assert_eq!(
+        complete,
+        query("SELECT count(*) FROM dialogs"),
+        "no dialog is partial"
+    );
+    eprintln!("{complete} of {DIALOGS} consents had committed before the kill");
 }
