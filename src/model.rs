@@ -372,4 +372,48 @@ mod tests {
         assert_ne!(x.id, y.id);
         assert_eq!(a.created_at, 1_000);
     }
+
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn language_parsing_never_panics_and_normalises(text in "\\PC{0,50}") {
+                if let Ok(language) = Language::parse("language", &text) {
+                    let tag = language.as_str();
+                    prop_assert!(tag.len() <= MAX_LANGUAGE_CHARS);
+                    prop_assert_eq!(tag, text.to_ascii_lowercase());
+                    prop_assert!(tag.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
+                    let upper = Language::parse("language", &text.to_ascii_uppercase()).unwrap();
+                    prop_assert_eq!(upper, language);
+                }
+            }
+
+            #[test]
+            fn language_like_tags_are_accepted(primary in "[a-zA-Z]{2,3}", region in proptest::option::of("[a-zA-Z0-9]{1,8}")) {
+                let tag = match region {
+                    Some(region) => format!("{primary}-{region}"),
+                    None => primary,
+                };
+                prop_assert!(Language::parse("language", &tag).is_ok(), "{}", tag);
+            }
+
+            #[test]
+            fn ids_and_texts_accept_only_what_they_promise(text in "(?s).{0,300}") {
+                if let Ok(id) = DialogId::parse("dialogId", &text) {
+                    prop_assert!(!id.as_str().trim().is_empty());
+                    prop_assert!(id.as_str().chars().count() <= MAX_ID_CHARS);
+                    prop_assert!(!id.as_str().chars().any(char::is_control));
+                }
+                if let Ok(message) = MessageText::parse("text", &text) {
+                    prop_assert!(!message.as_str().trim().is_empty());
+                    prop_assert!(!message.as_str().contains('\0'));
+                }
+            }
+        }
+    }
 }

@@ -432,4 +432,52 @@ mod tests {
             assert!(zero.items.is_empty() && zero.has_next_page && !zero.has_previous_page);
         });
     }
+
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn decoding_any_string_never_panics_and_accepts_only_its_own_kind(text in ".{0,200}") {
+                if let Ok(key) = decode_cursor(ListKind::Dialogs, "after", &text) {
+                    // Whatever decodes re-encodes to a cursor that decodes to the same key.
+                    let again = encode_cursor(ListKind::Dialogs, &key);
+                    prop_assert_eq!(decode_cursor(ListKind::Dialogs, "after", &again).unwrap(), key);
+                    prop_assert!(decode_cursor(ListKind::Messages, "after", &text).is_err());
+                }
+            }
+
+            #[test]
+            fn decoding_any_bytes_as_base64_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..120)) {
+                let cursor = URL_SAFE_NO_PAD.encode(&bytes);
+                let _ = decode_cursor(ListKind::Messages, "before", &cursor);
+            }
+
+            #[test]
+            fn every_sort_key_round_trips(at in any::<i64>(), id in "\\PC{1,60}") {
+                let key = SortKey { at, id };
+                for kind in [ListKind::Dialogs, ListKind::Messages] {
+                    let cursor = encode_cursor(kind, &key);
+                    prop_assert_eq!(&decode_cursor(kind, "after", &cursor).unwrap(), &key);
+                }
+            }
+
+            #[test]
+            fn page_arguments_never_panic(
+                first in proptest::option::of(any::<i32>()),
+                last in proptest::option::of(any::<i32>()),
+                after in proptest::option::of(".{0,40}"),
+                before in proptest::option::of(".{0,40}"),
+                max in 1usize..5000,
+            ) {
+                if let Ok(request) = (PageArgs { first, after, last, before }).parse(ListKind::Dialogs, max) {
+                    prop_assert!(request.size <= max);
+                }
+            }
+        }
+    }
 }

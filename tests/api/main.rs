@@ -46,6 +46,7 @@ mod behaviour;
 mod faults;
 mod graphiql;
 mod helpers;
+mod load;
 mod protection;
 mod roundtrips;
 mod security;

@@ -1,0 +1,152 @@
+//! Load: many concurrent pushers and consenters, and readers paging meanwhile, for a bounded time on
+//! 127.0.0.1 (`DATAAPI_LOAD_SECONDS`, default 10 per store). Afterwards the stored data reconciles exactly
+//! with what was acknowledged. This proves correctness under load, not speed (see the benchmarks for that).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dataapi::store::Store;
+use serde_json::json;
+
+use crate::helpers::TestApp;
+
+const PUSHERS: usize = 12;
+const READERS: usize = 2;
+const LANGUAGES: [&str; 3] = ["en", "de", "fr"];
+
+fn load_duration() -> Duration {
+    let seconds = std::env::var("DATAAPI_LOAD_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    Duration::from_secs(seconds)
+}
+
+/// What one pusher had acknowledged: for each dialog, its decision and its acknowledged messages.
+type Ledger = HashMap<String, (bool, usize)>;
+
+async fn pusher(app: Arc<TestApp>, worker: usize, until: Instant) -> Ledger {
+    let mut ledger = Ledger::new();
+    let mut n = 0;
+    while Instant::now() < until {
+        let dialog = format!("load-{worker}-{n}");
+        let length = 1 + (worker + n) % 7;
+        let mut acknowledged = 0;
+        for i in 0..length {
+            let response = app
+                .graphql(
+                    "mutation($i: PushMessageInput!) { pushMessage(input: $i) { status } }",
+                    json!({ "i": { "customerId": format!("cust-{}", n % 5), "dialogId": dialog,
+                                   "text": format!("message {i} of {dialog}"), "language": LANGUAGES[i % 3],
+                                   "messageId": format!("m{i}") } }),
+                )
+                .await;
+            assert!(response.get("errors").is_none(), "{response}");
+            assert_eq!(response["data"]["pushMessage"]["status"], "BUFFERED");
+            acknowledged += 1;
+        }
+        let value = n % 4 != 3;
+        let response = app
+            .graphql(
+                "mutation($d: ID!, $v: Boolean!) { giveConsent(dialogId: $d, value: $v) { storedCount discardedCount } }",
+                json!({ "d": dialog, "v": value }),
+            )
+            .await;
+        assert!(response.get("errors").is_none(), "{response}");
+        let outcome = &response["data"]["giveConsent"];
+        let expected = if value {
+            "storedCount"
+        } else {
+            "discardedCount"
+        };
+        assert_eq!(outcome[expected], acknowledged, "{dialog}: {outcome}");
+        ledger.insert(dialog, (value, acknowledged));
+        n += 1;
+    }
+    ledger
+}
+
+async fn reader(app: Arc<TestApp>, until: Instant) -> usize {
+    let mut pages = 0;
+    let mut after: Option<String> = None;
+    while Instant::now() < until {
+        let data = app
+            .data(
+                "query($a: String) { dialogs(first: 50, after: $a) {
+                    edges { node { id messageCount messages { id } } } pageInfo { hasNextPage endCursor } } }",
+                json!({ "a": after }),
+            )
+            .await;
+        let connection = &data["dialogs"];
+        for edge in connection["edges"].as_array().unwrap() {
+            let node = &edge["node"];
+            assert_eq!(
+                node["messageCount"],
+                node["messages"].as_array().unwrap().len(),
+                "{node}"
+            );
+        }
+        after = if connection["pageInfo"]["hasNextPage"] == true {
+            connection["pageInfo"]["endCursor"]
+                .as_str()
+                .map(str::to_owned)
+        } else {
+            None
+        };
+        pages += 1;
+    }
+    pages
+}
+
+pub async fn concurrent_pushers_and_consenters_reconcile_exactly(app: TestApp) {
+    let app = Arc::new(app);
+    let until = Instant::now() + load_duration();
+    let pushers: Vec<_> = (0..PUSHERS)
+        .map(|w| tokio::spawn(pusher(app.clone(), w, until)))
+        .collect();
+    let readers: Vec<_> = (0..READERS)
+        .map(|_| tokio::spawn(reader(app.clone(), until)))
+        .collect();
+
+    let mut ledger = Ledger::new();
+    for pusher in pushers {
+        ledger.extend(pusher.await.unwrap());
+    }
+    let pages: usize = futures::future::join_all(readers)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .sum();
+
+    let consented: Vec<(&String, usize)> = ledger
+        .iter()
+        .filter(|(_, (value, _))| *value)
+        .map(|(d, (_, n))| (d, *n))
+        .collect();
+    let expected_messages: usize = consented.iter().map(|(_, n)| n).sum();
+    assert!(ledger.len() > 50, "the load ran: {} dialogs", ledger.len());
+    assert!(pages > 0);
+    assert_eq!(
+        app.stored_dialogs().await as usize,
+        consented.len(),
+        "one stored dialog per yes"
+    );
+    assert_eq!(
+        app.stored_messages().await as usize,
+        expected_messages,
+        "every acknowledged message once"
+    );
+    for (dialog, expected) in consented.iter().take(50) {
+        let id = dataapi::model::DialogId::parse("dialogId", dialog).unwrap();
+        let stored = app.store.dialog(&id).await.unwrap().expect("stored");
+        assert_eq!(stored.message_count as usize, *expected, "{dialog}");
+    }
+    eprintln!(
+        "load: {} dialogs ({} consented, {expected_messages} messages stored), {pages} pages read",
+        ledger.len(),
+        consented.len()
+    );
+}
+
+for_each_store!(concurrent_pushers_and_consenters_reconcile_exactly);
