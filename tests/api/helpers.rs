@@ -547,6 +547,15 @@ impl TestApp {
     }
 }
 
+impl TestApp {
+    /// Sends the service its shutdown signal, as SIGTERM would.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+    }
+}
+
 impl Drop for TestApp {
     fn drop(&mut self) {
         if let Some(shutdown) = self.shutdown.take() {

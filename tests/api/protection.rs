@@ -555,6 +555,35 @@ async fn metrics_count_operations_errors_consents_store_calls_and_the_buffer() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_requests_in_flight_finish_and_then_refuses_new_ones() {
+    let mut config = test_config();
+    config.shutdown_timeout = Duration::from_secs(10);
+    run_with(Backend::Sqlite, config, async |mut app: TestApp| {
+        app.store.set_delay(Duration::from_millis(700));
+        let url = app.url("/graphql");
+        let in_flight = tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(url)
+                .json(&json!({ "query": "mutation { pushMessage(input: {customerId: \"c\", dialogId: \"late\", text: \"t\", language: \"en\"}) { status } }" }))
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        app.begin_shutdown();
+        let response = in_flight.await.unwrap();
+        assert_eq!(response["data"]["pushMessage"]["status"], "BUFFERED", "{response}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let refused = reqwest::Client::new().get(app.url("/health")).send().await;
+        assert!(refused.is_err(), "no new connections after shutdown");
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn sigterm_stops_the_binary_gracefully_and_says_what_it_drops() {
     let dir = tempfile::tempdir().unwrap();

@@ -50,6 +50,46 @@ fn a_bad_setting_stops_startup_and_names_the_setting() {
     }
 }
 
+#[test]
+fn without_keys_the_binary_refuses_to_listen_beyond_loopback_unless_told_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dataapi()
+        .current_dir(dir.path())
+        .env_clear()
+        .env("BIND_ADDR", "0.0.0.0:0")
+        .output()
+        .expect("run dataapi");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("API_KEYS") && stderr.contains("ALLOW_UNAUTHENTICATED"),
+        "{stderr}"
+    );
+
+    // With the explicit opt-in it starts (and is stopped right away).
+    let mut child = dataapi()
+        .current_dir(dir.path())
+        .env_clear()
+        .env("BIND_ADDR", "0.0.0.0:0")
+        .env("ALLOW_UNAUTHENTICATED", "true")
+        .env("LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run dataapi");
+    let mut first_line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut first_line,
+    )
+    .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        first_line.contains("NO API KEYS ARE CONFIGURED"),
+        "{first_line}"
+    );
+}
+
 #[tokio::test]
 async fn the_binary_starts_on_the_embedded_store_says_so_and_answers() {
     let dir = tempfile::tempdir().unwrap();
