@@ -70,6 +70,7 @@ impl Application {
         ));
         let limits = Limits {
             max_page_size: config.limits.max_page_size,
+            max_push_messages: config.limits.max_push_messages,
             max_query_depth: config.limits.max_query_depth,
             max_query_complexity: config.limits.max_query_complexity,
         };

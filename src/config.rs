@@ -56,6 +56,8 @@ pub struct LimitsConfig {
     pub max_page_size: usize,
     /// Operations in one batch request.
     pub max_batch_operations: usize,
+    /// Messages in one `pushMessages` call.
+    pub max_push_messages: usize,
     /// Bytes of one request body.
     pub max_body_bytes: usize,
     pub max_query_depth: usize,
@@ -89,6 +91,7 @@ impl Default for Config {
             limits: LimitsConfig {
                 max_page_size: DEFAULT_MAX_PAGE_SIZE,
                 max_batch_operations: 20,
+                max_push_messages: 1_000,
                 max_body_bytes: 2 * 1024 * 1024,
                 max_query_depth: 16,
                 max_query_complexity: 5_000,
@@ -242,6 +245,7 @@ impl Config {
                 d.max_batch_operations,
                 1..=1_000,
             )?,
+            max_push_messages: number("MAX_PUSH_MESSAGES", d.max_push_messages, 1..=100_000)?,
             max_body_bytes: number("MAX_BODY_BYTES", d.max_body_bytes, 1_024..=1_073_741_824)?,
             max_query_depth: number("MAX_QUERY_DEPTH", d.max_query_depth, 2..=1_000)?,
             max_query_complexity: number(

@@ -15,6 +15,12 @@ pub enum ApiError {
         reason: String,
     },
 
+    /// Like `InvalidInput`, for an input inside a list (`inputs[3].text`).
+    InvalidInputAt {
+        field: String,
+        reason: String,
+    },
+
     DialogNotFound(String),
 
     InvalidCursor {
@@ -58,6 +64,7 @@ impl ApiError {
     pub fn message(&self) -> String {
         match self {
             Self::InvalidInput { field, reason } => format!("`{field}` {reason}"),
+            Self::InvalidInputAt { field, reason } => format!("`{field}` {reason}"),
             Self::DialogNotFound(dialog_id) => format!(
                 "no dialog `{dialog_id}` is waiting for consent or has a recorded decision: push its messages \
                  first, and check the dialogId"
@@ -90,9 +97,20 @@ impl ApiError {
         }
     }
 
+    /// Names an input by its place in a list, e.g. `inputs[3].text`.
+    pub fn at_index(self, list: &str, index: usize) -> Self {
+        match self {
+            Self::InvalidInput { field, reason } => Self::InvalidInputAt {
+                field: format!("{list}[{index}].{field}"),
+                reason,
+            },
+            other => other,
+        }
+    }
+
     pub fn code(&self) -> &'static str {
         match self {
-            Self::InvalidInput { .. } => "BAD_USER_INPUT",
+            Self::InvalidInput { .. } | Self::InvalidInputAt { .. } => "BAD_USER_INPUT",
             Self::DialogNotFound(_) => "DIALOG_NOT_FOUND",
             Self::InvalidCursor { .. } => "INVALID_CURSOR",
             Self::MessageIdConflict { .. } => "MESSAGE_ID_CONFLICT",
@@ -122,6 +140,7 @@ impl ErrorExtensions for ApiError {
                 Self::InvalidInput { field, .. } | Self::InvalidCursor { field, .. } => {
                     extensions.set("field", *field)
                 }
+                Self::InvalidInputAt { field, .. } => extensions.set("field", field.as_str()),
                 Self::DialogNotFound(dialog_id) => extensions.set("dialogId", dialog_id.as_str()),
                 _ => {}
             }

@@ -36,6 +36,8 @@ pub type DataApiSchema = Schema<QueryRoot, MutationRoot, EmptySubscription>;
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
     pub max_page_size: usize,
+    /// Messages in one `pushMessages` call.
+    pub max_push_messages: usize,
     pub max_query_depth: usize,
     pub max_query_complexity: usize,
 }
@@ -565,6 +567,59 @@ impl IngestMutation {
             message: pushed.message,
             status: pushed.fate.into(),
         })
+    }
+
+    /// Records many messages in one request, for the background job: each exactly as `pushMessage` would,
+    /// in the order given (so a dialog's messages keep their order), at most `MAX_PUSH_MESSAGES`. Returns one
+    /// result per input, in order. Every input is validated first: one invalid input fails the whole call
+    /// and records nothing. A message that then fails on its own (`BUFFER_FULL`, `STORE_UNAVAILABLE`) is
+    /// `null` with an error whose path names its index; the others are recorded. Retrying the whole call is
+    /// safe when every input has a `messageId`.
+    #[graphql(guard = "require(Permission::Ingest)")]
+    async fn push_messages(
+        &self,
+        ctx: &Context<'_>,
+        inputs: Vec<PushMessageInput>,
+    ) -> Result<Vec<Option<PushMessagePayload>>> {
+        let limits = data::<Limits>(ctx)?;
+        if inputs.len() > limits.max_push_messages {
+            return Err(ApiError::invalid(
+                "inputs",
+                format!(
+                    "holds {} messages, more than MAX_PUSH_MESSAGES ({}): split the list",
+                    inputs.len(),
+                    limits.max_push_messages
+                ),
+            )
+            .into());
+        }
+        let mut parsed = Vec::with_capacity(inputs.len());
+        for (index, input) in inputs.into_iter().enumerate() {
+            parsed.push(
+                input
+                    .parse()
+                    .map_err(|error| error.at_index("inputs", index))?,
+            );
+        }
+        let service = service(ctx)?;
+        let mut results = Vec::with_capacity(parsed.len());
+        for (index, incoming) in parsed.into_iter().enumerate() {
+            results.push(match service.push(incoming).await {
+                Ok(pushed) => Some(PushMessagePayload {
+                    message: pushed.message,
+                    status: pushed.fate.into(),
+                }),
+                Err(error) => {
+                    // This item is null; its error names its place in the list.
+                    let mut error =
+                        ctx.set_error_path(error.extend().into_server_error(ctx.item.pos));
+                    error.path.push(async_graphql::PathSegment::Index(index));
+                    ctx.add_error(error);
+                    None
+                }
+            });
+        }
+        Ok(results)
     }
 
     /// Records the customer's consent decision for a dialog. `true` stores its buffered messages and every

@@ -963,6 +963,101 @@ pub async fn a_write_failing_half_way_leaves_nothing_and_a_retry_stores_once(app
     assert_eq!(app.stored_messages().await, 4);
 }
 
+const PUSH_MANY: &str = "mutation($inputs: [PushMessageInput!]!) {
+    pushMessages(inputs: $inputs) { status message { id messageId dialogId text } } }";
+
+fn input(dialog: &str, text: &str, key: &str) -> Value {
+    json!({ "customerId": "batcher", "dialogId": dialog, "text": text, "language": "en", "messageId": key })
+}
+
+pub async fn push_messages_records_each_in_order_like_push_message(app: TestApp) {
+    app.push("batcher", "yes", "earlier", "en", None).await;
+    app.consent("yes", true).await;
+    app.push("batcher", "no", "earlier", "en", None).await;
+    app.consent("no", false).await;
+
+    let inputs = json!([
+        input("new", "one", "n1"),
+        input("yes", "stored", "y1"),
+        input("new", "two", "n2"),
+        input("no", "dropped", "x1"),
+        input("new", "three", "n3"),
+    ]);
+    let first = app.data(PUSH_MANY, json!({ "inputs": inputs })).await["pushMessages"].clone();
+    let statuses: Vec<&str> = first
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["BUFFERED", "STORED", "BUFFERED", "DISCARDED", "BUFFERED"]
+    );
+    let texts: Vec<&str> = first
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["message"]["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        texts,
+        ["one", "stored", "two", "dropped", "three"],
+        "one result per input, in order"
+    );
+
+    // The whole call retried: every message is recorded once, as first recorded.
+    let again = app.data(PUSH_MANY, json!({ "inputs": inputs })).await["pushMessages"].clone();
+    for (a, b) in first
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(again.as_array().unwrap())
+    {
+        if a["status"] != "DISCARDED" {
+            assert_eq!(a["message"], b["message"]);
+        }
+    }
+    assert_eq!(app.consent("new", true).await["storedCount"], 3);
+    assert_eq!(texts_of(&app, "new").await, ["one", "two", "three"]);
+    assert_eq!(texts_of(&app, "yes").await, ["earlier", "stored"]);
+    assert!(dialog(&app, "no").await.is_null());
+}
+
+async fn texts_of(app: &TestApp, dialog_id: &str) -> Vec<String> {
+    texts(&dialog(app, dialog_id).await)
+}
+
+pub async fn push_messages_validates_every_input_before_recording_any(app: TestApp) {
+    let inputs = json!([
+        input("checked", "fine", "a"),
+        input("checked", "fine too", "b"),
+        { "customerId": "batcher", "dialogId": "checked", "text": "bad tag", "language": "english" },
+    ]);
+    let error = app.error(PUSH_MANY, json!({ "inputs": inputs })).await;
+    assert_eq!(code(&error), "BAD_USER_INPUT");
+    assert_eq!(error["extensions"]["field"], "inputs[2].language");
+    assert_eq!(
+        code(&app.consent_error("checked", true).await),
+        "DIALOG_NOT_FOUND",
+        "nothing recorded"
+    );
+
+    let too_many: Vec<Value> = (0..1001)
+        .map(|i| input("many", "x", &format!("k{i}")))
+        .collect();
+    let error = app.error(PUSH_MANY, json!({ "inputs": too_many })).await;
+    assert_eq!(code(&error), "BAD_USER_INPUT");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("MAX_PUSH_MESSAGES")
+    );
+    let empty = app.data(PUSH_MANY, json!({ "inputs": [] })).await;
+    assert_eq!(empty["pushMessages"], json!([]));
+}
+
 for_each_store!(
     messages_wait_in_the_buffer_until_consent_true_stores_them,
     consent_false_leaves_nothing_in_the_database,
@@ -983,4 +1078,6 @@ for_each_store!(
     batched_requests_run_every_operation,
     messages_pushed_while_consent_is_written_are_stored_too,
     a_write_failing_half_way_leaves_nothing_and_a_retry_stores_once,
+    push_messages_records_each_in_order_like_push_message,
+    push_messages_validates_every_input_before_recording_any,
 );

@@ -297,6 +297,31 @@ pub async fn a_full_buffer_refuses_with_buffer_full_and_loses_nothing_accepted(a
     }
 }
 
+pub async fn push_messages_reports_the_messages_that_did_not_fit_by_index(app: TestApp) {
+    let inputs: Vec<Value> = (0..7)
+        .map(|i| json!({ "customerId": "c", "dialogId": "crowded", "text": format!("m{i}"), "language": "en" }))
+        .collect();
+    let (status, response) = app
+        .post_as(
+            None,
+            &json!({ "query": "mutation($i: [PushMessageInput!]!) { pushMessages(inputs: $i) { status } }",
+                     "variables": { "i": inputs } }),
+        )
+        .await;
+    assert_eq!(status, 503, "{response}");
+    let results = response["data"]["pushMessages"].as_array().unwrap();
+    assert_eq!(results.len(), 7);
+    assert!(results[..5].iter().all(|r| r["status"] == "BUFFERED"));
+    assert!(results[5].is_null() && results[6].is_null());
+    let errors = response["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 2);
+    for (error, index) in errors.iter().zip([5, 6]) {
+        assert_eq!(code(error), "BUFFER_FULL");
+        assert_eq!(error["path"], json!(["pushMessages", index]));
+    }
+    assert_eq!(app.consent("crowded", true).await["storedCount"], 5);
+}
+
 pub fn short_retention() -> Config {
     let mut config = test_config();
     config.buffer.ttl = Duration::from_millis(300);
@@ -474,8 +499,12 @@ mod buffer_bounds {
     for_each_store!(
         with super::super::tight_buffer();
         a_full_buffer_refuses_with_buffer_full_and_loses_nothing_accepted,
+        push_messages_reports_the_messages_that_did_not_fit_by_index,
     );
-    use super::a_full_buffer_refuses_with_buffer_full_and_loses_nothing_accepted;
+    use super::{
+        a_full_buffer_refuses_with_buffer_full_and_loses_nothing_accepted,
+        push_messages_reports_the_messages_that_did_not_fit_by_index,
+    };
 }
 
 mod retention {

@@ -37,6 +37,11 @@ const OPERATIONS: &[(&str, &str, &[Role])] = &[
         &[Role::Ingest, Role::Admin],
     ),
     (
+        "pushMessages",
+        r#"mutation { pushMessages(inputs: [{customerId: "c", dialogId: "auth", text: "t", language: "en"}]) { status } }"#,
+        &[Role::Ingest, Role::Admin],
+    ),
+    (
         "giveConsent",
         r#"mutation { giveConsent(dialogId: "never-pushed", value: true) { value } }"#,
         &[Role::Ingest, Role::Admin],
