@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::buffer::BufferLimits;
@@ -29,9 +30,14 @@ pub enum StartupError {
 }
 
 /// Opens the store that `config` names.
-pub async fn open_store(config: &DatabaseConfig) -> Result<SharedStore, StoreError> {
-    Ok(match config {
-        DatabaseConfig::Sqlite { path } => Arc::new(SqliteStore::open(path).await?),
+pub async fn open_store(config: &Config) -> Result<SharedStore, StoreError> {
+    Ok(match &config.database {
+        // Four fifths of the call's deadline: a write commits while its caller still waits, or never.
+        DatabaseConfig::Sqlite { path } => Arc::new(
+            SqliteStore::open(path)
+                .await?
+                .with_write_deadline(config.store_timeout * 4 / 5),
+        ),
         DatabaseConfig::Mongo { url, database } => {
             Arc::new(MongoStore::connect(url, database).await?)
         }
@@ -48,7 +54,7 @@ pub struct Application {
 impl Application {
     /// Opens the configured store and binds `config.bind_addr`.
     pub async fn build(config: &Config) -> Result<Self, StartupError> {
-        let store = open_store(&config.database).await?;
+        let store = open_store(config).await?;
         Self::with_store(config, store).await
     }
 
@@ -86,6 +92,11 @@ impl Application {
             },
             config.access.graphiql,
         )
+        // A client that trickles its body (or a request that hangs) is cut off with 408.
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            config.request_timeout,
+        ))
         .layer(TraceLayer::new_for_http());
         let listener = TcpListener::bind(config.bind_addr)
             .await

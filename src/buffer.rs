@@ -110,8 +110,11 @@ struct PendingDialog {
     /// Set once the dialog's consent `true` is committed: the dialog only waits for its last buffered
     /// messages to be written, and new pushes must go to the store instead.
     sealed: bool,
+    /// A consent decision for it is being written: the retention sweeper leaves it alone.
+    deciding: bool,
     /// When the dialog's first message arrived: the retention period counts from here.
     started: Instant,
+    /// Estimated memory of the dialog: its messages and its own bookkeeping.
     bytes: usize,
 }
 
@@ -122,8 +125,32 @@ impl PendingDialog {
             messages: Vec::new(),
             by_client_id: HashMap::new(),
             sealed: false,
+            deciding: false,
             started: Instant::now(),
             bytes: 0,
+        }
+    }
+}
+
+/// Estimated memory of a dialog's own bookkeeping: the map entry, its key, the customer id, the index.
+fn dialog_overhead(dialog_id: &DialogId, customer_id: &CustomerId) -> usize {
+    const MAP_OVERHEAD: usize = 64;
+    std::mem::size_of::<(DialogId, PendingDialog)>()
+        + MAP_OVERHEAD
+        + dialog_id.as_str().len()
+        + customer_id.as_str().len()
+}
+
+/// Marks a dialog as being decided for as long as it lives.
+pub struct DecisionGuard<'a> {
+    buffer: &'a DialogBuffer,
+    dialog_id: DialogId,
+}
+
+impl Drop for DecisionGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(mut pending) = self.buffer.dialogs.get_mut(&self.dialog_id) {
+            pending.deciding = false;
         }
     }
 }
@@ -204,7 +231,11 @@ impl DialogBuffer {
             )));
         }
         let message = Message::accept(incoming, self.clock.next());
-        let cost = footprint(&message);
+        let mut cost = footprint(&message);
+        if pending.messages.is_empty() && pending.bytes == 0 {
+            // A new dialog: its bookkeeping is charged with its first message.
+            cost += dialog_overhead(&message.dialog_id, &message.customer_id);
+        }
         let before = self.bytes.fetch_add(cost, Ordering::Relaxed);
         if before.saturating_add(cost) > self.limits.max_bytes {
             self.bytes.fetch_sub(cost, Ordering::Relaxed);
@@ -254,12 +285,14 @@ impl DialogBuffer {
                 state.by_client_id.remove(client_id);
             }
         }
-        state.bytes -= freed;
-        self.release(done, freed);
         if state.messages.is_empty() {
-            entry.remove();
+            // Gone: release its bookkeeping too.
+            let (_, state) = entry.remove_entry();
+            self.release(done, state.bytes);
             Vec::new()
         } else {
+            state.bytes -= freed;
+            self.release(done, freed);
             state.messages.clone()
         }
     }
@@ -295,9 +328,35 @@ impl DialogBuffer {
         self.drop_where(|pending| &pending.customer_id == customer_id)
     }
 
-    /// Drops the dialogs whose first message is older than `ttl`: no decision came in time.
+    /// How many dialogs and messages of a customer are buffered.
+    pub fn count_customer(&self, customer_id: &CustomerId) -> Dropped {
+        self.dialogs
+            .iter()
+            .filter(|entry| &entry.customer_id == customer_id)
+            .fold(Dropped::default(), |count, entry| Dropped {
+                dialogs: count.dialogs + 1,
+                messages: count.messages + entry.messages.len(),
+            })
+    }
+
+    /// Drops the undecided dialogs whose first message is older than `ttl`: no decision came in time.
+    /// Dialogs whose decision is being written, or is written and only waits for its last messages
+    /// (sealed), are not undecided and stay.
     pub fn expire(&self, ttl: Duration) -> Dropped {
-        self.drop_where(|pending| pending.started.elapsed() >= ttl)
+        self.drop_where(|pending| {
+            !pending.sealed && !pending.deciding && pending.started.elapsed() >= ttl
+        })
+    }
+
+    /// Marks a dialog as being decided until the returned guard is dropped.
+    pub fn begin_decision(&self, dialog_id: &DialogId) -> DecisionGuard<'_> {
+        if let Some(mut pending) = self.dialogs.get_mut(dialog_id) {
+            pending.deciding = true;
+        }
+        DecisionGuard {
+            buffer: self,
+            dialog_id: dialog_id.clone(),
+        }
     }
 
     /// The next acceptance order, for messages that bypass the buffer.
@@ -431,7 +490,11 @@ mod tests {
 
     #[test]
     fn the_memory_budget_refuses_what_does_not_fit_and_frees_what_leaves() {
-        let one = footprint(&Message::accept(incoming("d0", "c", "x", None), 0));
+        let one = footprint(&Message::accept(incoming("d0", "c", "x", None), 0))
+            + dialog_overhead(
+                &dialog("d0"),
+                &CustomerId::parse("customerId", "c").unwrap(),
+            );
         let buffer = limited(usize::MAX, one * 3 + one / 2);
         for d in 0..3 {
             buffer
@@ -459,6 +522,39 @@ mod tests {
         buffer.seal_and_remove_through(&dialog("d1"), i64::MAX);
         buffer.discard_customer(&CustomerId::parse("customerId", "c").unwrap());
         assert_eq!(buffer.stats(), BufferStats::default());
+    }
+
+    #[test]
+    fn expiry_spares_dialogs_being_decided_or_sealed() {
+        let buffer = DialogBuffer::new(BufferLimits::default());
+        for d in ["deciding", "sealed", "idle"] {
+            buffer.push(incoming(d, "c", "a", None)).unwrap();
+            buffer.push(incoming(d, "c", "b", None)).unwrap();
+        }
+        let first = buffer.snapshot(&dialog("sealed")).unwrap().messages[0].seq;
+        assert_eq!(
+            buffer
+                .seal_and_remove_through(&dialog("sealed"), first)
+                .len(),
+            1
+        );
+        let guard = buffer.begin_decision(&dialog("deciding"));
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            buffer.expire(Duration::ZERO),
+            Dropped {
+                dialogs: 1,
+                messages: 2
+            }
+        );
+        assert!(buffer.snapshot(&dialog("idle")).is_none());
+        drop(guard);
+        assert_eq!(
+            buffer.expire(Duration::ZERO).dialogs,
+            1,
+            "no longer being decided"
+        );
+        assert!(buffer.snapshot(&dialog("sealed")).is_some());
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct Config {
     pub store_timeout: Duration,
     /// How long in-flight requests get to finish after SIGTERM/SIGINT.
     pub shutdown_timeout: Duration,
+    /// The longest one HTTP request may take, reading its body included (slow clients are cut off).
+    pub request_timeout: Duration,
 }
 
 /// Who may call, and what is exposed.
@@ -94,7 +96,7 @@ impl Default for Config {
                 max_push_messages: 1_000,
                 max_body_bytes: 2 * 1024 * 1024,
                 max_query_depth: 16,
-                max_query_complexity: 5_000,
+                max_query_complexity: 50_000,
             },
             buffer: BufferConfig {
                 max_messages_per_dialog: 2_000,
@@ -103,6 +105,7 @@ impl Default for Config {
             },
             store_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -274,6 +277,7 @@ impl Config {
             buffer,
             store_timeout: duration("STORE_TIMEOUT", defaults.store_timeout)?,
             shutdown_timeout: duration("SHUTDOWN_TIMEOUT", defaults.shutdown_timeout)?,
+            request_timeout: duration("REQUEST_TIMEOUT", defaults.request_timeout)?,
         })
     }
 

@@ -204,7 +204,16 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
             .with_label_values(&[code])
             .inc();
     }
-    let status = status_for(&codes);
+    // A status other than 200 only when nothing succeeded: a client or proxy that retries on 503 must not
+    // repeat the parts of a request that did succeed.
+    let nothing_succeeded = responses
+        .iter()
+        .all(|response| matches!(response.data, async_graphql::Value::Null));
+    let status = if nothing_succeeded {
+        status_for(&codes)
+    } else {
+        None
+    };
     let batch = if is_batch {
         BatchResponse::Batch(responses)
     } else {
@@ -222,8 +231,9 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
     response
 }
 
-/// The HTTP status that says what the errors mean, where one does: a refused role is 403, and a full buffer
-/// or an unavailable database is 503 (retry later). Other errors keep GraphQL's 200.
+/// The HTTP status that says what the errors of a request that produced no data mean, where one does: a
+/// refused role is 403, and a full buffer or an unavailable database is 503 (retry later). Other errors
+/// keep GraphQL's 200.
 fn status_for(codes: &[String]) -> Option<StatusCode> {
     if codes.iter().any(|code| code == "FORBIDDEN") {
         Some(StatusCode::FORBIDDEN)

@@ -11,6 +11,9 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 
 use crate::error::ApiError;
 
+/// The longest cursor accepted, in bytes.
+const MAX_CURSOR_LEN: usize = 1024;
+
 /// Page size when the client gives neither `first` nor `last`.
 pub const DEFAULT_PAGE_SIZE: usize = 20;
 
@@ -52,6 +55,10 @@ pub fn decode_cursor(
         field,
         reason: reason.to_owned(),
     };
+    // Ours are far shorter (an id is at most 128 characters); a huge one is not worth decoding.
+    if cursor.len() > MAX_CURSOR_LEN {
+        return Err(invalid("it is longer than any cursor this service issues"));
+    }
     let bytes = URL_SAFE_NO_PAD
         .decode(cursor)
         .map_err(|_| invalid("it is not a cursor issued by this service"))?;

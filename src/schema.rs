@@ -57,6 +57,20 @@ pub fn build(service: Arc<DialogService>, limits: Limits, introspection: bool) -
     builder.finish()
 }
 
+/// The messages a dialog is assumed to hold when estimating a query's complexity.
+const DIALOG_MESSAGES_COMPLEXITY: usize = 20;
+
+/// A listing costs its page size times what each item selects: a query's complexity then bounds the rows
+/// it can pull from the database, not only the fields it names.
+fn page_complexity(first: Option<i32>, last: Option<i32>, child_complexity: usize) -> usize {
+    let size = first
+        .or(last)
+        .map_or(crate::paging::DEFAULT_PAGE_SIZE, |n| n.max(0) as usize);
+    size.max(1)
+        .saturating_mul(child_complexity)
+        .saturating_add(1)
+}
+
 /// A guard that lets a field run only for callers with `permission`.
 fn require(permission: Permission) -> impl Fn(&Context<'_>) -> Result<()> + Send + Sync + 'static {
     move |ctx| {
@@ -240,7 +254,9 @@ impl Dialog {
         DateTime(self.0.consented_at)
     }
 
-    /// Its messages, oldest first. Loaded in one batch for all dialogs of a page.
+    /// Its messages, oldest first. Loaded in one batch for all dialogs of a page. For query complexity a
+    /// dialog counts as 20 messages.
+    #[graphql(complexity = "DIALOG_MESSAGES_COMPLEXITY * child_complexity + 1")]
     async fn messages(&self, ctx: &Context<'_>) -> Result<Vec<Message>> {
         let loader = data::<MessagesLoader>(ctx)?;
         let messages = loader.load_one(self.0.id.clone()).await?;
@@ -452,7 +468,10 @@ pub struct QueryRoot;
 impl QueryRoot {
     /// Consented dialogs, most recent first (by their latest message; ties by id). Page forwards with
     /// `first`/`after`, backwards with `last`/`before`; without either, the first 20.
-    #[graphql(guard = "require(Permission::Read)")]
+    #[graphql(
+        guard = "require(Permission::Read)",
+        complexity = "page_complexity(first, last, child_complexity)"
+    )]
     async fn dialogs(
         &self,
         ctx: &Context<'_>,
@@ -513,7 +532,10 @@ impl QueryRoot {
     }
 
     /// Stored messages of all consented dialogs, most recent first; the same paging rules as `dialogs`.
-    #[graphql(guard = "require(Permission::Read)")]
+    #[graphql(
+        guard = "require(Permission::Read)",
+        complexity = "page_complexity(first, last, child_complexity)"
+    )]
     async fn messages(
         &self,
         ctx: &Context<'_>,

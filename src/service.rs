@@ -115,11 +115,14 @@ impl DialogService {
     /// Leaves an audit record of the erasure (counts and the customer's digest, no content).
     pub async fn erase_customer(&self, customer_id: CustomerId) -> Result<Erased, ApiError> {
         let _exclusive = self.erasure_gate.write().await;
-        let dropped = self.buffer.discard_customer(&customer_id);
-        let erased = self
+        // The buffer is emptied only once the store has erased: if the store fails, the caller retries an
+        // erasure that has not started.
+        let buffered = self.buffer.count_customer(&customer_id);
+        let mut erased = self
             .store
-            .erase_customer(&customer_id, now_millis(), dropped.messages as u64)
+            .erase_customer(&customer_id, now_millis(), buffered.messages as u64)
             .await?;
+        erased.buffered_messages = self.buffer.discard_customer(&customer_id).messages as u64;
         tracing::info!(
             dialogs = erased.dialogs,
             messages = erased.messages,
@@ -230,6 +233,8 @@ impl DialogService {
     ) -> Result<ConsentOutcome, ApiError> {
         let _shared = self.erasure_gate.read().await;
         let _lock = self.locks.lock(&dialog_id).await;
+        // While the decision is being written the sweeper leaves the dialog alone.
+        let _deciding = self.buffer.begin_decision(&dialog_id);
         let buffered = self.buffer.snapshot(&dialog_id);
         let customer_id = match &buffered {
             Some(buffered) => buffered.customer_id.clone(),

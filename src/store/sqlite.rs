@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use deadpool_sqlite::rusqlite::{
@@ -91,6 +92,9 @@ const DIALOG_COLUMNS: &str = "d.id, d.customer_id, d.message_count, d.first_mess
 pub struct SqliteStore {
     pool: Pool,
     path: PathBuf,
+    /// A write not committed this long after it was asked for is rolled back instead: its caller has given
+    /// up (see `STORE_TIMEOUT`), and a late commit could land after an erasure it should have preceded.
+    write_deadline: Duration,
 }
 
 fn sqlite_error(context: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
@@ -120,7 +124,8 @@ impl SqliteStore {
                     .busy_timeout(std::time::Duration::from_secs(10))
                     .and_then(|_| {
                         connection.execute_batch(
-                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
+                             PRAGMA secure_delete = ON;",
                         )
                     })
                     .map_err(HookError::Backend)
@@ -130,6 +135,7 @@ impl SqliteStore {
         let store = Self {
             pool,
             path: path.to_owned(),
+            write_deadline: Duration::from_secs(8),
         };
         store
             .with_connection(|c| {
@@ -168,16 +174,33 @@ impl SqliteStore {
     }
 
     /// Runs `f` in a write transaction that commits only if `f` succeeds.
+    /// Sets how long after it is asked for a write may still commit; give it less than the store call's
+    /// deadline, so that a write either commits while its caller waits or not at all.
+    pub fn with_write_deadline(mut self, deadline: Duration) -> Self {
+        self.write_deadline = deadline;
+        self
+    }
+
     async fn write<T, F>(&self, f: F) -> StoreResult<T>
     where
         F: FnOnce(&Transaction<'_>) -> StoreResult<T> + Send + 'static,
         T: Send + 'static,
     {
-        self.with_connection(|connection| {
+        let deadline = Instant::now() + self.write_deadline;
+        self.with_connection(move |connection| {
+            connection
+                .busy_timeout(deadline.saturating_duration_since(Instant::now()))
+                .map_err(sqlite_error("busy timeout"))?;
             let tx = connection
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(sqlite_error("begin"))?;
             let result = f(&tx)?;
+            if Instant::now() >= deadline {
+                // Dropping the transaction rolls it back.
+                return Err(StoreError(
+                    "write abandoned: not committed before its deadline".to_owned(),
+                ));
+            }
             tx.commit().map_err(sqlite_error("commit"))?;
             Ok(result)
         })
@@ -477,7 +500,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<Erased> {
         let customer = customer_id.to_string();
         let digest = customer_digest(customer_id);
-        self.write(move |tx| {
+        let erased = self.write(move |tx| {
             let run = |sql: &str| tx.execute(sql, [&customer]).map(|n| n as u64);
             let erased = (|| {
                 run("DELETE FROM dialog_languages WHERE dialog_id IN (SELECT id FROM dialogs WHERE customer_id = ?1)")?;
@@ -505,7 +528,16 @@ impl Store for SqliteStore {
             .map_err(sqlite_error("record erasure"))?;
             Ok(erased)
         })
-        .await
+        .await?;
+        // Deleted rows are overwritten (secure_delete); checkpointing also drops the old copies of those
+        // pages from the write-ahead log. Best effort: the erasure itself has committed.
+        let _ = self
+            .with_connection(|c| {
+                c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+                    .map_err(sqlite_error("checkpoint"))
+            })
+            .await;
+        Ok(erased)
     }
 
     async fn consent(&self, dialog_id: &DialogId) -> StoreResult<Option<ConsentRecord>> {

@@ -308,7 +308,10 @@ pub async fn push_messages_reports_the_messages_that_did_not_fit_by_index(app: T
                      "variables": { "i": inputs } }),
         )
         .await;
-    assert_eq!(status, 503, "{response}");
+    assert_eq!(
+        status, 200,
+        "part succeeded, so no retry-inviting status: {response}"
+    );
     let results = response["data"]["pushMessages"].as_array().unwrap();
     assert_eq!(results.len(), 7);
     assert!(results[..5].iter().all(|r| r["status"] == "BUFFERED"));
