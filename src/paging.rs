@@ -459,6 +459,25 @@ mod tests {
             }
 
             #[test]
+            fn a_mutated_cursor_is_refused_or_decodes_to_some_key_of_its_own_kind(
+                at in any::<i64>(),
+                id in "[a-z0-9:-]{1,40}",
+                position in any::<prop::sample::Index>(),
+                replacement in any::<char>(),
+            ) {
+                let cursor = encode_cursor(ListKind::Dialogs, &SortKey { at, id });
+                let mut chars: Vec<char> = cursor.chars().collect();
+                let index = position.index(chars.len());
+                chars[index] = replacement;
+                let mutated: String = chars.into_iter().collect();
+                if let Ok(key) = decode_cursor(ListKind::Dialogs, "after", &mutated) {
+                    prop_assert!(!key.id.is_empty());
+                }
+                // Whatever it became, it is never a cursor of the other list.
+                prop_assert!(decode_cursor(ListKind::Messages, "after", &mutated).is_err());
+            }
+
+            #[test]
             fn decoding_any_bytes_as_base64_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..120)) {
                 let cursor = URL_SAFE_NO_PAD.encode(&bytes);
                 let _ = decode_cursor(ListKind::Messages, "before", &cursor);

@@ -181,6 +181,13 @@ async fn a_database_killed_before_consent_loses_nothing_and_a_retry_after_restar
     assert_eq!(store.count_messages(&Default::default()).await.unwrap(), 6);
 }
 
+/// How many calls the fault tests saw fail with `STORE_UNAVAILABLE` (proof that the faults hit something).
+static UNAVAILABLE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn count_unavailable() {
+    UNAVAILABLE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Pushes `messages` messages (keys `k0`..) to `dialog`, retrying each until it is acknowledged; returns
 /// the acknowledged keys. Gives up (panics) after `deadline`.
 async fn push_until_acknowledged(
@@ -210,6 +217,7 @@ async fn push_until_acknowledged(
                 "STORE_UNAVAILABLE",
                 "{response}"
             );
+            count_unavailable();
             assert!(
                 Instant::now() < deadline,
                 "no acknowledgement for {dialog}/{key}"
@@ -237,6 +245,7 @@ async fn consent_until_recorded(app: &TestApp, dialog: &str, value: bool, deadli
             "STORE_UNAVAILABLE",
             "{response}"
         );
+        count_unavailable();
         assert!(
             Instant::now() < deadline,
             "consent for {dialog} never recorded"
@@ -288,13 +297,17 @@ async fn a_database_stopped_during_a_stream_of_pushes_and_consents_keeps_every_a
     let app = Arc::new(TestApp::start_with(store.clone(), durable_config()).await);
     let deadline = Instant::now() + Duration::from_secs(120);
 
-    // Four clients, each working through its dialogs: push, then decide (every third one refuses).
+    // Four clients, each working through dialogs until told to stop: push, then decide (every third one
+    // refuses).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let workers: Vec<_> = (0..4)
         .map(|worker| {
             let app = app.clone();
+            let stop = stop.clone();
             tokio::spawn(async move {
                 let mut outcomes = Vec::new();
-                for n in 0..12 {
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let dialog = format!("w{worker}-d{n}");
                     let keys =
                         push_until_acknowledged(&app, &format!("c{worker}"), &dialog, 6, deadline)
@@ -302,6 +315,7 @@ async fn a_database_stopped_during_a_stream_of_pushes_and_consents_keeps_every_a
                     let value = n % 3 != 0;
                     consent_until_recorded(&app, &dialog, value, deadline).await;
                     outcomes.push((dialog, value, keys));
+                    n += 1;
                 }
                 outcomes
             })
@@ -312,9 +326,11 @@ async fn a_database_stopped_during_a_stream_of_pushes_and_consents_keeps_every_a
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(700)).await;
         server.kill();
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
         server.restart();
     }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
 
     let mut expected_total = 0;
     for worker in workers {
@@ -333,6 +349,10 @@ async fn a_database_stopped_during_a_stream_of_pushes_and_consents_keeps_every_a
     }
     let total = store.count_messages(&Default::default()).await.unwrap();
     assert_eq!(total as usize, expected_total, "and nothing else");
+    assert!(
+        UNAVAILABLE.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "the outages hit calls in flight"
+    );
     store.drop_database().await.ok();
 }
 
@@ -416,6 +436,10 @@ async fn killing_the_database_mid_consent_leaves_no_partial_dialog() {
         DIALOGS * MESSAGES
     );
     eprintln!("{visible_before_retry} of {DIALOGS} consents had committed before the kill");
+    assert!(
+        visible_before_retry < DIALOGS,
+        "the kill interrupted at least one consent"
+    );
     store.drop_database().await.ok();
 }
 
@@ -502,4 +526,8 @@ async fn killing_the_service_mid_consent_leaves_the_embedded_store_consistent() 
         "no dialog is partial"
     );
     eprintln!("{complete} of {DIALOGS} consents had committed before the kill");
+    assert!(
+        (complete as usize) < DIALOGS,
+        "the kill interrupted at least one consent"
+    );
 }

@@ -1,5 +1,5 @@
 //! Load: many concurrent pushers and consenters, and readers paging meanwhile, for a bounded time on
-//! 127.0.0.1 (`DATAAPI_LOAD_SECONDS`, default 10 per store). Afterwards the stored data reconciles exactly
+//! 127.0.0.1 (`DATAAPI_LOAD_SECONDS`, default 20; the stores' runs overlap). Afterwards the stored data reconciles exactly
 //! with what was acknowledged. This proves correctness under load, not speed (see the benchmarks for that).
 
 use std::collections::HashMap;
@@ -19,7 +19,7 @@ fn load_duration() -> Duration {
     let seconds = std::env::var("DATAAPI_LOAD_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
+        .unwrap_or(20);
     Duration::from_secs(seconds)
 }
 

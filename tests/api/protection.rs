@@ -208,6 +208,16 @@ pub async fn bad_requests_get_their_documented_error_and_the_service_keeps_servi
         );
         still_serving(&app).await;
     }
+    // A real page of 100 dialogs with their messages is well within the limits.
+    let page = app
+        .graphql(
+            "{ dialogs(first: 100) { totalCount edges { cursor node { id customerId languages messageCount
+                firstMessageAt lastMessageAt consentedAt messages { id text language createdAt } } }
+                pageInfo { hasNextPage endCursor } } }",
+            json!({}),
+        )
+        .await;
+    assert!(page["errors"].is_null(), "{page}");
     // GraphiQL's own introspection query stays within the depth and complexity limits.
     let response = app.graphql(INTROSPECTION, json!({})).await;
     assert!(response["errors"].is_null(), "{response}");
