@@ -1,0 +1,784 @@
+//! DataAPI's benchmark suite (`scripts/bench`; method and results in BENCHMARKS.md).
+//!
+//! It starts the release binary on 127.0.0.1 as a separate process, loads it with a fixed number of
+//! connections for a fixed time (warm-up excluded), checks every response body (a GraphQL response with
+//! `errors` is a failure, not throughput) and prints a results table. Targets are ratios measured in the
+//! same run, because these machines are noisy; absolute numbers are shown, never asserted.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use dataapi::paging::{ListKind, SortKey, encode_cursor};
+use dataapi::store::SqliteStore;
+use deadpool_sqlite::rusqlite::{Connection, params};
+use serde_json::{Value, json};
+
+/// Settings of one run, from the command line (`cargo bench --bench service -- --seconds 5`).
+struct Settings {
+    binary: PathBuf,
+    seconds: f64,
+    warmup: f64,
+    connections: usize,
+    /// Dialogs and messages of the paging data set.
+    paging_dialogs: usize,
+    paging_messages_per_dialog: usize,
+    /// Messages buffered for the memory measurement.
+    memory_messages: usize,
+    output: PathBuf,
+}
+
+impl Settings {
+    fn from_args() -> Self {
+        let args: Vec<String> = std::env::args().collect();
+        let value = |name: &str| {
+            args.iter()
+                .position(|a| a == name)
+                .and_then(|i| args.get(i + 1).cloned())
+        };
+        let quick = args.iter().any(|a| a == "--quick");
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        Self {
+            binary: value("--binary")
+                .map(|path| root.join(path))
+                .unwrap_or_else(|| root.join("target/release/dataapi")),
+            seconds: value("--seconds")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(if quick { 2.0 } else { 6.0 }),
+            warmup: if quick { 0.5 } else { 1.5 },
+            connections: value("--connections")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(16),
+            paging_dialogs: if quick { 5_000 } else { 50_000 },
+            paging_messages_per_dialog: 20,
+            memory_messages: if quick { 100_000 } else { 1_000_000 },
+            output: value("--output")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target/bench-results.md")),
+        }
+    }
+}
+
+/// The service as a child process on a free loopback port.
+struct Server {
+    child: Child,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts the binary with `env` and waits until it answers; returns it and the time that took.
+    async fn start(
+        binary: &Path,
+        database: Option<&Path>,
+        env: &[(&str, String)],
+    ) -> (Self, Duration) {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut command = Command::new(binary);
+        command
+            .current_dir(dir.path())
+            .env_clear()
+            .env("BIND_ADDR", format!("127.0.0.1:{port}"))
+            .env("LOG", "error")
+            .env("BUFFER_MAX_BYTES", (8u64 << 30).to_string())
+            .env("MAX_QUERY_COMPLEXITY", "10000000")
+            .stdout(Stdio::null());
+        if let Some(database) = database {
+            command.env("DATABASE_URL", format!("sqlite://{}", database.display()));
+        }
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let started = Instant::now();
+        let child = command
+            .spawn()
+            .expect("start the release binary (cargo build --release)");
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        loop {
+            if let Ok(response) = client.get(format!("{base}/health")).send().await
+                && response.status() == 200
+            {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the service did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let startup = started.elapsed();
+        (
+            Self {
+                child,
+                base,
+                _dir: dir,
+            },
+            startup,
+        )
+    }
+
+    fn graphql_url(&self) -> String {
+        format!("{}/graphql", self.base)
+    }
+
+    /// Resident memory of the service process, in bytes.
+    fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .expect("VmRSS in /proc");
+        kb * 1024
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Throughput and latency of one load run.
+#[derive(Clone, Debug, Default)]
+struct LoadResult {
+    requests: u64,
+    failures: u64,
+    seconds: f64,
+    /// Latencies of the measured (post-warm-up) requests, in microseconds, sorted.
+    latencies: Vec<u64>,
+}
+
+impl LoadResult {
+    fn throughput(&self) -> f64 {
+        self.requests as f64 / self.seconds
+    }
+
+    fn percentile(&self, p: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return f64::NAN;
+        }
+        let index = ((self.latencies.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies[index] as f64 / 1000.0
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{:.0} req/s, p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms, {} failed",
+            self.throughput(),
+            self.percentile(0.5),
+            self.percentile(0.9),
+            self.percentile(0.99),
+            self.latencies.last().copied().unwrap_or(0) as f64 / 1000.0,
+            self.failures
+        )
+    }
+}
+
+/// A GraphQL response counts only when it is a 200 without `errors`.
+fn succeeded(status: u16, body: &Value) -> bool {
+    status == 200 && body.get("errors").is_none() && !body["data"].is_null()
+}
+
+/// Loads `url` from `connections` concurrent connections for warm-up plus `seconds`. `body(connection, n)`
+/// makes the n-th request of a connection. With `rate` (requests per second in all), each connection paces
+/// itself (open loop: latency is measured from the scheduled send time, so queueing counts).
+async fn load(
+    url: &str,
+    connections: usize,
+    warmup: f64,
+    seconds: f64,
+    rate: Option<f64>,
+    body: impl Fn(usize, u64) -> Value + Send + Sync + 'static,
+) -> LoadResult {
+    let body = Arc::new(body);
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs_f64(warmup);
+    let until = measure_from + Duration::from_secs_f64(seconds);
+    let tasks: Vec<_> = (0..connections)
+        .map(|connection| {
+            let body = body.clone();
+            let url = url.to_owned();
+            // One client per connection: each task keeps one keep-alive connection of its own.
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .build()
+                .unwrap();
+            tokio::spawn(async move {
+                let mut result = LoadResult::default();
+                let interval = rate.map(|r| Duration::from_secs_f64(connections as f64 / r));
+                let mut next_send = start + Duration::from_micros((connection as u64 * 997) % 5000);
+                let mut n = 0u64;
+                loop {
+                    if interval.is_some() {
+                        tokio::time::sleep_until(next_send.into()).await;
+                    }
+                    let scheduled = if interval.is_some() {
+                        next_send
+                    } else {
+                        Instant::now()
+                    };
+                    if scheduled >= until {
+                        break;
+                    }
+                    let request = body(connection, n);
+                    n += 1;
+                    let response = client.post(&url).json(&request).send().await;
+                    let ok = match response {
+                        Ok(response) => {
+                            let status = response.status().as_u16();
+                            let value: Value = response.json().await.unwrap_or(Value::Null);
+                            succeeded(status, &value)
+                        }
+                        Err(_) => false,
+                    };
+                    let done = Instant::now();
+                    if scheduled >= measure_from {
+                        result.requests += 1;
+                        if ok {
+                            result
+                                .latencies
+                                .push(done.duration_since(scheduled).as_micros() as u64);
+                        } else {
+                            result.failures += 1;
+                        }
+                    }
+                    if let Some(interval) = interval {
+                        next_send += interval;
+                    }
+                }
+                result
+            })
+        })
+        .collect();
+    let mut total = LoadResult {
+        seconds,
+        ..Default::default()
+    };
+    for task in tasks {
+        let part = task.await.unwrap();
+        total.requests += part.requests;
+        total.failures += part.failures;
+        total.latencies.extend(part.latencies);
+    }
+    total.requests -= total.failures;
+    total.latencies.sort_unstable();
+    total
+}
+
+/// About 100 bytes of text, different for every message.
+fn text(connection: usize, n: u64) -> String {
+    format!(
+        "Hello, I am writing about my order number {connection:04}-{n:09}; it has not arrived yet, where is it?"
+    )
+}
+
+fn push_body(connection: usize, n: u64) -> Value {
+    json!({
+        "query": "mutation($i: PushMessageInput!) { pushMessage(input: $i) { status } }",
+        "variables": { "i": {
+            "customerId": format!("customer-{connection}"),
+            // A new dialog every 20 messages: one push in 20 looks the dialog's decision up in the store.
+            "dialogId": format!("push-{connection}-{}", n / 20),
+            "text": text(connection, n),
+            "language": "en",
+            "messageId": format!("m{n}"),
+        } }
+    })
+}
+
+fn push_many_body(
+    batch: usize,
+    prefix: &'static str,
+) -> impl Fn(usize, u64) -> Value + Send + Sync {
+    move |connection, n| {
+        let inputs: Vec<Value> = (0..batch as u64)
+            .map(|i| {
+                let k = n * batch as u64 + i;
+                json!({
+                    "customerId": format!("customer-{connection}"),
+                    "dialogId": format!("{prefix}-{connection}-{}", k / 20),
+                    "text": text(connection, k),
+                    "language": "en",
+                    "messageId": format!("m{k}"),
+                })
+            })
+            .collect();
+        json!({
+            "query": "mutation($i: [PushMessageInput!]!) { pushMessages(inputs: $i) { status } }",
+            "variables": { "i": inputs },
+        })
+    }
+}
+
+/// One measured line of the results table.
+struct Row {
+    name: String,
+    value: String,
+    target: String,
+    met: Option<bool>,
+}
+
+fn row(name: &str, value: String, target: &str, met: Option<bool>) -> Row {
+    Row {
+        name: name.to_owned(),
+        value,
+        target: target.to_owned(),
+        met,
+    }
+}
+
+async fn post(client: &reqwest::Client, url: &str, body: &Value) -> Value {
+    let response = client.post(url).json(body).send().await.unwrap();
+    let status = response.status().as_u16();
+    let value: Value = response.json().await.unwrap();
+    assert!(
+        succeeded(status, &value),
+        "{}",
+        value.to_string().chars().take(300).collect::<String>()
+    );
+    value
+}
+
+/// Median latency, in milliseconds, of `repeat` sequential requests.
+async fn median_latency(client: &reqwest::Client, url: &str, body: &Value, repeat: usize) -> f64 {
+    let mut times = Vec::with_capacity(repeat);
+    for _ in 0..repeat {
+        let started = Instant::now();
+        post(client, url, body).await;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// Throughput: `{ __typename }`, `pushMessage`, p99 at half load, `pushMessages` x100.
+async fn push_benchmarks(settings: &Settings, rows: &mut Vec<Row>) {
+    let (server, _) = Server::start(&settings.binary, None, &[]).await;
+    let url = server.graphql_url();
+    let (c, w, s) = (settings.connections, settings.warmup, settings.seconds);
+
+    let typename = load(
+        &url,
+        c,
+        w,
+        s,
+        None,
+        |_, _| json!({ "query": "{ __typename }" }),
+    )
+    .await;
+    println!("  {{ __typename }}: {}", typename.summary());
+    let push = load(&url, c, w, s, None, push_body).await;
+    println!("  pushMessage: {}", push.summary());
+    let half = load(&url, c, w, s, Some(push.throughput() / 2.0), push_body).await;
+    println!("  pushMessage at half of its peak: {}", half.summary());
+    let many = load(&url, c, w, s, None, push_many_body(100, "many")).await;
+    println!("  pushMessages x100: {}", many.summary());
+
+    let ratio = push.throughput() / typename.throughput();
+    rows.push(row(
+        "`{ __typename }` (the ceiling)",
+        typename.summary(),
+        "",
+        None,
+    ));
+    rows.push(row(
+        "`pushMessage`, one per request",
+        push.summary(),
+        "",
+        None,
+    ));
+    rows.push(row(
+        "`pushMessage` / `{ __typename }` throughput",
+        format!("{:.0}%", ratio * 100.0),
+        ">= 60%",
+        Some(ratio >= 0.6),
+    ));
+    rows.push(row(
+        "`pushMessage` p99 at half of its peak load",
+        format!("{:.2} ms ({})", half.percentile(0.99), half.summary()),
+        "reported",
+        None,
+    ));
+    let many_rate = many.throughput() * 100.0;
+    let factor = many_rate / push.throughput();
+    rows.push(row(
+        "`pushMessages` x100: messages/s",
+        format!("{many_rate:.0} msg/s ({})", many.summary()),
+        "",
+        None,
+    ));
+    rows.push(row(
+        "`pushMessages` x100 / `pushMessage` messages/s",
+        format!("{factor:.1}x"),
+        ">= 10x",
+        Some(factor >= 10.0),
+    ));
+}
+
+/// `giveConsent` of 20-message dialogs on SQLite, against a plain bulk insert of the same rows.
+async fn consent_benchmark(settings: &Settings, rows: &mut Vec<Row>) {
+    const DIALOG_LENGTH: usize = 20;
+    let dialogs = if settings.seconds < 3.0 { 500 } else { 3_000 };
+    let dir = tempfile::tempdir().unwrap();
+    let database = dir.path().join("consent.sqlite3");
+    let (server, _) = Server::start(&settings.binary, Some(&database), &[]).await;
+    let url = server.graphql_url();
+    let client = reqwest::Client::new();
+    // Buffer the dialogs (not measured): 50 requests of 20 dialogs x 20 messages... in batches of 400.
+    let fill = push_many_body(400, "consent");
+    let batches = dialogs * DIALOG_LENGTH / 400;
+    for n in 0..batches as u64 {
+        post(&client, &url, &fill(0, n)).await;
+    }
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..settings.connections)
+        .map(|_| {
+            let next = next.clone();
+            let url = url.clone();
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                loop {
+                    let d = next.fetch_add(1, Ordering::Relaxed);
+                    if d >= dialogs {
+                        break;
+                    }
+                    let body = json!({
+                        "query": "mutation($d: ID!) { giveConsent(dialogId: $d, value: true) { storedCount } }",
+                        "variables": { "d": format!("consent-0-{d}") },
+                    });
+                    let value = post(&client, &url, &body).await;
+                    assert_eq!(value["data"]["giveConsent"]["storedCount"], DIALOG_LENGTH);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let consent_rate = (dialogs * DIALOG_LENGTH) as f64 / started.elapsed().as_secs_f64();
+    drop(server);
+
+    // The baseline: the same rows, inserted plainly into the same schema in one transaction.
+    let baseline_path = dir.path().join("baseline.sqlite3");
+    SqliteStore::open(&baseline_path).await.unwrap();
+    let total = dialogs * DIALOG_LENGTH;
+    let baseline_rate = tokio::task::spawn_blocking(move || {
+        let mut connection = Connection::open(&baseline_path).unwrap();
+        connection
+            .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
+            .unwrap();
+        let started = Instant::now();
+        let tx = connection.transaction().unwrap();
+        {
+            let mut insert = tx
+                .prepare(
+                    "INSERT INTO messages (id, dialog_id, customer_id, client_id, text, language, created_at, seq)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
+                .unwrap();
+            for k in 0..total as u64 {
+                insert
+                    .execute(params![
+                        uuid::Uuid::now_v7().to_string(),
+                        format!("consent-0-{}", k / 20),
+                        "customer-0",
+                        format!("m{k}"),
+                        text(0, k),
+                        "en",
+                        1_800_000_000_000i64 + k as i64,
+                        1_800_000_000_000_000i64 + k as i64,
+                    ])
+                    .unwrap();
+            }
+        }
+        tx.commit().unwrap();
+        total as f64 / started.elapsed().as_secs_f64()
+    })
+    .await
+    .unwrap();
+    let ratio = consent_rate / baseline_rate;
+    println!("  giveConsent: {consent_rate:.0} msg/s; bulk insert: {baseline_rate:.0} rows/s");
+    rows.push(row(
+        "`giveConsent` (20-message dialogs, SQLite): stored messages/s",
+        format!(
+            "{consent_rate:.0} msg/s, {} connections",
+            settings.connections
+        ),
+        "",
+        None,
+    ));
+    rows.push(row(
+        "plain bulk insert of the same rows, same schema",
+        format!("{baseline_rate:.0} rows/s"),
+        "",
+        None,
+    ));
+    rows.push(row(
+        "`giveConsent` / bulk insert",
+        format!("{:.0}%", ratio * 100.0),
+        ">= 50%",
+        Some(ratio >= 0.5),
+    ));
+}
+
+const LANGUAGES: [&str; 5] = ["en", "de", "fr", "es", "it"];
+
+/// Writes `dialogs` consented dialogs of `per_dialog` messages straight into a SQLite file with the
+/// service's schema; returns the sort keys of the dialogs and of the English messages, newest first.
+async fn generate_paging_data(
+    path: &Path,
+    dialogs: usize,
+    per_dialog: usize,
+) -> (Vec<SortKey>, Vec<SortKey>) {
+    SqliteStore::open(path).await.unwrap();
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut connection = Connection::open(&path).unwrap();
+        connection
+            .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = OFF;")
+            .unwrap();
+        let tx = connection.transaction().unwrap();
+        let mut dialog_keys = Vec::with_capacity(dialogs);
+        let mut english_keys = Vec::new();
+        {
+            let mut message = tx.prepare("INSERT INTO messages (id, dialog_id, customer_id, client_id, text, language, created_at, seq) VALUES (?1, ?2, ?3, NULL, ?4, ?5, ?6, ?7)").unwrap();
+            let mut dialog = tx.prepare("INSERT INTO dialogs (id, customer_id, message_count, first_message_at, last_message_at, consented_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5)").unwrap();
+            let mut language = tx.prepare("INSERT INTO dialog_languages (dialog_id, language, last_message_at) VALUES (?1, ?2, ?3)").unwrap();
+            let mut consent = tx.prepare("INSERT INTO consents (dialog_id, customer_id, value, decided_at) VALUES (?1, ?2, 1, ?3)").unwrap();
+            let base_seq = 1_790_000_000_000_000i64;
+            let mut seq = base_seq;
+            for d in 0..dialogs {
+                let id = format!("dialog-{d:06}");
+                let customer = format!("customer-{}", d % 1000);
+                let first_at = seq / 1000;
+                let mut used = std::collections::BTreeSet::new();
+                for m in 0..per_dialog {
+                    seq += 997;
+                    let lang = LANGUAGES[(d + m) % LANGUAGES.len()];
+                    used.insert(lang);
+                    let message_id = uuid::Uuid::now_v7().to_string();
+                    message
+                        .execute(params![message_id, id, customer, text(d, m as u64), lang, seq / 1000, seq])
+                        .unwrap();
+                    if lang == "en" {
+                        english_keys.push(SortKey { at: seq, id: message_id });
+                    }
+                }
+                let last_at = seq / 1000;
+                dialog.execute(params![id, customer, per_dialog as i64, first_at, last_at]).unwrap();
+                for lang in used {
+                    language.execute(params![id, lang, last_at]).unwrap();
+                }
+                consent.execute(params![id, customer, last_at]).unwrap();
+                dialog_keys.push(SortKey { at: last_at, id });
+            }
+        }
+        tx.commit().unwrap();
+        connection.execute_batch("ANALYZE;").unwrap();
+        dialog_keys.sort();
+        dialog_keys.reverse();
+        english_keys.sort();
+        english_keys.reverse();
+        (dialog_keys, english_keys)
+    })
+    .await
+    .unwrap()
+}
+
+/// The first page against the page at 90% depth, for `dialogs` (with messages) and `messages` (by language).
+async fn paging_benchmark(settings: &Settings, rows: &mut Vec<Row>) {
+    let dir = tempfile::tempdir().unwrap();
+    let database = dir.path().join("paging.sqlite3");
+    let started = Instant::now();
+    let (dialog_keys, english_keys) = generate_paging_data(
+        &database,
+        settings.paging_dialogs,
+        settings.paging_messages_per_dialog,
+    )
+    .await;
+    let total_messages = settings.paging_dialogs * settings.paging_messages_per_dialog;
+    println!(
+        "  generated {} dialogs, {total_messages} messages in {:.1} s",
+        settings.paging_dialogs,
+        started.elapsed().as_secs_f64()
+    );
+    let (server, _) = Server::start(&settings.binary, Some(&database), &[]).await;
+    let url = server.graphql_url();
+    let client = reqwest::Client::new();
+    let repeat = if settings.seconds < 3.0 { 10 } else { 30 };
+
+    let dialogs_query = "query($a: String) { dialogs(first: 100, after: $a) { edges { cursor node { id messageCount lastMessageAt messages { text language createdAt } } } pageInfo { hasNextPage } } }";
+    let deep_dialog = &dialog_keys[dialog_keys.len() * 9 / 10];
+    let deep_cursor = encode_cursor(ListKind::Dialogs, deep_dialog);
+    let first = json!({ "query": dialogs_query, "variables": { "a": null } });
+    let deep = json!({ "query": dialogs_query, "variables": { "a": deep_cursor } });
+    let check = post(&client, &url, &deep).await;
+    assert_eq!(
+        check["data"]["dialogs"]["edges"].as_array().unwrap().len(),
+        100
+    );
+    let first_ms = median_latency(&client, &url, &first, repeat).await;
+    let deep_ms = median_latency(&client, &url, &deep, repeat).await;
+
+    let messages_query = "query($a: String) { messages(first: 100, after: $a, filter: {language: \"en\"}) { edges { cursor node { id dialogId text createdAt } } pageInfo { hasNextPage } } }";
+    let deep_message = &english_keys[english_keys.len() * 9 / 10];
+    let first_messages = json!({ "query": messages_query, "variables": { "a": null } });
+    let deep_messages = json!({ "query": messages_query, "variables": { "a": encode_cursor(ListKind::Messages, deep_message) } });
+    let check = post(&client, &url, &deep_messages).await;
+    assert_eq!(
+        check["data"]["messages"]["edges"].as_array().unwrap().len(),
+        100
+    );
+    let first_messages_ms = median_latency(&client, &url, &first_messages, repeat).await;
+    let deep_messages_ms = median_latency(&client, &url, &deep_messages, repeat).await;
+    println!(
+        "  dialogs page: first {first_ms:.2} ms, 90% deep {deep_ms:.2} ms; messages page: first {first_messages_ms:.2} ms, deep {deep_messages_ms:.2} ms"
+    );
+
+    let label = format!(
+        "{} dialogs / {total_messages} messages, SQLite",
+        settings.paging_dialogs
+    );
+    rows.push(row(
+        &format!("`dialogs(first: 100)` with messages, {label}: page at 90% depth / first page"),
+        format!(
+            "{:.2}x ({deep_ms:.2} ms / {first_ms:.2} ms, median of {repeat})",
+            deep_ms / first_ms
+        ),
+        "<= 1.5x",
+        Some(deep_ms / first_ms <= 1.5),
+    ));
+    rows.push(row(
+        &format!("`messages(first: 100)` by language, {label}: page at 90% depth / first page"),
+        format!(
+            "{:.2}x ({deep_messages_ms:.2} ms / {first_messages_ms:.2} ms, median of {repeat})",
+            deep_messages_ms / first_messages_ms
+        ),
+        "<= 1.5x",
+        Some(deep_messages_ms / first_messages_ms <= 1.5),
+    ));
+}
+
+/// Resident memory the buffer adds for many ~100-byte messages.
+async fn memory_benchmark(settings: &Settings, rows: &mut Vec<Row>) {
+    let (server, _) = Server::start(&settings.binary, None, &[]).await;
+    let url = server.graphql_url();
+    let client = reqwest::Client::new();
+    let fill = push_many_body(1000, "memory");
+    post(&client, &url, &fill(1, 0)).await;
+    let before = server.rss();
+    let batches = settings.memory_messages / 1000;
+    for n in 0..batches as u64 {
+        post(&client, &url, &fill(0, n)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = server.rss();
+    let text_bytes = text(0, 0).len() as f64;
+    let per_message = (after.saturating_sub(before)) as f64 / (batches * 1000) as f64;
+    let ratio = per_message / text_bytes;
+    println!("  buffer: {per_message:.0} bytes per message of {text_bytes} text bytes");
+    rows.push(row(
+        &format!("resident memory added per buffered message ({} messages of {text_bytes} bytes of text)", batches * 1000),
+        format!("{per_message:.0} bytes ({ratio:.2}x the text; RSS {} MiB -> {} MiB)", before >> 20, after >> 20),
+        "<= 3x",
+        Some(ratio <= 3.0),
+    ));
+}
+
+async fn startup_and_size(settings: &Settings, rows: &mut Vec<Row>) {
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let (_server, startup) = Server::start(&settings.binary, None, &[]).await;
+        times.push(startup.as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    rows.push(row(
+        "startup to the first answered request (embedded store, fresh database)",
+        format!("{:.1} ms (median of 5)", times[2]),
+        "reported",
+        None,
+    ));
+    let size = std::fs::metadata(&settings.binary).unwrap().len();
+    rows.push(row(
+        "release binary size",
+        format!("{:.1} MiB", size as f64 / (1 << 20) as f64),
+        "reported",
+        None,
+    ));
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores, {cpu}")
+}
+
+#[tokio::main]
+async fn main() {
+    let settings = Settings::from_args();
+    assert!(
+        settings.binary.exists(),
+        "{} is missing: run `cargo build --release` (scripts/bench does)",
+        settings.binary.display()
+    );
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    println!(
+        "push throughput ({} connections, {:.0} s each after {:.1} s warm-up)",
+        settings.connections, settings.seconds, settings.warmup
+    );
+    push_benchmarks(&settings, &mut rows).await;
+    println!("consent");
+    consent_benchmark(&settings, &mut rows).await;
+    println!("paging");
+    paging_benchmark(&settings, &mut rows).await;
+    println!("memory");
+    memory_benchmark(&settings, &mut rows).await;
+    startup_and_size(&settings, &mut rows).await;
+
+    let mut table =
+        String::from("| measurement | result | target | met |\n| --- | --- | --- | --- |\n");
+    for r in &rows {
+        let met = match r.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "",
+        };
+        table.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            r.name, r.value, r.target, met
+        ));
+    }
+    let header = format!(
+        "Run on {} ({}), `{}` connections, {} s per load after {} s warm-up; the suite took {:.0} s.\n\n",
+        chrono::Utc::now().format("%Y-%m-%d"),
+        machine(),
+        settings.connections,
+        settings.seconds,
+        settings.warmup,
+        started.elapsed().as_secs_f64()
+    );
+    let report = header + &table;
+    println!("\n{report}");
+    std::fs::write(&settings.output, &report).unwrap();
+    println!("(written to {})", settings.output.display());
+}
