@@ -7,7 +7,6 @@
 //! nothing already accepted is ever dropped to make room. Undecided dialogs older than the retention period
 //! are dropped by [`DialogBuffer::expire`].
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -16,7 +15,9 @@ use dashmap::mapref::entry::Entry;
 
 use crate::clock::Clock;
 use crate::error::ApiError;
-use crate::model::{ClientMessageId, CustomerId, DialogId, IncomingMessage, Message};
+use crate::model::{
+    ClientMessageId, CustomerId, DialogId, IncomingMessage, Language, Message, MessageText,
+};
 
 /// What a push did to the buffer.
 #[derive(Clone, Debug, PartialEq)]
@@ -83,30 +84,41 @@ pub struct Dropped {
     pub messages: usize,
 }
 
-/// Estimated memory of one buffered message: its strings, the struct, and a share of the vector and
-/// client-id index around it.
-fn footprint(message: &Message) -> usize {
-    const OVERHEAD: usize = 64;
-    std::mem::size_of::<Message>()
-        + OVERHEAD
-        + message.id.len()
-        + message.text.as_str().len()
-        + message.dialog_id.as_str().len()
-        + message.customer_id.as_str().len()
-        + message.language.as_str().len()
+/// One buffered message, compact: the dialog and customer ids are kept once per dialog, the language as an
+/// index into the dialog's languages, the server id as a number, and the creation time is derived from
+/// `seq`. A million ~100-byte messages then cost about twice their text.
+#[derive(Debug)]
+struct Compact {
+    seq: i64,
+    id: u128,
+    text: Box<str>,
+    client_id: Option<Box<str>>,
+    language: u8,
+}
+
+/// The allocator's cost of a heap block of `len` bytes (glibc: 8 bytes of header, 16-byte granules).
+fn heap_block(len: usize) -> usize {
+    (len + 8).div_ceil(16).max(2) * 16
+}
+
+/// Estimated memory of one buffered message: its slot in the dialog's vector (which grows by half, so
+/// about a quarter of a slot more on average) and its heap blocks.
+fn footprint(message: &Compact) -> usize {
+    std::mem::size_of::<Compact>() * 5 / 4
+        + heap_block(message.text.len())
         + message
             .client_id
             .as_ref()
-            .map_or(0, |id| 2 * id.as_str().len())
+            .map_or(0, |id| heap_block(id.len()))
 }
 
 #[derive(Debug)]
 struct PendingDialog {
     customer_id: CustomerId,
+    /// The distinct languages of the dialog; messages refer to them by index.
+    languages: Vec<Language>,
     /// Oldest first, i.e. in increasing `seq`.
-    messages: Vec<Message>,
-    /// `seq` of each buffered message that carries a client `messageId`.
-    by_client_id: HashMap<ClientMessageId, i64>,
+    messages: Vec<Compact>,
     /// Set once the dialog's consent `true` is committed: the dialog only waits for its last buffered
     /// messages to be written, and new pushes must go to the store instead.
     sealed: bool,
@@ -122,23 +134,48 @@ impl PendingDialog {
     fn new(customer_id: CustomerId) -> Self {
         Self {
             customer_id,
+            languages: Vec::new(),
             messages: Vec::new(),
-            by_client_id: HashMap::new(),
             sealed: false,
             deciding: false,
             started: Instant::now(),
             bytes: 0,
         }
     }
+
+    /// The full message of a compact one.
+    fn expand(&self, dialog_id: &DialogId, compact: &Compact) -> Message {
+        Message {
+            id: uuid::Uuid::from_u128(compact.id).to_string(),
+            client_id: compact
+                .client_id
+                .as_deref()
+                .map(|id| ClientMessageId::from_trusted(id.to_owned())),
+            dialog_id: dialog_id.clone(),
+            customer_id: self.customer_id.clone(),
+            text: MessageText::from_trusted(compact.text.to_string()),
+            language: self.languages[usize::from(compact.language)].clone(),
+            created_at: compact.seq.div_euclid(1000),
+            seq: compact.seq,
+        }
+    }
+
+    fn expand_all(&self, dialog_id: &DialogId) -> Vec<Message> {
+        self.messages
+            .iter()
+            .map(|compact| self.expand(dialog_id, compact))
+            .collect()
+    }
 }
 
-/// Estimated memory of a dialog's own bookkeeping: the map entry, its key, the customer id, the index.
+/// Estimated memory of a dialog's own bookkeeping: the map entry, its key, the customer id, the languages.
 fn dialog_overhead(dialog_id: &DialogId, customer_id: &CustomerId) -> usize {
     const MAP_OVERHEAD: usize = 64;
     std::mem::size_of::<(DialogId, PendingDialog)>()
         + MAP_OVERHEAD
-        + dialog_id.as_str().len()
-        + customer_id.as_str().len()
+        + heap_block(dialog_id.as_str().len())
+        + heap_block(customer_id.as_str().len())
+        + heap_block(4 * std::mem::size_of::<Language>())
 }
 
 /// Marks a dialog as being decided for as long as it lives.
@@ -177,7 +214,9 @@ impl DialogBuffer {
     pub fn push_if_buffered(&self, incoming: IncomingMessage) -> Result<BufferPush, ApiError> {
         match self.dialogs.get_mut(&incoming.dialog_id) {
             Some(mut entry) if !entry.sealed => {
-                self.append(&mut entry, incoming).map(BufferPush::Done)
+                let (dialog_id, pending) = entry.pair_mut();
+                self.append(dialog_id, pending, incoming)
+                    .map(BufferPush::Done)
             }
             _ => Ok(BufferPush::NotBuffered(incoming)),
         }
@@ -189,7 +228,8 @@ impl DialogBuffer {
             .dialogs
             .entry(incoming.dialog_id.clone())
             .or_insert_with(|| PendingDialog::new(incoming.customer_id.clone()));
-        let result = self.append(&mut entry, incoming);
+        let (dialog_id, pending) = entry.pair_mut();
+        let result = self.append(dialog_id, pending, incoming);
         if entry.messages.is_empty() {
             // A new dialog whose first message was refused leaves nothing behind.
             let dialog_id = entry.key().clone();
@@ -202,6 +242,7 @@ impl DialogBuffer {
 
     fn append(
         &self,
+        dialog_id: &DialogId,
         pending: &mut PendingDialog,
         incoming: IncomingMessage,
     ) -> Result<Buffered, ApiError> {
@@ -210,18 +251,18 @@ impl DialogBuffer {
                 dialog_id: incoming.dialog_id.to_string(),
             });
         }
+        let id = Message::server_id(dialog_id, incoming.client_id.as_ref()).as_u128();
         if let Some(client_id) = &incoming.client_id
-            && let Some(seq) = pending.by_client_id.get(client_id)
-            && let Ok(index) = pending.messages.binary_search_by_key(seq, |m| m.seq)
+            && let Some(existing) = pending.messages.iter().rev().find(|m| m.id == id)
         {
-            let existing = &pending.messages[index];
-            if !incoming.same_content_as(existing) {
+            let existing = pending.expand(dialog_id, existing);
+            if !incoming.same_content_as(&existing) {
                 return Err(ApiError::MessageIdConflict {
                     dialog_id: incoming.dialog_id.to_string(),
                     message_id: client_id.to_string(),
                 });
             }
-            return Ok(Buffered::AlreadyThere(existing.clone()));
+            return Ok(Buffered::AlreadyThere(existing));
         }
         if pending.messages.len() >= self.limits.max_messages_per_dialog {
             return Err(ApiError::BufferFull(format!(
@@ -230,11 +271,34 @@ impl DialogBuffer {
                 incoming.dialog_id, self.limits.max_messages_per_dialog
             )));
         }
-        let message = Message::accept(incoming, self.clock.next());
-        let mut cost = footprint(&message);
+        let language = match pending
+            .languages
+            .iter()
+            .position(|l| *l == incoming.language)
+        {
+            Some(index) => index,
+            None if pending.languages.len() < usize::from(u8::MAX) => {
+                pending.languages.push(incoming.language.clone());
+                pending.languages.len() - 1
+            }
+            None => {
+                return Err(ApiError::invalid(
+                    "language",
+                    "is one language too many: a dialog may use at most 255",
+                ));
+            }
+        };
+        let compact = Compact {
+            seq: self.clock.next(),
+            id,
+            text: incoming.text.into_string().into_boxed_str(),
+            client_id: incoming.client_id.map(|id| id.as_str().into()),
+            language: language as u8,
+        };
+        let mut cost = footprint(&compact);
         if pending.messages.is_empty() && pending.bytes == 0 {
             // A new dialog: its bookkeeping is charged with its first message.
-            cost += dialog_overhead(&message.dialog_id, &message.customer_id);
+            cost += dialog_overhead(dialog_id, &pending.customer_id);
         }
         let before = self.bytes.fetch_add(cost, Ordering::Relaxed);
         if before.saturating_add(cost) > self.limits.max_bytes {
@@ -247,10 +311,13 @@ impl DialogBuffer {
         }
         self.messages.fetch_add(1, Ordering::Relaxed);
         pending.bytes += cost;
-        if let Some(client_id) = &message.client_id {
-            pending.by_client_id.insert(client_id.clone(), message.seq);
+        if pending.messages.len() == pending.messages.capacity() {
+            // Grow by half, not double: long dialogs waste less memory.
+            let more = (pending.messages.capacity() / 2).max(4);
+            pending.messages.reserve_exact(more);
         }
-        pending.messages.push(message.clone());
+        let message = pending.expand(dialog_id, &compact);
+        pending.messages.push(compact);
         Ok(Buffered::Added(message))
     }
 
@@ -264,7 +331,7 @@ impl DialogBuffer {
     pub fn snapshot(&self, dialog_id: &DialogId) -> Option<BufferedDialog> {
         self.dialogs.get(dialog_id).map(|entry| BufferedDialog {
             customer_id: entry.customer_id.clone(),
-            messages: entry.messages.clone(),
+            messages: entry.expand_all(dialog_id),
         })
     }
 
@@ -278,13 +345,7 @@ impl DialogBuffer {
         let state = entry.get_mut();
         state.sealed = true;
         let done = state.messages.partition_point(|m| m.seq <= seq);
-        let mut freed = 0;
-        for message in state.messages.drain(..done) {
-            freed += footprint(&message);
-            if let Some(client_id) = &message.client_id {
-                state.by_client_id.remove(client_id);
-            }
-        }
+        let freed: usize = state.messages.drain(..done).map(|m| footprint(&m)).sum();
         if state.messages.is_empty() {
             // Gone: release its bookkeeping too.
             let (_, state) = entry.remove_entry();
@@ -293,7 +354,7 @@ impl DialogBuffer {
         } else {
             state.bytes -= freed;
             self.release(done, freed);
-            state.messages.clone()
+            state.expand_all(dialog_id)
         }
     }
 
@@ -490,7 +551,14 @@ mod tests {
 
     #[test]
     fn the_memory_budget_refuses_what_does_not_fit_and_frees_what_leaves() {
-        let one = footprint(&Message::accept(incoming("d0", "c", "x", None), 0))
+        let message = Compact {
+            seq: 0,
+            id: 0,
+            text: "x".into(),
+            client_id: None,
+            language: 0,
+        };
+        let one = footprint(&message)
             + dialog_overhead(
                 &dialog("d0"),
                 &CustomerId::parse("customerId", "c").unwrap(),

@@ -165,6 +165,10 @@ impl MessageText {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
 }
 
 /// A message as the background job sends it, already validated.
@@ -213,16 +217,26 @@ pub struct Message {
 const MESSAGE_ID_NAMESPACE: uuid::Uuid = uuid::uuid!("8f7c2b1e-5d3a-4c6f-9b0e-2a1d4e6f8c3b");
 
 impl Message {
+    /// The server id of a new message: deterministic when the client sent a `messageId` (the same
+    /// (dialog, messageId) always maps to the same id, so a retried write is an upsert), time-ordered
+    /// otherwise.
+    pub fn server_id(dialog_id: &DialogId, client_id: Option<&ClientMessageId>) -> uuid::Uuid {
+        match client_id {
+            Some(client_id) => {
+                let mut key =
+                    Vec::with_capacity(dialog_id.as_str().len() + client_id.as_str().len() + 1);
+                key.extend_from_slice(dialog_id.as_str().as_bytes());
+                key.push(0x1f);
+                key.extend_from_slice(client_id.as_str().as_bytes());
+                uuid::Uuid::new_v5(&MESSAGE_ID_NAMESPACE, &key)
+            }
+            None => uuid::Uuid::now_v7(),
+        }
+    }
+
     /// Records an incoming message at acceptance order `seq` (microseconds since the epoch).
     pub fn accept(incoming: IncomingMessage, seq: i64) -> Self {
-        let id = match &incoming.client_id {
-            // The same (dialog, messageId) always maps to the same id, so a retried write is an upsert.
-            Some(client_id) => {
-                let key = format!("{}\u{1f}{}", incoming.dialog_id, client_id);
-                uuid::Uuid::new_v5(&MESSAGE_ID_NAMESPACE, key.as_bytes()).to_string()
-            }
-            None => uuid::Uuid::now_v7().to_string(),
-        };
+        let id = Self::server_id(&incoming.dialog_id, incoming.client_id.as_ref()).to_string();
         Self {
             id,
             client_id: incoming.client_id,
