@@ -28,6 +28,8 @@ struct Settings {
     /// Messages buffered for the memory measurement.
     memory_messages: usize,
     output: PathBuf,
+    /// Run only the scenarios whose name contains this (push, consent, paging, memory, startup).
+    only: Option<String>,
 }
 
 impl Settings {
@@ -54,6 +56,7 @@ impl Settings {
             paging_dialogs: if quick { 5_000 } else { 50_000 },
             paging_messages_per_dialog: 20,
             memory_messages: if quick { 100_000 } else { 1_000_000 },
+            only: value("--only"),
             output: value("--output")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| root.join("target/bench-results.md")),
