@@ -745,18 +745,34 @@ async fn main() {
     );
     let started = Instant::now();
     let mut rows = Vec::new();
-    println!(
-        "push throughput ({} connections, {:.0} s each after {:.1} s warm-up)",
-        settings.connections, settings.seconds, settings.warmup
-    );
-    push_benchmarks(&settings, &mut rows).await;
-    println!("consent");
-    consent_benchmark(&settings, &mut rows).await;
-    println!("paging");
-    paging_benchmark(&settings, &mut rows).await;
-    println!("memory");
-    memory_benchmark(&settings, &mut rows).await;
-    startup_and_size(&settings, &mut rows).await;
+    let run = |name: &str| {
+        settings
+            .only
+            .as_deref()
+            .is_none_or(|only| name.contains(only))
+    };
+    if run("push") {
+        println!(
+            "push throughput ({} connections, {:.0} s each after {:.1} s warm-up)",
+            settings.connections, settings.seconds, settings.warmup
+        );
+        push_benchmarks(&settings, &mut rows).await;
+    }
+    if run("consent") {
+        println!("consent");
+        consent_benchmark(&settings, &mut rows).await;
+    }
+    if run("paging") {
+        println!("paging");
+        paging_benchmark(&settings, &mut rows).await;
+    }
+    if run("memory") {
+        println!("memory");
+        memory_benchmark(&settings, &mut rows).await;
+    }
+    if run("startup") {
+        startup_and_size(&settings, &mut rows).await;
+    }
 
     let mut table =
         String::from("| measurement | result | target | met |\n| --- | --- | --- | --- |\n");
