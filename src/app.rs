@@ -89,6 +89,7 @@ impl Application {
                 api_keys: config.access.api_keys.clone(),
                 max_batch_operations: config.limits.max_batch_operations,
                 max_body_bytes: config.limits.max_body_bytes,
+                documents: Arc::default(),
             },
             config.access.graphiql,
         )

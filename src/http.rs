@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use async_graphql::http::MultipartOptions;
+use async_graphql::parser::types::{DocumentOperations, ExecutableDocument, Selection};
 use async_graphql::{BatchRequest, BatchResponse};
 use async_graphql_axum::GraphQLResponse;
 use axum::Router;
@@ -32,6 +33,79 @@ pub struct AppState {
     pub api_keys: ApiKeys,
     pub max_batch_operations: usize,
     pub max_body_bytes: usize,
+    pub documents: Arc<DocumentCache>,
+}
+
+/// Parsed GraphQL documents by query text. The background job sends the same few documents over and over
+/// (with different variables); parsing one costs more than everything DataAPI itself does for a push, so
+/// each distinct document is parsed once. Only short documents that parsed cleanly are kept, and at most
+/// `DOCUMENTS` of them: the cache cannot grow with what clients send.
+#[derive(Default)]
+pub struct DocumentCache {
+    documents: dashmap::DashMap<String, async_graphql::parser::types::ExecutableDocument>,
+}
+
+impl DocumentCache {
+    const DOCUMENTS: usize = 256;
+    const MAX_QUERY_BYTES: usize = 8 * 1024;
+
+    /// Gives `operation` its parsed document: from the cache, or parsed now and remembered. Returns the
+    /// operation's label for the metrics: its root fields, e.g. `pushMessage` or `dialogs+messages`.
+    fn prepare(&self, operation: &mut async_graphql::Request) -> String {
+        if operation.query.len() > Self::MAX_QUERY_BYTES {
+            return "other".to_owned();
+        }
+        if let Some(document) = self.documents.get(&operation.query) {
+            let label = label(&document, operation.operation_name.as_deref());
+            operation.set_parsed_query(document.clone());
+            return label;
+        }
+        // A document that does not parse is left to async-graphql, which reports the error.
+        let Ok(document) = async_graphql::parser::parse_query(&operation.query) else {
+            return "invalid".to_owned();
+        };
+        if self.documents.len() >= Self::DOCUMENTS {
+            self.documents.clear();
+        }
+        let label = label(&document, operation.operation_name.as_deref());
+        self.documents
+            .insert(operation.query.clone(), document.clone());
+        operation.set_parsed_query(document);
+        label
+    }
+}
+
+/// The root fields an operation selects, sorted and joined with `+` (the metrics' operation label; the
+/// schema's few root fields bound how many labels there can be).
+fn label(document: &ExecutableDocument, operation_name: Option<&str>) -> String {
+    let operation = match (&document.operations, operation_name) {
+        (DocumentOperations::Single(operation), _) => Some(operation),
+        (DocumentOperations::Multiple(operations), Some(name)) => operations.get(name),
+        (DocumentOperations::Multiple(operations), None) if operations.len() == 1 => {
+            operations.values().next()
+        }
+        _ => None,
+    };
+    let Some(operation) = operation else {
+        return "other".to_owned();
+    };
+    let mut fields: Vec<&str> = Vec::new();
+    for selection in &operation.node.selection_set.node.items {
+        match &selection.node {
+            Selection::Field(field) => {
+                let name = field.node.name.node.as_str();
+                if !name.starts_with("__") && !fields.contains(&name) {
+                    fields.push(name);
+                }
+            }
+            _ => return "other".to_owned(),
+        }
+    }
+    if fields.is_empty() {
+        return "introspection".to_owned();
+    }
+    fields.sort_unstable();
+    fields.join("+")
 }
 
 pub fn router(state: AppState, graphiql: bool) -> Router {
@@ -177,12 +251,20 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
     // In order, one after another (async-graphql would run them concurrently): a batch that pushes
     // messages and then gives consent must see its own pushes.
     let mut responses = Vec::with_capacity(operations.len());
+    let metrics = state.service.metrics();
     for mut operation in operations {
+        let label = state.documents.prepare(&mut operation);
         operation.data.insert(caller);
         operation
             .data
             .insert(schema::request_loader(state.service.clone(), state.limits));
+        let started = std::time::Instant::now();
         responses.push(state.schema.execute(operation).await);
+        metrics.operations.with_label_values(&[&label]).inc();
+        metrics
+            .operation_seconds
+            .with_label_values(&[&label])
+            .observe(started.elapsed().as_secs_f64());
     }
 
     let codes: Vec<String> = responses

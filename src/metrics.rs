@@ -13,7 +13,7 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 pub struct Metrics {
     registry: Registry,
-    /// GraphQL root fields executed, by field (`pushMessage`, `dialogs`, ...).
+    /// GraphQL operations executed, by their root fields (`pushMessage`, `dialogs+messages`, ...).
     pub operations: IntCounterVec,
     pub operation_seconds: HistogramVec,
     /// Errors returned to clients, by `extensions.code`.
@@ -71,12 +71,12 @@ impl Metrics {
         Self {
             operations: counter_vec(
                 "graphql_operations_total",
-                "GraphQL root fields executed",
+                "GraphQL operations executed, by their root fields",
                 &["operation"],
             ),
             operation_seconds: histogram_vec(
                 "graphql_operation_duration_seconds",
-                "Time to resolve a GraphQL root field",
+                "Time to execute a GraphQL operation, by its root fields",
                 &["operation"],
             ),
             errors: counter_vec(

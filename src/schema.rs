@@ -8,8 +8,7 @@ use std::sync::Arc;
 use async_graphql::connection::{Connection, Edge};
 use async_graphql::dataloader::{DataLoader, HashMapCache, Loader};
 use async_graphql::extensions::{
-    Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextResolve,
-    NextValidation, ResolveInfo,
+    Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextValidation,
 };
 use async_graphql::parser::types::ExecutableDocument;
 use async_graphql::{
@@ -21,7 +20,6 @@ use chrono::SecondsFormat;
 
 use crate::auth::{Caller, Permission};
 use crate::error::ApiError;
-use crate::metrics::Metrics;
 use crate::model::{
     ClientMessageId, CustomerId, DialogId, IncomingMessage, Language, MessageFate, MessageText,
     millis_to_time,
@@ -44,11 +42,9 @@ pub struct Limits {
 
 /// The schema with the service attached, ready to execute requests.
 pub fn build(service: Arc<DialogService>, limits: Limits, introspection: bool) -> DataApiSchema {
-    let metrics = service.metrics().clone();
     let mut builder = builder()
         .data(service)
         .data(limits)
-        .extension(OperationMetrics(metrics))
         .limit_depth(limits.max_query_depth)
         .limit_complexity(limits.max_query_complexity);
     if !introspection {
@@ -764,38 +760,6 @@ impl ErasurePayload {
     /// Messages dropped from the buffer (they had never been stored).
     async fn buffered_message_count(&self) -> u64 {
         self.erased.buffered_messages
-    }
-}
-
-/// Counts and times the GraphQL root fields (`pushMessage`, `dialogs`, ...).
-struct OperationMetrics(Arc<Metrics>);
-
-impl ExtensionFactory for OperationMetrics {
-    fn create(&self) -> Arc<dyn Extension> {
-        Arc::new(OperationMetrics(self.0.clone()))
-    }
-}
-
-#[async_trait::async_trait]
-impl Extension for OperationMetrics {
-    async fn resolve(
-        &self,
-        ctx: &ExtensionContext<'_>,
-        info: ResolveInfo<'_>,
-        next: NextResolve<'_>,
-    ) -> ServerResult<Option<Value>> {
-        if info.path_node.parent.is_some() || info.is_for_introspection {
-            return next.run(ctx, info).await;
-        }
-        let operation = info.name.to_owned();
-        let started = std::time::Instant::now();
-        let result = next.run(ctx, info).await;
-        self.0.operations.with_label_values(&[&operation]).inc();
-        self.0
-            .operation_seconds
-            .with_label_values(&[&operation])
-            .observe(started.elapsed().as_secs_f64());
-        result
     }
 }
 
