@@ -3,6 +3,13 @@
 
 use std::process::ExitCode;
 
+/// jemalloc instead of glibc's allocator: a `pushMessages` request allocates and frees thousands of small
+/// GraphQL values, and the buffer keeps millions of small strings among them; glibc spent a third of the
+/// time of such a request in malloc and free (see BENCHMARKS.md).
+#[cfg(all(unix, not(target_env = "musl")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use clap::{Parser, Subcommand};
 use dataapi::app::Application;
 use dataapi::config::Config;
