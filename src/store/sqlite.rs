@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use deadpool_sqlite::rusqlite::{
-    self, Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params,
-    params_from_iter, types::Value,
+    self, Connection, OptionalExtension, Row, params, params_from_iter, types::Value,
 };
 use deadpool_sqlite::{Hook, HookError, Pool, Runtime};
 
@@ -90,10 +89,13 @@ const DIALOG_COLUMNS: &str = "d.id, d.customer_id, d.message_count, d.first_mess
      d.consented_at, (SELECT group_concat(language, ',') FROM dialog_languages WHERE dialog_id = d.id)";
 
 pub struct SqliteStore {
+    /// Connections for reads; in WAL mode they never wait for the writer.
     pool: Pool,
+    /// The one writing connection, on a thread of its own (see [`Writer`]).
+    writer: Writer,
     path: PathBuf,
-    /// A write not committed this long after it was asked for is rolled back instead: its caller has given
-    /// up (see `STORE_TIMEOUT`), and a late commit could land after an erasure it should have preceded.
+    /// A write not started this long after it was asked for is abandoned: its caller has given up (see
+    /// `STORE_TIMEOUT`), and a late commit could land after an erasure it should have preceded.
     write_deadline: Duration,
 }
 
@@ -134,6 +136,7 @@ impl SqliteStore {
             .map_err(|e| StoreError::new("sqlite pool", e))?;
         let store = Self {
             pool,
+            writer: Writer::start(path)?,
             path: path.to_owned(),
             write_deadline: Duration::from_secs(8),
         };
@@ -174,37 +177,135 @@ impl SqliteStore {
     }
 
     /// Runs `f` in a write transaction that commits only if `f` succeeds.
-    /// Sets how long after it is asked for a write may still commit; give it less than the store call's
+    /// Sets how long after it is asked for a write may still start; give it less than the store call's
     /// deadline, so that a write either commits while its caller waits or not at all.
     pub fn with_write_deadline(mut self, deadline: Duration) -> Self {
         self.write_deadline = deadline;
         self
     }
 
+    /// Runs `f` as one atomic write: on the writer thread, inside a savepoint of a transaction it may share
+    /// with other writes that arrived meanwhile (group commit: one durable commit for many consents).
+    /// `f` failing rolls back its own savepoint only. A write not started before its deadline is abandoned.
     async fn write<T, F>(&self, f: F) -> StoreResult<T>
     where
-        F: FnOnce(&Transaction<'_>) -> StoreResult<T> + Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
         T: Send + 'static,
     {
         let deadline = Instant::now() + self.write_deadline;
-        self.with_connection(move |connection| {
-            connection
-                .busy_timeout(deadline.saturating_duration_since(Instant::now()))
-                .map_err(sqlite_error("busy timeout"))?;
-            let tx = connection
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(sqlite_error("begin"))?;
-            let result = f(&tx)?;
-            if Instant::now() >= deadline {
-                // Dropping the transaction rolls it back.
-                return Err(StoreError(
-                    "write abandoned: not committed before its deadline".to_owned(),
-                ));
+        let (reply, answer) = tokio::sync::oneshot::channel::<StoreResult<T>>();
+        let job: Job = Box::new(move |connection: Option<&Connection>| -> Finisher {
+            let outcome = match connection {
+                None => Err(StoreError("the SQLite writer is not running".to_owned())),
+                Some(_) if Instant::now() >= deadline => Err(StoreError(
+                    "write abandoned: not started before its deadline".to_owned(),
+                )),
+                Some(connection) => in_savepoint(connection, f),
+            };
+            Box::new(move |committed: Result<(), String>| {
+                let result = match (outcome, committed) {
+                    (Ok(value), Ok(())) => Ok(value),
+                    (Ok(_), Err(error)) => Err(StoreError(format!("commit: {error}"))),
+                    (Err(error), _) => Err(error),
+                };
+                // The caller may have given up waiting; the write's outcome stands either way.
+                let _ = reply.send(result);
+            })
+        });
+        self.writer
+            .jobs
+            .send(job)
+            .map_err(|_| StoreError("the SQLite writer is not running".to_owned()))?;
+        answer
+            .await
+            .map_err(|_| StoreError("the SQLite writer stopped".to_owned()))?
+    }
+}
+
+/// Runs `f` inside a savepoint, which is released when it succeeds and rolled back when it fails.
+fn in_savepoint<T>(
+    connection: &Connection,
+    f: impl FnOnce(&Connection) -> StoreResult<T>,
+) -> StoreResult<T> {
+    connection
+        .execute_batch("SAVEPOINT write")
+        .map_err(sqlite_error("savepoint"))?;
+    let result = f(connection);
+    let end = if result.is_ok() {
+        "RELEASE write"
+    } else {
+        "ROLLBACK TO write; RELEASE write"
+    };
+    connection
+        .execute_batch(end)
+        .map_err(sqlite_error("savepoint"))?;
+    result
+}
+
+/// A write waiting for the writer: it runs with the writer's connection (`None` if the writer cannot
+/// begin a transaction) and returns what to do once the transaction's commit succeeded or failed.
+type Job = Box<dyn FnOnce(Option<&Connection>) -> Finisher + Send>;
+type Finisher = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// The single writing connection, on a thread of its own. SQLite allows one writer at a time anyway; with
+/// one thread owning it, writes queue without lock contention, and the writes that queued while a commit
+/// was on disk share the next transaction: one fsync for many consents (`synchronous = FULL` makes every
+/// commit durable, and a commit per consent would cost one fsync each).
+struct Writer {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl Writer {
+    /// The most writes one transaction takes.
+    const BATCH: usize = 64;
+
+    fn start(path: &Path) -> StoreResult<Self> {
+        let connection = Connection::open(path).map_err(sqlite_error("open the writer"))?;
+        connection
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .and_then(|_| {
+                connection.execute_batch(
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
+                     PRAGMA secure_delete = ON;",
+                )
+            })
+            .map_err(sqlite_error("configure the writer"))?;
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("sqlite-writer".to_owned())
+            .spawn(move || Self::run(connection, queue))
+            .map_err(|e| StoreError::new("start the SQLite writer", e))?;
+        Ok(Self { jobs })
+    }
+
+    fn run(connection: Connection, queue: std::sync::mpsc::Receiver<Job>) {
+        while let Ok(first) = queue.recv() {
+            let mut batch = vec![first];
+            while batch.len() < Self::BATCH {
+                match queue.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
             }
-            tx.commit().map_err(sqlite_error("commit"))?;
-            Ok(result)
-        })
-        .await
+            if let Err(error) = connection.execute_batch("BEGIN IMMEDIATE") {
+                let error = error.to_string();
+                for job in batch {
+                    job(None)(Err(error.clone()));
+                }
+                continue;
+            }
+            let finishers: Vec<Finisher> = batch
+                .into_iter()
+                .map(|job| job(Some(&connection)))
+                .collect();
+            let committed = connection.execute_batch("COMMIT").map_err(|error| {
+                let _ = connection.execute_batch("ROLLBACK");
+                error.to_string()
+            });
+            for finish in finishers {
+                finish(committed.clone());
+            }
+        }
     }
 }
 
