@@ -80,8 +80,19 @@ async fn mongodb_round_trips_do_not_grow_with_dialog_length_or_page_size() {
     let short = consent_commands(&app, &log, "short", 2).await;
     let long = consent_commands(&app, &log, "long", 300).await;
     assert_eq!(short, long);
-    assert!(short.len() <= 6, "{short:?}");
-    assert_eq!(short.last().map(String::as_str), Some("commitTransaction"));
+    // Read-and-touch the consent record, record the decision, find the messages already stored, insert
+    // the others, update the dialog summary, commit (BENCHMARKS.md quotes this list).
+    assert_eq!(
+        short,
+        [
+            "findAndModify",
+            "update",
+            "find",
+            "insert",
+            "update",
+            "commitTransaction"
+        ]
+    );
 
     // A page of dialogs with their messages: two finds, whatever the page size.
     for d in 0..40 {
