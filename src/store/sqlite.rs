@@ -294,14 +294,32 @@ impl Writer {
                 }
                 continue;
             }
-            let finishers: Vec<Finisher> = batch
-                .into_iter()
-                .map(|job| job(Some(&connection)))
-                .collect();
-            let committed = connection.execute_batch("COMMIT").map_err(|error| {
+            let mut finishers: Vec<Finisher> = Vec::with_capacity(batch.len());
+            let mut panicked = false;
+            for job in batch {
+                // A bug in one write must not take the writer (and every later write) down with it.
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    job(Some(&connection))
+                })) {
+                    Ok(finish) => finishers.push(finish),
+                    Err(_) => {
+                        // Its savepoint may be left open: give up the whole transaction.
+                        panicked = true;
+                        break;
+                    }
+                }
+            }
+            let committed = if panicked {
                 let _ = connection.execute_batch("ROLLBACK");
-                error.to_string()
-            });
+                Err("a write in the same transaction failed unexpectedly; retry".to_owned())
+            } else {
+                connection.execute_batch("COMMIT").map_err(|error| {
+                    let _ = connection.execute_batch("ROLLBACK");
+                    error.to_string()
+                })
+            };
+            // Writes of the batch not run after a panic are dropped: their callers see the reply channel
+            // close, a STORE_UNAVAILABLE they can retry.
             for finish in finishers {
                 finish(committed.clone());
             }
