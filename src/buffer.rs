@@ -109,9 +109,14 @@ impl Compact {
     }
 }
 
-/// The allocator's cost of a heap block of `len` bytes (glibc: 8 bytes of header, 16-byte granules).
+/// The allocator's cost of a heap block of `len` bytes: jemalloc's size classes (multiples of 16 up to
+/// 128 bytes, then four classes per doubling).
 fn heap_block(len: usize) -> usize {
-    (len + 8).div_ceil(16).max(2) * 16
+    if len <= 128 {
+        return len.max(1).div_ceil(16) * 16;
+    }
+    let step = len.next_power_of_two() / 8;
+    len.div_ceil(step) * step
 }
 
 /// Estimated memory of one buffered message: its slot in the dialog's vector (which grows by a quarter,
@@ -545,6 +550,23 @@ mod tests {
             max_messages_per_dialog,
             max_bytes,
         })
+    }
+
+    #[test]
+    fn heap_blocks_follow_the_allocator_size_classes() {
+        let cases = [
+            (1, 16),
+            (16, 16),
+            (17, 32),
+            (100, 112),
+            (128, 128),
+            (129, 160),
+            (2049, 2560),
+            (4096, 4096),
+        ];
+        for (len, block) in cases {
+            assert_eq!(heap_block(len), block, "{len}");
+        }
     }
 
     #[test]

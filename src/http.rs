@@ -49,34 +49,67 @@ impl DocumentCache {
     const DOCUMENTS: usize = 256;
     const MAX_QUERY_BYTES: usize = 8 * 1024;
 
-    /// Gives `operation` its parsed document: from the cache, or parsed now and remembered. Returns the
-    /// operation's label for the metrics: its root fields, e.g. `pushMessage` or `dialogs+messages`.
-    fn prepare(&self, operation: &mut async_graphql::Request) -> String {
+    /// Gives `operation` its parsed document, from the cache or parsed now. Returns the operation's label
+    /// for the metrics and, for a document parsed now, what to cache once it has passed validation.
+    fn prepare(
+        &self,
+        operation: &mut async_graphql::Request,
+    ) -> (String, Option<(String, ExecutableDocument)>) {
         if operation.query.len() > Self::MAX_QUERY_BYTES {
-            return "other".to_owned();
+            return ("other".to_owned(), None);
         }
         if let Some(document) = self.documents.get(&operation.query) {
             let label = label(&document, operation.operation_name.as_deref());
             operation.set_parsed_query(document.clone());
-            return label;
+            return (label, None);
         }
         // A document that does not parse is left to async-graphql, which reports the error.
         let Ok(document) = async_graphql::parser::parse_query(&operation.query) else {
-            return "invalid".to_owned();
+            return ("invalid".to_owned(), None);
         };
+        let label = label(&document, operation.operation_name.as_deref());
+        operation.set_parsed_query(document.clone());
+        (label, Some((operation.query.clone(), document)))
+    }
+
+    /// Keeps a document that executed without a parse or validation error: only documents within the
+    /// depth and complexity limits are kept, so their size is bounded too.
+    fn remember(
+        &self,
+        query: String,
+        document: ExecutableDocument,
+        response: &async_graphql::Response,
+    ) {
+        let refused = response.errors.iter().any(|error| {
+            matches!(
+                error.extensions.as_ref().and_then(|e| e.get("code")),
+                Some(async_graphql::Value::String(code)) if code.starts_with("GRAPHQL_") || code.starts_with("QUERY_TOO_")
+            )
+        });
+        if refused {
+            return;
+        }
         if self.documents.len() >= Self::DOCUMENTS {
             self.documents.clear();
         }
-        let label = label(&document, operation.operation_name.as_deref());
-        self.documents
-            .insert(operation.query.clone(), document.clone());
-        operation.set_parsed_query(document);
-        label
+        self.documents.insert(query, document);
     }
 }
 
-/// The root fields an operation selects, sorted and joined with `+` (the metrics' operation label; the
-/// schema's few root fields bound how many labels there can be).
+/// The root fields of the schema: the only names an operation label may contain.
+const ROOT_FIELDS: &[&str] = &[
+    "dialogs",
+    "dialog",
+    "messages",
+    "consent",
+    "pushMessage",
+    "pushMessages",
+    "giveConsent",
+    "eraseCustomer",
+];
+
+/// The root fields an operation selects, sorted and joined with `+` (the metrics' operation label). Only the
+/// schema's root fields are named, so clients cannot invent new labels; anything else is `other`.
 fn label(document: &ExecutableDocument, operation_name: Option<&str>) -> String {
     let operation = match (&document.operations, operation_name) {
         (DocumentOperations::Single(operation), _) => Some(operation),
@@ -94,7 +127,13 @@ fn label(document: &ExecutableDocument, operation_name: Option<&str>) -> String 
         match &selection.node {
             Selection::Field(field) => {
                 let name = field.node.name.node.as_str();
-                if !name.starts_with("__") && !fields.contains(&name) {
+                if name.starts_with("__") {
+                    continue;
+                }
+                if !ROOT_FIELDS.contains(&name) {
+                    return "other".to_owned();
+                }
+                if !fields.contains(&name) {
                     fields.push(name);
                 }
             }
@@ -253,13 +292,17 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
     let mut responses = Vec::with_capacity(operations.len());
     let metrics = state.service.metrics();
     for mut operation in operations {
-        let label = state.documents.prepare(&mut operation);
+        let (label, parsed) = state.documents.prepare(&mut operation);
         operation.data.insert(caller);
         operation
             .data
             .insert(schema::request_loader(state.service.clone(), state.limits));
         let started = std::time::Instant::now();
-        responses.push(state.schema.execute(operation).await);
+        let response = state.schema.execute(operation).await;
+        if let Some((query, document)) = parsed {
+            state.documents.remember(query, document, &response);
+        }
+        responses.push(response);
         metrics.operations.with_label_values(&[&label]).inc();
         metrics
             .operation_seconds

@@ -1,7 +1,7 @@
-//! The embedded store: SQLite (bundled) in WAL mode, so `cargo run` works on a bare machine. Every call runs
-//! on a pooled connection inside `spawn_blocking` (deadpool-sqlite's `interact`), never on the async runtime.
-//! Writes take the write lock up front (`BEGIN IMMEDIATE`), which makes each consent write atomic and
-//! serialised against a concurrent withdrawal.
+//! The embedded store: SQLite (bundled) in WAL mode, so `cargo run` works on a bare machine. Nothing blocks
+//! the async runtime: reads run on pooled connections inside `spawn_blocking` (deadpool-sqlite's
+//! `interact`), and writes on one writer thread that owns the writing connection, serialises them (so a
+//! consent cannot interleave with a withdrawal) and commits the writes that queued together (group commit).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -186,7 +186,8 @@ impl SqliteStore {
 
     /// Runs `f` as one atomic write: on the writer thread, inside a savepoint of a transaction it may share
     /// with other writes that arrived meanwhile (group commit: one durable commit for many consents).
-    /// `f` failing rolls back its own savepoint only. A write not started before its deadline is abandoned.
+    /// `f` failing rolls back its own savepoint only. A write that would finish past its deadline is rolled
+    /// back instead: its caller has given up.
     async fn write<T, F>(&self, f: F) -> StoreResult<T>
     where
         F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
@@ -194,43 +195,69 @@ impl SqliteStore {
     {
         let deadline = Instant::now() + self.write_deadline;
         let (reply, answer) = tokio::sync::oneshot::channel::<StoreResult<T>>();
-        let job: Job = Box::new(move |connection: Option<&Connection>| -> Finisher {
-            let outcome = match connection {
-                None => Err(StoreError("the SQLite writer is not running".to_owned())),
-                Some(_) if Instant::now() >= deadline => Err(StoreError(
-                    "write abandoned: not started before its deadline".to_owned(),
-                )),
-                Some(connection) => in_savepoint(connection, f),
-            };
-            Box::new(move |committed: Result<(), String>| {
-                let result = match (outcome, committed) {
-                    (Ok(value), Ok(())) => Ok(value),
-                    (Ok(_), Err(error)) => Err(StoreError(format!("commit: {error}"))),
-                    (Err(error), _) => Err(error),
+        let job = Job {
+            run: Box::new(move |connection: Result<&Connection, String>| -> Finisher {
+                let outcome = match connection {
+                    Err(error) => Err(StoreError(format!("begin: {error}"))),
+                    Ok(connection) => in_savepoint(connection, deadline, f),
                 };
-                // The caller may have given up waiting; the write's outcome stands either way.
-                let _ = reply.send(result);
-            })
-        });
+                Box::new(move |committed: Result<(), String>| {
+                    let result = match (outcome, committed) {
+                        (Ok(value), Ok(())) => Ok(value),
+                        (Ok(_), Err(error)) => Err(StoreError(format!("commit: {error}"))),
+                        (Err(error), _) => Err(error),
+                    };
+                    // The caller may have given up waiting; the write's outcome stands either way.
+                    let _ = reply.send(result);
+                })
+            }),
+        };
         self.writer
             .jobs
             .send(job)
             .map_err(|_| StoreError("the SQLite writer is not running".to_owned()))?;
         answer
             .await
-            .map_err(|_| StoreError("the SQLite writer stopped".to_owned()))?
+            .map_err(|_| StoreError("the SQLite writer dropped the write; retry".to_owned()))?
     }
 }
 
-/// Runs `f` inside a savepoint, which is released when it succeeds and rolled back when it fails.
+/// Runs `f` inside a savepoint, released when it succeeds and rolled back when it fails, panics, or would
+/// end past `deadline`. If SQLite itself rolled the whole transaction back (disk full, I/O error), there is
+/// no savepoint left to touch: `f`'s error is returned and the writer starts a new transaction.
 fn in_savepoint<T>(
     connection: &Connection,
+    deadline: Instant,
     f: impl FnOnce(&Connection) -> StoreResult<T>,
 ) -> StoreResult<T> {
+    if Instant::now() >= deadline {
+        return Err(StoreError(
+            "write abandoned: not started before its deadline".to_owned(),
+        ));
+    }
     connection
         .execute_batch("SAVEPOINT write")
         .map_err(sqlite_error("savepoint"))?;
-    let result = f(connection);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(connection)))
+        .unwrap_or_else(|_| {
+            Err(StoreError(
+                "the write failed unexpectedly (a bug); retry".to_owned(),
+            ))
+        })
+        .and_then(|value| {
+            if Instant::now() >= deadline {
+                Err(StoreError(
+                    "write abandoned: not done before its deadline".to_owned(),
+                ))
+            } else {
+                Ok(value)
+            }
+        });
+    if connection.is_autocommit() {
+        return result.and(Err(StoreError(
+            "the transaction was rolled back".to_owned(),
+        )));
+    }
     let end = if result.is_ok() {
         "RELEASE write"
     } else {
@@ -242,9 +269,13 @@ fn in_savepoint<T>(
     result
 }
 
-/// A write waiting for the writer: it runs with the writer's connection (`None` if the writer cannot
-/// begin a transaction) and returns what to do once the transaction's commit succeeded or failed.
-type Job = Box<dyn FnOnce(Option<&Connection>) -> Finisher + Send>;
+/// A write waiting for the writer: it runs with the writer's connection (or the reason there is none) and
+/// returns what to do once its transaction committed or failed.
+struct Job {
+    run: Box<dyn FnOnce(WriterConnection<'_>) -> Finisher + Send>,
+}
+/// The writer's connection inside a transaction, or why there is none.
+type WriterConnection<'a> = Result<&'a Connection, String>;
 type Finisher = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 /// The single writing connection, on a thread of its own. SQLite allows one writer at a time anyway; with
@@ -258,6 +289,9 @@ struct Writer {
 impl Writer {
     /// The most writes one transaction takes.
     const BATCH: usize = 64;
+    /// How long one transaction may keep taking writes before it commits, so that no write waits long
+    /// behind others.
+    const BATCH_TIME: Duration = Duration::from_millis(50);
 
     fn start(path: &Path) -> StoreResult<Self> {
         let connection = Connection::open(path).map_err(sqlite_error("open the writer"))?;
@@ -279,50 +313,62 @@ impl Writer {
     }
 
     fn run(connection: Connection, queue: std::sync::mpsc::Receiver<Job>) {
-        while let Ok(first) = queue.recv() {
-            let mut batch = vec![first];
-            while batch.len() < Self::BATCH {
+        let mut pending: std::collections::VecDeque<Job> = std::collections::VecDeque::new();
+        loop {
+            if pending.is_empty() {
+                match queue.recv() {
+                    Ok(job) => pending.push_back(job),
+                    Err(_) => return,
+                }
+            }
+            while pending.len() < Self::BATCH {
                 match queue.try_recv() {
-                    Ok(job) => batch.push(job),
+                    Ok(job) => pending.push_back(job),
                     Err(_) => break,
                 }
             }
-            if let Err(error) = connection.execute_batch("BEGIN IMMEDIATE") {
-                let error = error.to_string();
-                for job in batch {
-                    job(None)(Err(error.clone()));
-                }
-                continue;
+            Self::commit_some(&connection, &mut pending);
+        }
+    }
+
+    /// Runs writes from the front of `pending` in one transaction, until the batch is full, its time is up,
+    /// or SQLite rolled the transaction back; then commits and answers them.
+    fn commit_some(connection: &Connection, pending: &mut std::collections::VecDeque<Job>) {
+        if !connection.is_autocommit() {
+            // Left over from a failure: nothing of it was acknowledged.
+            let _ = connection.execute_batch("ROLLBACK");
+        }
+        if let Err(error) = connection.execute_batch("BEGIN IMMEDIATE") {
+            // The database is busy or broken: answer the oldest write so that callers see the cause, and
+            // try the others again (their deadlines bound how long).
+            if let Some(job) = pending.pop_front() {
+                (job.run)(Err(error.to_string()))(Err(error.to_string()));
             }
-            let mut finishers: Vec<Finisher> = Vec::with_capacity(batch.len());
-            let mut panicked = false;
-            for job in batch {
-                // A bug in one write must not take the writer (and every later write) down with it.
-                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    job(Some(&connection))
-                })) {
-                    Ok(finish) => finishers.push(finish),
-                    Err(_) => {
-                        // Its savepoint may be left open: give up the whole transaction.
-                        panicked = true;
-                        break;
-                    }
-                }
+            return;
+        }
+        let started = Instant::now();
+        let mut finishers: Vec<Finisher> = Vec::new();
+        let mut rolled_back = false;
+        while let Some(job) = pending.pop_front() {
+            finishers.push((job.run)(Ok(connection)));
+            if connection.is_autocommit() {
+                rolled_back = true;
+                break;
             }
-            let committed = if panicked {
+            if finishers.len() >= Self::BATCH || started.elapsed() >= Self::BATCH_TIME {
+                break;
+            }
+        }
+        let committed = if rolled_back {
+            Err("the transaction was rolled back; retry".to_owned())
+        } else {
+            connection.execute_batch("COMMIT").map_err(|error| {
                 let _ = connection.execute_batch("ROLLBACK");
-                Err("a write in the same transaction failed unexpectedly; retry".to_owned())
-            } else {
-                connection.execute_batch("COMMIT").map_err(|error| {
-                    let _ = connection.execute_batch("ROLLBACK");
-                    error.to_string()
-                })
-            };
-            // Writes of the batch not run after a panic are dropped: their callers see the reply channel
-            // close, a STORE_UNAVAILABLE they can retry.
-            for finish in finishers {
-                finish(committed.clone());
-            }
+                error.to_string()
+            })
+        };
+        for finish in finishers {
+            finish(committed.clone());
         }
     }
 }
@@ -659,7 +705,9 @@ impl Store for SqliteStore {
         // pages from the write-ahead log. Best effort: the erasure itself has committed.
         let _ = self
             .with_connection(|c| {
-                c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+                // Short: the checkpoint waits for readers while it holds the write lock.
+                c.busy_timeout(Duration::from_secs(1))
+                    .and_then(|_| c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);"))
                     .map_err(sqlite_error("checkpoint"))
             })
             .await;

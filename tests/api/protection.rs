@@ -570,6 +570,10 @@ async fn metrics_count_operations_errors_consents_store_calls_and_the_buffer() {
         app.consent("counted", true).await;
         app.consent_error("nope", true).await;
         app.data("{ dialogs { totalCount } }", json!({})).await;
+        // Clients cannot invent metric labels with made-up field names.
+        for i in 0..3 {
+            app.graphql(&format!("{{ invented{i} }}"), json!({})).await;
+        }
         let text = app
             .http_client()
             .get(app.url("/metrics"))
@@ -589,9 +593,11 @@ async fn metrics_count_operations_errors_consents_store_calls_and_the_buffer() {
             "dataapi_buffer_messages 1",
             "dataapi_store_call_duration_seconds_count{call=\"record_decision\"} 1",
             "dataapi_graphql_operation_duration_seconds_count{operation=\"pushMessage\"} 3",
+            "dataapi_graphql_operations_total{operation=\"other\"} 3",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
         }
+        assert!(!text.contains("invented"), "{text}");
         assert!(metric(&app, "dataapi_buffer_bytes").await > 0.0);
     })
     .await;
