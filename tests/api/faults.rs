@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use dataapi::store::{MongoStore, Store};
 use serde_json::json;
 
-use crate::helpers::{TestApp, code};
+use crate::helpers::{BinaryService, TestApp, code};
 
 /// A SecantusDB process on a fixed loopback port that can be killed and started again; in memory, or on
 /// disk (kept across restarts, synced on every commit) with [`KillableServer::start_durable`].
@@ -445,31 +445,14 @@ async fn killing_the_database_mid_consent_leaves_no_partial_dialog() {
 
 #[tokio::test]
 async fn killing_the_service_mid_consent_leaves_the_embedded_store_consistent() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dataapi"))
-        .current_dir(dir.path())
-        .env_clear()
-        .env("BIND_ADDR", format!("127.0.0.1:{port}"))
-        .env("LOG", "warn")
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}/graphql");
+    let mut service = BinaryService::start("warn").await;
+    let url = service.url("/graphql");
     let client = reqwest::Client::new();
     let post = |body: serde_json::Value| {
         let client = client.clone();
         let url = url.clone();
         async move { client.post(&url).json(&body).send().await }
     };
-    let ready = Instant::now() + Duration::from_secs(10);
-    while post(json!({ "query": "{ __typename }" })).await.is_err() {
-        assert!(Instant::now() < ready, "dataapi did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     const DIALOGS: usize = 8;
     const MESSAGES: usize = 400;
     for d in 0..DIALOGS {
@@ -488,15 +471,15 @@ async fn killing_the_service_mid_consent_leaves_the_embedded_store_consistent() 
         .map(|d| tokio::spawn(post(json!({ "query": format!("mutation {{ giveConsent(dialogId: \"big-{d}\", value: true) {{ storedCount }} }}") }))))
         .collect();
     tokio::time::sleep(Duration::from_millis(30)).await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    service.child.kill().unwrap();
+    service.child.wait().unwrap();
     for consent in consents {
         let _ = consent.await;
     }
 
     // Whatever committed is whole: every dialog's summary matches its messages, no message is orphaned,
     // and a consent record of true exists exactly for the dialogs whose messages are there.
-    let path = dir.path().join("data/dataapi.sqlite3");
+    let path = service.dir.path().join("data/dataapi.sqlite3");
     let db = deadpool_sqlite::rusqlite::Connection::open(&path).unwrap();
     let query = |sql: &str| -> i64 { db.query_row(sql, [], |row| row.get(0)).unwrap() };
     assert_eq!(

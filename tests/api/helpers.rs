@@ -602,3 +602,62 @@ where
 pub fn code(error: &Value) -> &str {
     error["extensions"]["code"].as_str().unwrap_or("<no code>")
 }
+
+/// The `dataapi` binary, started in a directory of its own on a free loopback port, on the embedded store
+/// (`./data` in that directory), with nothing but `BIND_ADDR` and `LOG` set. Killed when dropped.
+pub struct BinaryService {
+    pub child: std::process::Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl BinaryService {
+    /// Starts it (stdout into `stdout.log` in its directory) and waits until `/health` answers.
+    pub async fn start(log_level: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_dataapi"))
+            .current_dir(dir.path())
+            .env_clear()
+            .env("BIND_ADDR", format!("127.0.0.1:{port}"))
+            .env("LOG", log_level)
+            .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
+            .spawn()
+            .expect("start dataapi");
+        let service = Self { child, port, dir };
+        let health = service.url("/health");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Ok(response) = reqwest::get(&health).await
+                && response.status() == 200
+            {
+                return service;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "dataapi did not answer {health}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// What it has printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stdout.log")).unwrap()
+    }
+}
+
+impl Drop for BinaryService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

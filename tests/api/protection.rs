@@ -7,7 +7,7 @@ use dataapi::config::Config;
 use dataapi::model::{CustomerId, customer_digest};
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, TestApp, code, run_with, test_config};
+use crate::helpers::{Backend, BinaryService, TestApp, code, run_with, test_config};
 
 const INTROSPECTION: &str = include_str!("introspection.graphql");
 
@@ -634,33 +634,16 @@ async fn shutdown_lets_requests_in_flight_finish_and_then_refuses_new_ones() {
 
 #[tokio::test]
 async fn sigterm_stops_the_binary_gracefully_and_says_what_it_drops() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let log = dir.path().join("stdout.log");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dataapi"))
-        .current_dir(dir.path())
-        .env_clear()
-        .env("BIND_ADDR", format!("127.0.0.1:{port}"))
-        .env("LOG", "info")
-        .stdout(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}/graphql");
+    let mut service = BinaryService::start("info").await;
     let push = json!({ "query": "mutation { pushMessage(input: {customerId: \"c\", dialogId: \"d\", text: \"t\", language: \"en\"}) { status } }" });
-    let client = reqwest::Client::new();
-    let mut pushed = false;
-    for _ in 0..200 {
-        if let Ok(response) = client.post(&url).json(&push).send().await {
-            pushed = response.status() == 200;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(pushed, "the service did not answer");
+    let response = reqwest::Client::new()
+        .post(service.url("/graphql"))
+        .json(&push)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let child = &mut service.child;
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -678,7 +661,7 @@ async fn sigterm_stops_the_binary_gracefully_and_says_what_it_drops() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "{status:?}");
-    let output = std::fs::read_to_string(&log).unwrap();
+    let output = service.output();
     assert!(output.contains("shutdown signal received"), "{output}");
     assert!(
         output.contains("undecided buffered messages are dropped"),

@@ -4,7 +4,7 @@ use std::process::Command;
 
 use serde_json::json;
 
-use crate::helpers::{Backend, TestApp, run};
+use crate::helpers::{Backend, BinaryService, TestApp, run};
 
 fn dataapi() -> Command {
     Command::new(env!("CARGO_BIN_EXE_dataapi"))
@@ -92,38 +92,12 @@ fn without_keys_the_binary_refuses_to_listen_beyond_loopback_unless_told_to() {
 
 #[tokio::test]
 async fn the_binary_starts_on_the_embedded_store_says_so_and_answers() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let log = dir.path().join("stdout.log");
-    let mut child = dataapi()
-        .current_dir(dir.path())
-        .env_clear()
-        .env("BIND_ADDR", format!("127.0.0.1:{port}"))
-        .env("LOG", "info")
-        .stdout(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start dataapi");
-    let health = format!("http://127.0.0.1:{port}/health");
-    let mut answered = false;
-    for _ in 0..200 {
-        if let Ok(response) = reqwest::get(&health).await {
-            answered = response.status() == 200;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(answered, "dataapi did not answer {health}");
+    let service = BinaryService::start("info").await;
     assert!(
-        dir.path().join("data/dataapi.sqlite3").exists(),
+        service.dir.path().join("data/dataapi.sqlite3").exists(),
         "the embedded store lives under ./data"
     );
-    let startup = std::fs::read_to_string(&log).unwrap();
+    let startup = service.output();
     assert!(
         startup.contains("embedded SQLite at ./data/dataapi.sqlite3"),
         "{startup}"
@@ -133,7 +107,7 @@ async fn the_binary_starts_on_the_embedded_store_says_so_and_answers() {
         "names the buffer: {startup}"
     );
     assert!(
-        startup.contains(&format!("GraphiQL at http://127.0.0.1:{port}/")),
+        startup.contains(&format!("GraphiQL at http://127.0.0.1:{}/", service.port)),
         "{startup}"
     );
 }
