@@ -3,6 +3,7 @@
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dataapi::store::{MongoStore, Store};
@@ -141,27 +142,8 @@ async fn a_database_killed_before_consent_loses_nothing_and_a_retry_after_restar
     server.restart();
     // The driver notices the server again within a few heartbeats; retry as the background job would.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let consent = loop {
-        let response = app
-            .graphql(
-                "mutation { giveConsent(dialogId: \"outage\", value: true) { storedCount } }",
-                json!({}),
-            )
-            .await;
-        if response.get("errors").is_none() {
-            break response["data"]["giveConsent"].clone();
-        }
-        assert_eq!(
-            code(&response["errors"][0]),
-            "STORE_UNAVAILABLE",
-            "{response:#}"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "the restarted database never came back: {response:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let consent =
+        consent_until_recorded(&app, "outage", true, deadline, &AtomicUsize::new(0)).await;
     assert_eq!(
         consent["storedCount"], 6,
         "every acknowledged push is stored"
@@ -181,77 +163,79 @@ async fn a_database_killed_before_consent_loses_nothing_and_a_retry_after_restar
     assert_eq!(store.count_messages(&Default::default()).await.unwrap(), 6);
 }
 
-/// How many calls the fault tests saw fail with `STORE_UNAVAILABLE` (proof that the faults hit something).
-static UNAVAILABLE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-fn count_unavailable() {
-    UNAVAILABLE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// Pushes `messages` messages (keys `k0`..) to `dialog`, retrying each until it is acknowledged; returns
-/// the acknowledged keys. Gives up (panics) after `deadline`.
-async fn push_until_acknowledged(
+/// Runs one GraphQL operation until it succeeds, as a client retrying through an outage would; returns its
+/// `data`. Any error other than `STORE_UNAVAILABLE` fails the test, and so does still failing at `deadline`.
+/// `unavailable` counts the failed attempts (proof that the outage hit calls in flight).
+async fn until_available(
     app: &TestApp,
-    customer: &str,
-    dialog: &str,
-    messages: usize,
+    query: &str,
+    variables: serde_json::Value,
     deadline: Instant,
-) -> Vec<String> {
-    let mut acknowledged = Vec::new();
-    for i in 0..messages {
-        let key = format!("k{i}");
-        loop {
-            let response = app
-                .graphql(
-                    "mutation($i: PushMessageInput!) { pushMessage(input: $i) { status } }",
-                    json!({ "i": { "customerId": customer, "dialogId": dialog, "text": format!("text {i}"),
-                                   "language": "en", "messageId": key } }),
-                )
-                .await;
-            if response.get("errors").is_none() {
-                acknowledged.push(key);
-                break;
-            }
-            assert_eq!(
-                code(&response["errors"][0]),
-                "STORE_UNAVAILABLE",
-                "{response}"
-            );
-            count_unavailable();
-            assert!(
-                Instant::now() < deadline,
-                "no acknowledgement for {dialog}/{key}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    acknowledged
-}
-
-/// Gives consent, retrying while the database is unavailable.
-async fn consent_until_recorded(app: &TestApp, dialog: &str, value: bool, deadline: Instant) {
+    unavailable: &AtomicUsize,
+) -> serde_json::Value {
     loop {
-        let response = app
-            .graphql(
-                "mutation($d: ID!, $v: Boolean!) { giveConsent(dialogId: $d, value: $v) { value } }",
-                json!({ "d": dialog, "v": value }),
-            )
-            .await;
+        let response = app.graphql(query, variables.clone()).await;
         if response.get("errors").is_none() {
-            return;
+            return response["data"].clone();
         }
         assert_eq!(
             code(&response["errors"][0]),
             "STORE_UNAVAILABLE",
             "{response}"
         );
-        count_unavailable();
+        unavailable.fetch_add(1, Ordering::Relaxed);
         assert!(
             Instant::now() < deadline,
-            "consent for {dialog} never recorded"
+            "still failing at the deadline: {response}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Pushes `messages` messages (keys `k0`..) to `dialog`, retrying each until it is acknowledged; returns
+/// the acknowledged keys.
+async fn push_until_acknowledged(
+    app: &TestApp,
+    customer: &str,
+    dialog: &str,
+    messages: usize,
+    deadline: Instant,
+    unavailable: &AtomicUsize,
+) -> Vec<String> {
+    let mut acknowledged = Vec::new();
+    for i in 0..messages {
+        let key = format!("k{i}");
+        until_available(
+            app,
+            "mutation($i: PushMessageInput!) { pushMessage(input: $i) { status } }",
+            json!({ "i": { "customerId": customer, "dialogId": dialog, "text": format!("text {i}"),
+                           "language": "en", "messageId": key } }),
+            deadline,
+            unavailable,
+        )
+        .await;
+        acknowledged.push(key);
+    }
+    acknowledged
+}
+
+/// Gives consent, retrying while the database is unavailable; returns the `giveConsent` payload.
+async fn consent_until_recorded(
+    app: &TestApp,
+    dialog: &str,
+    value: bool,
+    deadline: Instant,
+    unavailable: &AtomicUsize,
+) -> serde_json::Value {
+    let data = until_available(
+        app,
+        "mutation($d: ID!, $v: Boolean!) { giveConsent(dialogId: $d, value: $v) { value storedCount } }",
+        json!({ "d": dialog, "v": value }),
+        deadline,
+        unavailable,
+    )
+    .await;
+    data["giveConsent"].clone()
 }
 
 /// The `messageId`s stored for a dialog, in order.
@@ -300,20 +284,29 @@ async fn a_database_stopped_during_a_stream_of_pushes_and_consents_keeps_every_a
     // Four clients, each working through dialogs until told to stop: push, then decide (every third one
     // refuses).
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let unavailable = Arc::new(AtomicUsize::new(0));
     let workers: Vec<_> = (0..4)
         .map(|worker| {
             let app = app.clone();
             let stop = stop.clone();
+            let unavailable = unavailable.clone();
             tokio::spawn(async move {
                 let mut outcomes = Vec::new();
                 let mut n = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let dialog = format!("w{worker}-d{n}");
-                    let keys =
-                        push_until_acknowledged(&app, &format!("c{worker}"), &dialog, 6, deadline)
-                            .await;
+                    let customer = format!("c{worker}");
+                    let keys = push_until_acknowledged(
+                        &app,
+                        &customer,
+                        &dialog,
+                        6,
+                        deadline,
+                        &unavailable,
+                    )
+                    .await;
                     let value = n % 3 != 0;
-                    consent_until_recorded(&app, &dialog, value, deadline).await;
+                    consent_until_recorded(&app, &dialog, value, deadline, &unavailable).await;
                     outcomes.push((dialog, value, keys));
                     n += 1;
                 }
@@ -350,7 +343,7 @@ async fn a_database_stopped_during_a_stream_of_pushes_and_consents_keeps_every_a
     let total = store.count_messages(&Default::default()).await.unwrap();
     assert_eq!(total as usize, expected_total, "and nothing else");
     assert!(
-        UNAVAILABLE.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        unavailable.load(Ordering::Relaxed) > 0,
         "the outages hit calls in flight"
     );
     store.drop_database().await.ok();
@@ -366,10 +359,19 @@ async fn killing_the_database_mid_consent_leaves_no_partial_dialog() {
     );
     let app = Arc::new(TestApp::start_with(store.clone(), durable_config()).await);
     let deadline = Instant::now() + Duration::from_secs(120);
+    let unavailable = AtomicUsize::new(0);
     const DIALOGS: usize = 6;
     const MESSAGES: usize = 300;
     for d in 0..DIALOGS {
-        push_until_acknowledged(&app, "c", &format!("big-{d}"), MESSAGES, deadline).await;
+        push_until_acknowledged(
+            &app,
+            "c",
+            &format!("big-{d}"),
+            MESSAGES,
+            deadline,
+            &unavailable,
+        )
+        .await;
     }
     // Consents run while the database is killed under them: as soon as the first one has committed.
     let mut consents = tokio::task::JoinSet::new();
@@ -399,22 +401,15 @@ async fn killing_the_database_mid_consent_leaves_no_partial_dialog() {
     let mut visible_before_retry = 0;
     for d in 0..DIALOGS {
         let dialog = format!("big-{d}");
-        let stored = loop {
-            let response = app
-                .graphql(
-                    "query($d: ID!) { dialog(id: $d) { messageCount messages { messageId } } }",
-                    json!({ "d": dialog }),
-                )
-                .await;
-            if response.get("errors").is_none() {
-                break response["data"]["dialog"].clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the database did not come back: {response}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
+        let stored = until_available(
+            &app,
+            "query($d: ID!) { dialog(id: $d) { messageCount messages { messageId } } }",
+            json!({ "d": dialog }),
+            deadline,
+            &unavailable,
+        )
+        .await["dialog"]
+            .clone();
         if !stored.is_null() {
             visible_before_retry += 1;
             assert_eq!(stored["messageCount"], MESSAGES, "{dialog} is complete");
@@ -424,7 +419,7 @@ async fn killing_the_database_mid_consent_leaves_no_partial_dialog() {
                 "{dialog} is complete"
             );
         }
-        consent_until_recorded(&app, &dialog, true, deadline).await;
+        consent_until_recorded(&app, &dialog, true, deadline, &unavailable).await;
         assert_eq!(
             stored_keys(&app, &dialog).await.len(),
             MESSAGES,

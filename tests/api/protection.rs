@@ -341,17 +341,21 @@ pub fn short_retention() -> Config {
     config
 }
 
-async fn metric(app: &TestApp, name: &str) -> f64 {
-    let text = app
-        .http_client()
+async fn metrics_text(app: &TestApp) -> String {
+    app.http_client()
         .get(app.url("/metrics"))
         .send()
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
-    text.lines()
+        .unwrap()
+}
+
+async fn metric(app: &TestApp, name: &str) -> f64 {
+    metrics_text(app)
+        .await
+        .lines()
         .find(|line| line.starts_with(name))
         .and_then(|line| line.rsplit(' ').next())
         .map_or(0.0, |value| value.parse().unwrap())
@@ -574,15 +578,7 @@ async fn metrics_count_operations_errors_consents_store_calls_and_the_buffer() {
         for i in 0..3 {
             app.graphql(&format!("{{ invented{i} }}"), json!({})).await;
         }
-        let text = app
-            .http_client()
-            .get(app.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = metrics_text(&app).await;
         for expected in [
             "dataapi_graphql_operations_total{operation=\"pushMessage\"} 3",
             "dataapi_graphql_operations_total{operation=\"giveConsent\"} 2",
