@@ -166,14 +166,19 @@ pub fn router(state: AppState, graphiql: bool) -> Router {
     router.with_state(state)
 }
 
-/// A refusal in GraphQL's error shape, counted in the error metrics.
-fn refuse(state: &AppState, status: StatusCode, code: &str, message: &str) -> Response {
+/// Counts an error returned to a client, by its code.
+fn count_error(state: &AppState, code: &str) {
     state
         .service
         .metrics()
         .errors
         .with_label_values(&[code])
         .inc();
+}
+
+/// A refusal in GraphQL's error shape, counted in the error metrics.
+fn refuse(state: &AppState, status: StatusCode, code: &str, message: &str) -> Response {
+    count_error(state, code);
     let body = json!({ "errors": [{ "message": message, "extensions": { "code": code } }] });
     let mut response = (status, axum::Json(body)).into_response();
     if status == StatusCode::UNAUTHORIZED {
@@ -322,12 +327,7 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
         })
         .collect();
     for code in &codes {
-        state
-            .service
-            .metrics()
-            .errors
-            .with_label_values(&[code])
-            .inc();
+        count_error(&state, code);
     }
     // A status other than 200 only when nothing succeeded: a client or proxy that retries on 503 must not
     // repeat the parts of a request that did succeed.
