@@ -56,15 +56,19 @@ CREATE TABLE IF NOT EXISTS dialog_languages (
     PRIMARY KEY (dialog_id, language)
 );
 CREATE INDEX IF NOT EXISTS dialog_languages_recent ON dialog_languages (language, last_message_at, dialog_id);
+-- Messages are unique per (dialog, id): a retried write is ignored. Not a primary key on `id` alone: ids
+-- derived from a client `messageId` are hashes, and an index in hash order takes each consent's rows to
+-- as many random pages (one WAL frame each per commit); keyed by dialog first, a consent touches a few.
 CREATE TABLE IF NOT EXISTS messages (
-    id          TEXT PRIMARY KEY,
+    id          TEXT NOT NULL,
     dialog_id   TEXT NOT NULL,
     customer_id TEXT NOT NULL,
     client_id   TEXT,
     text        TEXT NOT NULL,
     language    TEXT NOT NULL,
     created_at  INTEGER NOT NULL,
-    seq         INTEGER NOT NULL
+    seq         INTEGER NOT NULL,
+    UNIQUE (dialog_id, id)
 );
 CREATE INDEX IF NOT EXISTS messages_dialog ON messages (dialog_id, seq);
 CREATE INDEX IF NOT EXISTS messages_recent ON messages (seq, id);
@@ -81,6 +85,24 @@ CREATE TABLE IF NOT EXISTS erasures (
     consents          INTEGER NOT NULL,
     buffered_messages INTEGER NOT NULL
 );
+"#;
+
+/// The layout `SCHEMA` creates, kept in `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+
+/// From the first layout (version 0, `messages` keyed by `id` alone) to version 1: the table is rebuilt
+/// under its new key, in the same transaction as the rest of `SCHEMA`.
+const MIGRATE_FROM_0: &str = r#"
+DROP INDEX IF EXISTS messages_dialog;
+DROP INDEX IF EXISTS messages_recent;
+DROP INDEX IF EXISTS messages_language_recent;
+DROP INDEX IF EXISTS messages_customer_recent;
+ALTER TABLE messages RENAME TO messages_v0;
+"#;
+const MIGRATE_FROM_0_COPY: &str = r#"
+INSERT INTO messages (id, dialog_id, customer_id, client_id, text, language, created_at, seq)
+    SELECT id, dialog_id, customer_id, client_id, text, language, created_at, seq FROM messages_v0 ORDER BY rowid;
+DROP TABLE messages_v0;
 "#;
 
 const MESSAGE_COLUMNS: &str =
@@ -140,12 +162,7 @@ impl SqliteStore {
             path: path.to_owned(),
             write_deadline: Duration::from_secs(8),
         };
-        store
-            .with_connection(|c| {
-                c.execute_batch(SCHEMA)
-                    .map_err(sqlite_error("create schema"))
-            })
-            .await?;
+        store.with_connection(create_or_migrate_schema).await?;
         Ok(store)
     }
 
@@ -184,34 +201,22 @@ impl SqliteStore {
         self
     }
 
-    /// Runs `f` as one atomic write: on the writer thread, inside a savepoint of a transaction it may share
-    /// with other writes that arrived meanwhile (group commit: one durable commit for many consents).
-    /// `f` failing rolls back its own savepoint only. A write that would finish past its deadline is rolled
-    /// back instead: its caller has given up.
+    /// Runs `f` as one atomic write on the writer thread, in a transaction it may share with other writes
+    /// that arrived meanwhile (group commit: one durable commit for many consents). `f` failing undoes its
+    /// own changes only. A write that would finish past its deadline is undone instead: its caller has
+    /// given up. `f` may run more than once (see [`Writer::commit_some`]); only its last run counts.
     async fn write<T, F>(&self, f: F) -> StoreResult<T>
     where
-        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+        F: FnMut(&Connection) -> StoreResult<T> + Send + 'static,
         T: Send + 'static,
     {
-        let deadline = Instant::now() + self.write_deadline;
         let (reply, answer) = tokio::sync::oneshot::channel::<StoreResult<T>>();
-        let job = Job {
-            run: Box::new(move |connection: Result<&Connection, String>| -> Finisher {
-                let outcome = match connection {
-                    Err(error) => Err(StoreError(format!("begin: {error}"))),
-                    Ok(connection) => in_savepoint(connection, deadline, f),
-                };
-                Box::new(move |committed: Result<(), String>| {
-                    let result = match (outcome, committed) {
-                        (Ok(value), Ok(())) => Ok(value),
-                        (Ok(_), Err(error)) => Err(StoreError(format!("commit: {error}"))),
-                        (Err(error), _) => Err(error),
-                    };
-                    // The caller may have given up waiting; the write's outcome stands either way.
-                    let _ = reply.send(result);
-                })
-            }),
-        };
+        let job: Job = Box::new(PendingWrite {
+            write: f,
+            deadline: Instant::now() + self.write_deadline,
+            outcome: None,
+            reply,
+        });
         self.writer
             .jobs
             .send(job)
@@ -222,23 +227,58 @@ impl SqliteStore {
     }
 }
 
-/// Runs `f` inside a savepoint, released when it succeeds and rolled back when it fails, panics, or would
-/// end past `deadline`. If SQLite itself rolled the whole transaction back (disk full, I/O error), there is
-/// no savepoint left to touch: `f`'s error is returned and the writer starts a new transaction.
-fn in_savepoint<T>(
+/// Creates the schema, or brings a database written by an earlier version up to [`SCHEMA_VERSION`], in one
+/// transaction: a failed migration leaves the file as it was.
+fn create_or_migrate_schema(connection: &mut Connection) -> StoreResult<()> {
+    let tx = connection
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(sqlite_error("begin the schema transaction"))?;
+    let version: i64 = tx
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(sqlite_error("read the schema version"))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError(format!(
+            "the database has schema version {version}, written by a newer DataAPI (this one knows up to \
+             {SCHEMA_VERSION}); run that version, or point DATABASE_URL at another file"
+        )));
+    }
+    let has_messages = tx
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'messages'",
+            [],
+            |row| row.get::<_, i64>(0),
+        )
+        .map_err(sqlite_error("read the schema"))?
+        > 0;
+    let migrate = version == 0 && has_messages;
+    if migrate {
+        tx.execute_batch(MIGRATE_FROM_0)
+            .map_err(sqlite_error("migrate the schema"))?;
+    }
+    tx.execute_batch(SCHEMA)
+        .map_err(sqlite_error("create schema"))?;
+    if migrate {
+        tx.execute_batch(MIGRATE_FROM_0_COPY)
+            .map_err(sqlite_error("migrate the schema"))?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .map_err(sqlite_error("write the schema version"))?;
+    tx.commit().map_err(sqlite_error("commit the schema"))
+}
+
+/// Runs `f` as it is, in the open transaction: the fast way, when no write of the transaction fails. Fails
+/// if `f` fails, panics, or ends past `deadline`; the caller must then roll the whole transaction back.
+fn run_unguarded<T>(
     connection: &Connection,
     deadline: Instant,
-    f: impl FnOnce(&Connection) -> StoreResult<T>,
+    f: &mut impl FnMut(&Connection) -> StoreResult<T>,
 ) -> StoreResult<T> {
     if Instant::now() >= deadline {
         return Err(StoreError(
             "write abandoned: not started before its deadline".to_owned(),
         ));
     }
-    connection
-        .execute_batch("SAVEPOINT write")
-        .map_err(sqlite_error("savepoint"))?;
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(connection)))
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(connection)))
         .unwrap_or_else(|_| {
             Err(StoreError(
                 "the write failed unexpectedly (a bug); retry".to_owned(),
@@ -252,31 +292,92 @@ fn in_savepoint<T>(
             } else {
                 Ok(value)
             }
-        });
+        })
+}
+
+/// Runs `f` inside a savepoint, released when it succeeds and rolled back when it fails, panics, or would
+/// end past `deadline`. If SQLite itself rolled the whole transaction back (disk full, I/O error), there is
+/// no savepoint left to touch: `f`'s error is returned and the writer starts a new transaction.
+fn in_savepoint<T>(
+    connection: &Connection,
+    deadline: Instant,
+    f: &mut impl FnMut(&Connection) -> StoreResult<T>,
+) -> StoreResult<T> {
+    if Instant::now() >= deadline {
+        return Err(StoreError(
+            "write abandoned: not started before its deadline".to_owned(),
+        ));
+    }
+    run_cached(connection, "SAVEPOINT write").map_err(sqlite_error("savepoint"))?;
+    let result = run_unguarded(connection, deadline, f);
     if connection.is_autocommit() {
         return result.and(Err(StoreError(
             "the transaction was rolled back".to_owned(),
         )));
     }
     let end = if result.is_ok() {
-        "RELEASE write"
+        run_cached(connection, "RELEASE write")
     } else {
-        "ROLLBACK TO write; RELEASE write"
+        run_cached(connection, "ROLLBACK TO write")
+            .and_then(|_| run_cached(connection, "RELEASE write"))
     };
-    connection
-        .execute_batch(end)
-        .map_err(sqlite_error("savepoint"))?;
+    end.map_err(sqlite_error("savepoint"))?;
     result
 }
 
-/// A write waiting for the writer: it runs with the writer's connection (or the reason there is none) and
-/// returns what to do once its transaction committed or failed.
-struct Job {
-    run: Box<dyn FnOnce(WriterConnection<'_>) -> Finisher + Send>,
+/// Runs a parameterless statement through the connection's statement cache: the writer runs the same few
+/// statements for every write, and parsing them each time cost more than running them.
+fn run_cached(connection: &Connection, sql: &str) -> rusqlite::Result<usize> {
+    connection.prepare_cached(sql)?.execute([])
 }
-/// The writer's connection inside a transaction, or why there is none.
-type WriterConnection<'a> = Result<&'a Connection, String>;
-type Finisher = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// A write waiting for the writer.
+type Job = Box<dyn WriterJob>;
+
+trait WriterJob: Send {
+    /// Runs the write in the writer's open transaction, in a savepoint of its own when `isolated`;
+    /// returns whether it succeeded. May be called again after a rollback; the last run counts.
+    fn run(&mut self, connection: &Connection, isolated: bool) -> bool;
+    /// Answers the caller once the transaction committed (or did not).
+    fn finish(self: Box<Self>, committed: Result<(), String>);
+}
+
+/// A write and where its answer goes.
+struct PendingWrite<T, F> {
+    write: F,
+    deadline: Instant,
+    outcome: Option<StoreResult<T>>,
+    reply: tokio::sync::oneshot::Sender<StoreResult<T>>,
+}
+
+impl<T, F> WriterJob for PendingWrite<T, F>
+where
+    F: FnMut(&Connection) -> StoreResult<T> + Send,
+    T: Send,
+{
+    fn run(&mut self, connection: &Connection, isolated: bool) -> bool {
+        let outcome = if isolated {
+            in_savepoint(connection, self.deadline, &mut self.write)
+        } else {
+            run_unguarded(connection, self.deadline, &mut self.write)
+        };
+        let succeeded = outcome.is_ok();
+        self.outcome = Some(outcome);
+        succeeded
+    }
+
+    fn finish(self: Box<Self>, committed: Result<(), String>) {
+        let result = match (self.outcome, committed) {
+            (Some(Err(error)), _) => Err(error),
+            (Some(Ok(value)), Ok(())) => Ok(value),
+            (Some(Ok(_)), Err(error)) => Err(StoreError(format!("commit: {error}"))),
+            (None, Err(error)) => Err(StoreError(format!("begin: {error}"))),
+            (None, Ok(())) => Err(StoreError("the write did not run; retry".to_owned())),
+        };
+        // The caller may have given up waiting; the write's outcome stands either way.
+        let _ = self.reply.send(result);
+    }
+}
 
 /// The single writing connection, on a thread of its own. SQLite allows one writer at a time anyway; with
 /// one thread owning it, writes queue without lock contention, and the writes that queued while a commit
@@ -299,20 +400,50 @@ impl Writer {
             .busy_timeout(std::time::Duration::from_secs(5))
             .and_then(|_| {
                 connection.execute_batch(
+                    // temp_store: each write's savepoint journals the pages it changes; on disk, that was a
+                    // temporary file written (and opened and closed) per consent.
+                    // wal_autocheckpoint: the checkpointer thread copies the log into the database; the
+                    // writer does it itself only if that falls far behind (4,000 pages, 16 MiB).
                     "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
-                     PRAGMA secure_delete = ON;",
+                     PRAGMA secure_delete = ON; PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 4000;",
                 )
             })
             .map_err(sqlite_error("configure the writer"))?;
+        // Room for every statement the writer repeats (see `run_cached`), so none is parsed twice.
+        connection.set_prepared_statement_cache_capacity(32);
+        let checkpointer = Connection::open(path).map_err(sqlite_error("open the checkpointer"))?;
+        let (commits, committed) = std::sync::mpsc::sync_channel::<()>(1);
+        std::thread::Builder::new()
+            .name("sqlite-checkpoint".to_owned())
+            .spawn(move || Self::checkpoint(checkpointer, committed))
+            .map_err(|e| StoreError::new("start the SQLite checkpointer", e))?;
         let (jobs, queue) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("sqlite-writer".to_owned())
-            .spawn(move || Self::run(connection, queue))
+            .spawn(move || Self::run(connection, queue, commits))
             .map_err(|e| StoreError::new("start the SQLite writer", e))?;
         Ok(Self { jobs })
     }
 
-    fn run(connection: Connection, queue: std::sync::mpsc::Receiver<Job>) {
+    /// How often, at most, the checkpointer copies the write-ahead log into the database.
+    const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
+
+    /// Copies committed pages from the write-ahead log into the database, off the writer's thread (the
+    /// copy is I/O the writer would otherwise do between two transactions). PASSIVE: it neither waits for
+    /// nor blocks the writer or readers, and what it cannot copy yet waits for the next round. Ends when
+    /// the writer does.
+    fn checkpoint(connection: Connection, committed: std::sync::mpsc::Receiver<()>) {
+        while committed.recv().is_ok() {
+            let _ = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+            std::thread::sleep(Self::CHECKPOINT_INTERVAL);
+        }
+    }
+
+    fn run(
+        connection: Connection,
+        queue: std::sync::mpsc::Receiver<Job>,
+        commits: std::sync::mpsc::SyncSender<()>,
+    ) {
         let mut pending: std::collections::VecDeque<Job> = std::collections::VecDeque::new();
         loop {
             if pending.is_empty() {
@@ -328,65 +459,94 @@ impl Writer {
                 }
             }
             Self::commit_some(&connection, &mut pending);
+            // Full means a checkpoint is already due; the checkpointer may also be gone (then the writer's
+            // own automatic checkpoint takes over).
+            let _ = commits.try_send(());
         }
     }
 
     /// Runs writes from the front of `pending` in one transaction, until the batch is full, its time is up,
-    /// or SQLite rolled the transaction back; then commits and answers them.
+    /// or a write failed; then commits and answers them.
+    ///
+    /// First the fast way: the writes run one after the other as they are. If one fails, the transaction
+    /// is rolled back and the same writes run again, each in a savepoint of its own, so that the failing
+    /// one is undone alone. (A savepoint journals every page its write touches, which cost more than a
+    /// tenth of a consent; writes almost never fail, so they pay for it only when one does.)
     fn commit_some(connection: &Connection, pending: &mut std::collections::VecDeque<Job>) {
-        if !connection.is_autocommit() {
-            // Left over from a failure: nothing of it was acknowledged.
-            let _ = connection.execute_batch("ROLLBACK");
-        }
-        if let Err(error) = connection.execute_batch("BEGIN IMMEDIATE") {
-            // The database is busy or broken: answer the oldest write so that callers see the cause, and
-            // try the others again (their deadlines bound how long).
+        if let Err(error) = Self::begin(connection) {
+            // The database is busy or broken: answer the oldest write so that its caller sees the cause,
+            // and try the others again (their deadlines bound how long).
             if let Some(job) = pending.pop_front() {
-                (job.run)(Err(error.to_string()))(Err(error.to_string()));
+                job.finish(Err(error));
             }
             return;
         }
         let started = Instant::now();
-        let mut finishers: Vec<Finisher> = Vec::new();
-        let mut rolled_back = false;
-        while let Some(job) = pending.pop_front() {
-            finishers.push((job.run)(Ok(connection)));
-            if connection.is_autocommit() {
-                rolled_back = true;
-                break;
-            }
-            if finishers.len() >= Self::BATCH || started.elapsed() >= Self::BATCH_TIME {
-                break;
-            }
+        let mut group: Vec<Job> = Vec::new();
+        let mut all_succeeded = true;
+        while all_succeeded
+            && group.len() < Self::BATCH
+            && started.elapsed() < Self::BATCH_TIME
+            && let Some(mut job) = pending.pop_front()
+        {
+            all_succeeded = job.run(connection, false) && !connection.is_autocommit();
+            group.push(job);
         }
-        let committed = if rolled_back {
-            Err("the transaction was rolled back; retry".to_owned())
-        } else {
-            connection.execute_batch("COMMIT").map_err(|error| {
+        let committed = match all_succeeded {
+            true => Self::commit(connection),
+            false => {
+                let _ = connection.execute_batch("ROLLBACK");
+                Self::begin(connection).and_then(|()| {
+                    for job in &mut group {
+                        job.run(connection, true);
+                        if connection.is_autocommit() {
+                            return Err("the transaction was rolled back; retry".to_owned());
+                        }
+                    }
+                    Self::commit(connection)
+                })
+            }
+        };
+        for job in group {
+            job.finish(committed.clone());
+        }
+    }
+
+    fn begin(connection: &Connection) -> Result<(), String> {
+        if !connection.is_autocommit() {
+            // Left over from a failure: nothing of it was acknowledged.
+            let _ = connection.execute_batch("ROLLBACK");
+        }
+        run_cached(connection, "BEGIN IMMEDIATE")
+            .map(|_| ())
+            .map_err(|error| error.to_string())
+    }
+
+    fn commit(connection: &Connection) -> Result<(), String> {
+        run_cached(connection, "COMMIT")
+            .map(|_| ())
+            .map_err(|error| {
                 let _ = connection.execute_batch("ROLLBACK");
                 error.to_string()
             })
-        };
-        for finish in finishers {
-            finish(committed.clone());
-        }
     }
 }
 
 fn read_consent(tx: &Connection, dialog_id: &str) -> rusqlite::Result<Option<ConsentRecord>> {
-    tx.query_row(
+    tx.prepare_cached(
         "SELECT dialog_id, customer_id, value, decided_at FROM consents WHERE dialog_id = ?1",
-        [dialog_id],
-        |row| {
-            Ok(ConsentRecord {
-                dialog_id: DialogId::from_trusted(row.get(0)?),
-                customer_id: CustomerId::from_trusted(row.get(1)?),
-                value: row.get(2)?,
-                decided_at: row.get(3)?,
-            })
-        },
-    )
+    )?
+    .query_row([dialog_id], consent_from_row)
     .optional()
+}
+
+fn consent_from_row(row: &Row<'_>) -> rusqlite::Result<ConsentRecord> {
+    Ok(ConsentRecord {
+        dialog_id: DialogId::from_trusted(row.get(0)?),
+        customer_id: CustomerId::from_trusted(row.get(1)?),
+        value: row.get(2)?,
+        decided_at: row.get(3)?,
+    })
 }
 
 /// Makes `decision` the one in force, unless it already is (then its original time stands).
@@ -396,21 +556,28 @@ fn write_consent(tx: &Connection, decision: &Decision) -> rusqlite::Result<Conse
     {
         return Ok(existing);
     }
-    tx.execute(
+    tx.prepare_cached(
+        "INSERT INTO consent_events (dialog_id, value, decided_at) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![
+        decision.dialog_id.as_str(),
+        decision.value,
+        decision.at
+    ])?;
+    tx.prepare_cached(
         "INSERT INTO consents (dialog_id, customer_id, value, decided_at) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (dialog_id) DO UPDATE SET value = excluded.value, decided_at = excluded.decided_at",
+         ON CONFLICT (dialog_id) DO UPDATE SET value = excluded.value, decided_at = excluded.decided_at
+         RETURNING dialog_id, customer_id, value, decided_at",
+    )?
+    .query_row(
         params![
             decision.dialog_id.as_str(),
             decision.customer_id.as_str(),
             decision.value,
             decision.at
         ],
-    )?;
-    tx.execute(
-        "INSERT INTO consent_events (dialog_id, value, decided_at) VALUES (?1, ?2, ?3)",
-        params![decision.dialog_id.as_str(), decision.value, decision.at],
-    )?;
-    Ok(read_consent(tx, decision.dialog_id.as_str())?.expect("consent row was just written"))
+        consent_from_row,
+    )
 }
 
 /// Inserts the messages not yet stored and folds them into their dialog's summary; returns how many were new.
@@ -452,33 +619,38 @@ fn insert_messages(
         return Ok(0);
     }
     let dialog_id = first.dialog_id.as_str();
-    tx.execute(
-        "INSERT INTO dialogs (id, customer_id, message_count, first_message_at, last_message_at, consented_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (id) DO UPDATE SET
-             message_count = message_count + excluded.message_count,
-             first_message_at = min(first_message_at, excluded.first_message_at),
-             last_message_at = max(last_message_at, excluded.last_message_at)",
-        params![
-            dialog_id,
-            first.customer_id.as_str(),
-            inserted as i64,
-            first_at,
-            last_at,
-            consented_at
-        ],
-    )?;
+    let last_message_at: i64 = tx
+        .prepare_cached(
+            "INSERT INTO dialogs (id, customer_id, message_count, first_message_at, last_message_at, consented_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (id) DO UPDATE SET
+                 message_count = message_count + excluded.message_count,
+                 first_message_at = min(first_message_at, excluded.first_message_at),
+                 last_message_at = max(last_message_at, excluded.last_message_at)
+             RETURNING last_message_at",
+        )?
+        .query_row(
+            params![
+                dialog_id,
+                first.customer_id.as_str(),
+                inserted as i64,
+                first_at,
+                last_at,
+                consented_at
+            ],
+            |row| row.get(0),
+        )?;
+    // Every language row carries the dialog's sort key, so a dialog that moved moves in each of them.
+    tx.prepare_cached(
+        "UPDATE dialog_languages SET last_message_at = ?2 WHERE dialog_id = ?1 AND last_message_at <> ?2",
+    )?
+    .execute(params![dialog_id, last_message_at])?;
     let mut add_language = tx.prepare_cached(
-        "INSERT OR IGNORE INTO dialog_languages (dialog_id, language, last_message_at) VALUES (?1, ?2, 0)",
+        "INSERT OR IGNORE INTO dialog_languages (dialog_id, language, last_message_at) VALUES (?1, ?2, ?3)",
     )?;
     for language in languages {
-        add_language.execute(params![dialog_id, language])?;
+        add_language.execute(params![dialog_id, language, last_message_at])?;
     }
-    tx.execute(
-        "UPDATE dialog_languages SET last_message_at = (SELECT last_message_at FROM dialogs WHERE id = ?1)
-         WHERE dialog_id = ?1",
-        [dialog_id],
-    )?;
     Ok(inserted)
 }
 
@@ -775,11 +947,12 @@ impl Store for SqliteStore {
                 return Ok(Appended::NotConsented);
             };
             let existing = tx
-                .query_row(
-                    &format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?1"),
-                    [&message.id],
-                    message_from_row,
-                )
+                .prepare_cached(&format!(
+                    "SELECT {MESSAGE_COLUMNS} FROM messages WHERE dialog_id = ?1 AND id = ?2"
+                ))
+                .and_then(|mut select| {
+                    select.query_row([message.dialog_id.as_str(), &message.id], message_from_row)
+                })
                 .optional()
                 .map_err(sqlite_error("read message"))?;
             if let Some(existing) = existing {
@@ -791,7 +964,7 @@ impl Store for SqliteStore {
             insert_messages(tx, std::slice::from_ref(&message), consent.decided_at)
                 .map_err(sqlite_error("insert message"))?;
             Ok(Appended::Stored {
-                message,
+                message: message.clone(),
                 newly: true,
             })
         })
@@ -887,5 +1060,238 @@ impl Store for SqliteStore {
             Ok(messages)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    async fn scratch_store(dir: &tempfile::TempDir) -> SqliteStore {
+        let store = SqliteStore::open(&dir.path().join("store.sqlite3"))
+            .await
+            .unwrap();
+        store
+            .write(|c| {
+                c.execute_batch("CREATE TABLE scratch (x INTEGER)")
+                    .map_err(sqlite_error("create"))
+            })
+            .await
+            .unwrap();
+        store
+    }
+
+    /// A write that inserts `x`, counting its runs, then fails, panics or succeeds as `how` says.
+    fn insert(
+        x: i64,
+        runs: &Arc<AtomicUsize>,
+        how: &'static str,
+    ) -> impl FnMut(&Connection) -> StoreResult<i64> + Send + 'static {
+        let runs = runs.clone();
+        move |c| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            c.execute("INSERT INTO scratch (x) VALUES (?1)", [x])
+                .map_err(sqlite_error("insert"))?;
+            match how {
+                "fail" => Err(StoreError("refused".to_owned())),
+                "panic" => panic!("a bug in a write"),
+                _ => Ok(x),
+            }
+        }
+    }
+
+    async fn stored(store: &SqliteStore) -> Vec<i64> {
+        store
+            .with_connection(|c| {
+                let mut select = c.prepare("SELECT x FROM scratch ORDER BY x").unwrap();
+                Ok(select
+                    .query_map([], |row| row.get(0))
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect())
+            })
+            .await
+            .unwrap()
+    }
+
+    /// Queues `writes` behind a write that holds the writer, so that they share one transaction.
+    async fn as_one_group<T: Send + 'static>(
+        store: &SqliteStore,
+        writes: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + '_>>>,
+    ) -> Vec<T> {
+        let hold = store.write(|_| {
+            std::thread::sleep(Duration::from_millis(200));
+            Ok(())
+        });
+        let (held, results) = tokio::join!(hold, futures::future::join_all(writes));
+        held.unwrap();
+        results
+    }
+
+    #[tokio::test]
+    async fn a_failing_write_in_a_group_is_undone_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = scratch_store(&dir).await;
+        let runs = Arc::new(AtomicUsize::new(0));
+        let results = as_one_group(
+            &store,
+            vec![
+                Box::pin(store.write(insert(1, &runs, "ok"))),
+                Box::pin(store.write(insert(2, &runs, "fail"))),
+                Box::pin(store.write(insert(3, &runs, "ok"))),
+                Box::pin(store.write(insert(4, &runs, "panic"))),
+                Box::pin(store.write(insert(5, &runs, "ok"))),
+            ],
+        )
+        .await;
+        let answers: Vec<Result<i64, String>> = results
+            .into_iter()
+            .map(|r| r.map_err(|e| e.to_string()))
+            .collect();
+        assert_eq!(answers[0], Ok(1));
+        assert!(answers[1].as_ref().unwrap_err().contains("refused"));
+        assert_eq!(answers[2], Ok(3));
+        assert!(answers[3].as_ref().unwrap_err().contains("a bug"));
+        assert_eq!(answers[4], Ok(5));
+        assert_eq!(stored(&store).await, vec![1, 3, 5]);
+        // A transaction ends at its first failing write and is redone in savepoints: writes 1 and 2 ran
+        // twice, then 3 and 4, then 5 once.
+        assert_eq!(runs.load(Ordering::SeqCst), 2 * 2 + 2 * 2 + 1);
+    }
+
+    #[tokio::test]
+    async fn a_group_without_failures_runs_each_write_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = scratch_store(&dir).await;
+        let runs = Arc::new(AtomicUsize::new(0));
+        let writes = (1..=20)
+            .map(|x| Box::pin(store.write(insert(x, &runs, "ok"))) as _)
+            .collect();
+        let results = as_one_group(&store, writes).await;
+        assert!(results.iter().all(Result::is_ok));
+        assert_eq!(stored(&store).await, (1..=20).collect::<Vec<_>>());
+        assert_eq!(runs.load(Ordering::SeqCst), 20);
+    }
+
+    #[tokio::test]
+    async fn a_write_that_overruns_its_deadline_is_undone_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = scratch_store(&dir)
+            .await
+            .with_write_deadline(Duration::from_millis(300));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let mut slow = insert(1, &runs, "ok");
+        let overrun = store
+            .write(move |c| {
+                let x = slow(c)?;
+                std::thread::sleep(Duration::from_millis(400));
+                Ok(x)
+            })
+            .await;
+        assert!(
+            overrun.unwrap_err().to_string().contains("deadline"),
+            "the write ended past its deadline"
+        );
+        assert_eq!(store.write(insert(2, &runs, "ok")).await.unwrap(), 2);
+        assert_eq!(stored(&store).await, vec![2]);
+    }
+
+    #[tokio::test]
+    async fn committed_pages_reach_the_database_file_without_waiting_for_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = scratch_store(&dir).await;
+        let file = dir.path().join("store.sqlite3");
+        let before = std::fs::metadata(&file).unwrap().len();
+        // 2 MiB: far below the writer's own checkpoint threshold (16 MiB).
+        store
+            .write(|c| {
+                c.execute(
+                    "INSERT INTO scratch (x) SELECT zeroblob(2 * 1024 * 1024)",
+                    [],
+                )
+                .map_err(sqlite_error("insert"))
+            })
+            .await
+            .unwrap();
+        let copied = async {
+            while std::fs::metadata(&file).unwrap().len() < before + 2 * 1024 * 1024 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), copied)
+            .await
+            .expect("the checkpointer copied the log into the database file");
+    }
+
+    /// The first layout, before `user_version` was kept: `messages` keyed by `id` alone.
+    const LAYOUT_0_MESSAGES: &str = "CREATE TABLE messages (
+        id TEXT PRIMARY KEY, dialog_id TEXT NOT NULL, customer_id TEXT NOT NULL, client_id TEXT,
+        text TEXT NOT NULL, language TEXT NOT NULL, created_at INTEGER NOT NULL, seq INTEGER NOT NULL);
+        CREATE INDEX messages_dialog ON messages (dialog_id, seq);
+        CREATE INDEX messages_recent ON messages (seq, id);
+        INSERT INTO messages VALUES ('m-1', 'd-1', 'c-1', 'a', 'hello', 'en', 1, 10);
+        INSERT INTO messages VALUES ('m-2', 'd-1', 'c-1', NULL, 'again', 'en', 2, 20);";
+
+    #[tokio::test]
+    async fn a_database_of_the_first_layout_is_migrated_with_its_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sqlite3");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(LAYOUT_0_MESSAGES)
+            .unwrap();
+        let store = SqliteStore::open(&path).await.unwrap();
+        let (version, messages, duplicate) = store
+            .with_connection(|c| {
+                let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+                let messages: Vec<(String, String)> = c
+                    .prepare("SELECT id, text FROM messages ORDER BY seq")
+                    .unwrap()
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect();
+                let duplicate = c
+                    .execute(
+                        "INSERT OR IGNORE INTO messages VALUES ('m-1', 'd-1', 'c-1', 'a', 'x', 'en', 3, 30)",
+                        [],
+                    )
+                    .unwrap();
+                Ok((version, messages, duplicate))
+            })
+            .await
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(
+            messages,
+            [
+                ("m-1".into(), "hello".into()),
+                ("m-2".into(), "again".into())
+            ]
+        );
+        assert_eq!(duplicate, 0, "a stored message is still unique per dialog");
+        drop(store);
+        // Opening it again is a no-op.
+        SqliteStore::open(&path).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_database_from_a_newer_version_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.sqlite3");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("PRAGMA user_version = 99; CREATE TABLE future (x);")
+            .unwrap();
+        let error = SqliteStore::open(&path).await.err().unwrap().to_string();
+        assert!(error.contains("newer DataAPI"), "{error}");
+        let tables: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(tables, 1);
     }
 }
