@@ -184,10 +184,14 @@ async fn http_surface(app: TestApp) {
             "{body_json}"
         );
     }
-    // JSON without an operation in it is a GraphQL error with a code.
+    // JSON without an operation in it is an error with a code: an empty batch, or an empty query.
     let empty = app.post_json(&json!([])).await;
     assert_eq!(
-        empty["errors"][0]["extensions"]["code"], "GRAPHQL_PARSE_FAILED",
+        empty["errors"][0]["extensions"]["code"], "BAD_REQUEST",
+        "{empty}"
+    );
+    assert_eq!(
+        empty["errors"][0]["message"], "the batch holds no operation",
         "{empty}"
     );
     let empty = app.post_json(&json!({ "query": "" })).await;
