@@ -300,11 +300,15 @@ impl DialogBuffer {
                 ));
             }
         };
-        let mut payload = incoming.text.into_string();
-        let text_len = payload.len();
-        if let Some(client_id) = &incoming.client_id {
-            payload.push_str(client_id.as_str());
-        }
+        let text = incoming.text.as_str();
+        let client_id = incoming
+            .client_id
+            .as_ref()
+            .map_or("", ClientMessageId::as_str);
+        let mut payload = String::with_capacity(text.len() + client_id.len());
+        payload.push_str(text);
+        payload.push_str(client_id);
+        let text_len = text.len();
         let compact = Compact {
             seq: self.clock.next(),
             id,
@@ -334,7 +338,18 @@ impl DialogBuffer {
             let more = (pending.messages.capacity() / 4).max(4);
             pending.messages.reserve_exact(more);
         }
-        let message = pending.expand(dialog_id, &compact);
+        // The answer is made of the incoming message itself rather than expanded from the compact copy:
+        // the same values, without copying each of them again.
+        let message = Message {
+            id: uuid::Uuid::from_bytes(compact.id).to_string(),
+            client_id: incoming.client_id,
+            dialog_id: incoming.dialog_id,
+            customer_id: incoming.customer_id,
+            text: incoming.text,
+            language: incoming.language,
+            created_at: compact.seq.div_euclid(1000),
+            seq: compact.seq,
+        };
         pending.messages.push(compact);
         Ok(Buffered::Added(message))
     }
@@ -453,6 +468,13 @@ impl DialogBuffer {
 
     pub fn is_empty(&self) -> bool {
         self.dialogs.is_empty()
+    }
+
+    /// Whether pushes to the dialog go to the buffer (it has an entry, not sealed by a decision).
+    pub fn accepts(&self, dialog_id: &DialogId) -> bool {
+        self.dialogs
+            .get(dialog_id)
+            .is_some_and(|entry| !entry.sealed)
     }
 }
 
