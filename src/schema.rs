@@ -619,10 +619,10 @@ impl IngestMutation {
                     .map_err(|error| error.at_index("inputs", index))?,
             );
         }
-        let service = service(ctx)?;
-        let mut results = Vec::with_capacity(parsed.len());
-        for (index, incoming) in parsed.into_iter().enumerate() {
-            results.push(match service.push(incoming).await {
+        let pushed = service(ctx)?.push_many(parsed).await;
+        let mut results = Vec::with_capacity(pushed.len());
+        for (index, pushed) in pushed.into_iter().enumerate() {
+            results.push(match pushed {
                 Ok(pushed) => Some(PushMessagePayload {
                     message: pushed.message,
                     status: pushed.fate.into(),

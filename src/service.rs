@@ -11,8 +11,9 @@
 //! The slow paths (a dialog's first message, a decision) of one dialog are serialised by a per-dialog lock,
 //! so that a decision can never slip between a push's look-up of the decision and its use.
 
+use std::collections::HashSet;
 use std::sync::Arc;
-
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -57,7 +58,19 @@ pub struct DialogService {
     /// Shared by the slow paths (first message, decision), exclusive for an erasure, so that no write of a
     /// customer's data can be in flight while their data is erased. The hot path does not take it.
     erasure_gate: RwLock<()>,
+    /// How many decisions this process has written, bumped after each write and before its dialog's lock
+    /// is released: a "no decision" read before a bump may be stale (see [`Undecided`]).
+    decisions_written: AtomicU64,
     metrics: Arc<Metrics>,
+}
+
+/// Dialogs that one look-up for a whole batch found without a decision, and the decision count when it
+/// started. Trusted only while that count is unchanged: then no decision of this process can have slipped
+/// in between, just as if each dialog had been looked up under its lock. (Decisions written by other
+/// processes are no better covered by a look-up under the lock: the buffer is per process.)
+struct Undecided {
+    dialogs: HashSet<DialogId>,
+    as_of: u64,
 }
 
 impl DialogService {
@@ -67,6 +80,7 @@ impl DialogService {
             buffer: DialogBuffer::new(limits),
             locks: DialogLocks::default(),
             erasure_gate: RwLock::new(()),
+            decisions_written: AtomicU64::new(0),
             metrics,
         }
     }
@@ -150,6 +164,58 @@ impl DialogService {
     }
 
     pub async fn push(&self, incoming: IncomingMessage) -> Result<Pushed, ApiError> {
+        self.push_knowing(incoming, None).await
+    }
+
+    /// Pushes messages in order, each exactly as [`push`](Self::push) would, with one result each. The
+    /// dialogs not buffered yet have their decisions looked up in one store call, not one call each.
+    pub async fn push_many(
+        &self,
+        incomings: Vec<IncomingMessage>,
+    ) -> Vec<Result<Pushed, ApiError>> {
+        let undecided = self.undecided_among(&incomings).await;
+        let mut results = Vec::with_capacity(incomings.len());
+        for incoming in incomings {
+            results.push(self.push_knowing(incoming, undecided.as_ref()).await);
+        }
+        results
+    }
+
+    async fn undecided_among(&self, incomings: &[IncomingMessage]) -> Option<Undecided> {
+        let mut dialogs: Vec<DialogId> = incomings
+            .iter()
+            .filter(|incoming| !self.buffer.accepts(&incoming.dialog_id))
+            .map(|incoming| incoming.dialog_id.clone())
+            .collect();
+        dialogs.sort_unstable();
+        dialogs.dedup();
+        if dialogs.len() < 2 {
+            return None;
+        }
+        let as_of = self.decisions_written.load(Ordering::Acquire);
+        // If this fails, each message looks its dialog up alone, and reports its own error.
+        let decided: HashSet<DialogId> = self
+            .store
+            .consents(&dialogs)
+            .await
+            .ok()?
+            .into_iter()
+            .map(|record| record.dialog_id)
+            .collect();
+        Some(Undecided {
+            dialogs: dialogs
+                .into_iter()
+                .filter(|dialog| !decided.contains(dialog))
+                .collect(),
+            as_of,
+        })
+    }
+
+    async fn push_knowing(
+        &self,
+        incoming: IncomingMessage,
+        undecided: Option<&Undecided>,
+    ) -> Result<Pushed, ApiError> {
         // Hot path: the dialog is buffered already.
         let incoming = match self.buffer.push_if_buffered(incoming)? {
             BufferPush::Done(buffered) => return Ok(Pushed::buffered(buffered.message())),
@@ -162,7 +228,15 @@ impl DialogService {
             BufferPush::Done(buffered) => return Ok(Pushed::buffered(buffered.message())),
             BufferPush::NotBuffered(incoming) => incoming,
         };
-        let Some(consent) = self.store.consent(&incoming.dialog_id).await? else {
+        let known_undecided = undecided.is_some_and(|undecided| {
+            undecided.dialogs.contains(&incoming.dialog_id)
+                && undecided.as_of == self.decisions_written.load(Ordering::Acquire)
+        });
+        let consent = match known_undecided {
+            true => None,
+            false => self.store.consent(&incoming.dialog_id).await?,
+        };
+        let Some(consent) = consent else {
             return Ok(Pushed::buffered(self.buffer.push(incoming)?.message()));
         };
         if consent.customer_id != incoming.customer_id {
@@ -233,6 +307,8 @@ impl DialogService {
     ) -> Result<ConsentOutcome, ApiError> {
         let _shared = self.erasure_gate.read().await;
         let _lock = self.locks.lock(&dialog_id).await;
+        // Dropped before the lock, on every way out: after any write of the decision.
+        let _written = CountOnDrop(&self.decisions_written);
         // While the decision is being written the sweeper leaves the dialog alone.
         let _deciding = self.buffer.begin_decision(&dialog_id);
         let buffered = self.buffer.snapshot(&dialog_id);
@@ -340,6 +416,15 @@ impl Pushed {
             message,
             fate: MessageFate::Buffered,
         }
+    }
+}
+
+/// Bumps a counter when dropped.
+struct CountOnDrop<'a>(&'a AtomicU64);
+
+impl Drop for CountOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::Release);
     }
 }
 

@@ -73,6 +73,10 @@ impl Store for GuardedStore {
         self.call("consent", self.inner.consent(dialog_id)).await
     }
 
+    async fn consents(&self, dialog_ids: &[DialogId]) -> StoreResult<Vec<ConsentRecord>> {
+        self.call("consents", self.inner.consents(dialog_ids)).await
+    }
+
     async fn consent_history(&self, dialog_id: &DialogId) -> StoreResult<Option<ConsentHistory>> {
         self.call("consent_history", self.inner.consent_history(dialog_id))
             .await

@@ -113,6 +113,10 @@ pub trait Store: Send + Sync + 'static {
     /// The recorded decision for a dialog, if any.
     async fn consent(&self, dialog_id: &DialogId) -> StoreResult<Option<ConsentRecord>>;
 
+    /// The recorded decisions of many dialogs at once (one round trip), in no particular order; dialogs
+    /// without a decision are left out.
+    async fn consents(&self, dialog_ids: &[DialogId]) -> StoreResult<Vec<ConsentRecord>>;
+
     /// The recorded decision and every change of it, for audits.
     async fn consent_history(&self, dialog_id: &DialogId) -> StoreResult<Option<ConsentHistory>>;
 

@@ -671,6 +671,23 @@ impl Store for MongoStore {
             .map_err(mongo_error("read consent"))
     }
 
+    async fn consents(&self, dialog_ids: &[DialogId]) -> StoreResult<Vec<ConsentRecord>> {
+        if dialog_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<&str> = dialog_ids.iter().map(DialogId::as_str).collect();
+        let docs: Vec<ConsentDoc> = self
+            .consents
+            .find(doc! { "_id": { "$in": ids } })
+            .batch_size(LOAD_BATCH_SIZE)
+            .await
+            .map_err(mongo_error("read consents"))?
+            .try_collect()
+            .await
+            .map_err(mongo_error("read consents"))?;
+        Ok(docs.into_iter().map(Into::into).collect())
+    }
+
     async fn record_decision(
         &self,
         decision: &Decision,

@@ -105,6 +105,9 @@ INSERT INTO messages (id, dialog_id, customer_id, client_id, text, language, cre
 DROP TABLE messages_v0;
 "#;
 
+/// SQLite caps the parameters of one statement (32766), and a list of ids (a page, a batch) may exceed that.
+const IDS_PER_STATEMENT: usize = 10_000;
+
 const MESSAGE_COLUMNS: &str =
     "id, dialog_id, customer_id, client_id, text, language, created_at, seq";
 const DIALOG_COLUMNS: &str = "d.id, d.customer_id, d.message_count, d.first_message_at, d.last_message_at, \
@@ -894,6 +897,26 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn consents(&self, dialog_ids: &[DialogId]) -> StoreResult<Vec<ConsentRecord>> {
+        if dialog_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let dialog_ids: Vec<String> = dialog_ids.iter().map(ToString::to_string).collect();
+        self.with_connection(move |c| {
+            let mut records = Vec::new();
+            for chunk in dialog_ids.chunks(IDS_PER_STATEMENT) {
+                let placeholders = vec!["?"; chunk.len()].join(", ");
+                let sql = format!(
+                    "SELECT dialog_id, customer_id, value, decided_at FROM consents \
+                     WHERE dialog_id IN ({placeholders})"
+                );
+                records.extend(select(c, "read consents", &sql, chunk, consent_from_row)?);
+            }
+            Ok(records)
+        })
+        .await
+    }
+
     async fn record_decision(
         &self,
         decision: &Decision,
@@ -1044,8 +1067,6 @@ impl Store for SqliteStore {
     }
 
     async fn messages_of_dialogs(&self, dialog_ids: &[DialogId]) -> StoreResult<Vec<Message>> {
-        // SQLite caps the parameters of one statement (32766), and MAX_PAGE_SIZE may exceed that.
-        const IDS_PER_STATEMENT: usize = 10_000;
         let dialog_ids: Vec<String> = dialog_ids.iter().map(ToString::to_string).collect();
         self.with_connection(move |c| {
             let mut messages = Vec::new();

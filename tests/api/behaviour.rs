@@ -889,6 +889,46 @@ pub async fn batched_requests_run_every_operation(app: TestApp) {
     assert_eq!(response[2]["data"]["dialog"]["messageCount"], 1);
 }
 
+/// The batch's look-up of its new dialogs' decisions is an answer from the past by the time a message is
+/// pushed: a decision written meanwhile must still be seen.
+pub async fn a_batch_sees_decisions_written_after_it_looked_them_up(app: TestApp) {
+    let app = std::sync::Arc::new(app);
+    let (looked_up, release) = app.store.hold_next_consents_answer();
+    let batch = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            app.data(
+                "mutation($i: [PushMessageInput!]!) { pushMessages(inputs: $i) { status } }",
+                json!({ "i": [
+                    { "customerId": "kim", "dialogId": "calm", "text": "one", "language": "en" },
+                    { "customerId": "kim", "dialogId": "decided-meanwhile", "text": "late", "language": "en" },
+                ] }),
+            )
+            .await
+        })
+    };
+    looked_up.notified().await;
+    // Both dialogs were new when the batch looked; now one of them gets a message and a consent.
+    app.push("kim", "decided-meanwhile", "early", "en", None)
+        .await;
+    assert_eq!(
+        app.consent("decided-meanwhile", true).await["storedCount"],
+        1
+    );
+    release.notify_one();
+    let statuses = batch.await.unwrap()["pushMessages"].clone();
+    assert_eq!(
+        statuses,
+        json!([{ "status": "BUFFERED" }, { "status": "STORED" }])
+    );
+    assert_eq!(texts_of(&app, "decided-meanwhile").await, ["early", "late"]);
+    assert_eq!(
+        app.store.calls().get("consents"),
+        Some(&1),
+        "one look-up for the batch"
+    );
+}
+
 pub async fn messages_pushed_while_consent_is_written_are_stored_too(app: TestApp) {
     app.push("jo", "race", "opening", "en", None).await;
     let app = std::sync::Arc::new(app);
@@ -1076,6 +1116,7 @@ for_each_store!(
     a_page_of_dialogs_loads_its_messages_in_one_store_query,
     pushing_to_a_buffered_dialog_costs_no_store_call,
     batched_requests_run_every_operation,
+    a_batch_sees_decisions_written_after_it_looked_them_up,
     messages_pushed_while_consent_is_written_are_stored_too,
     a_write_failing_half_way_leaves_nothing_and_a_retry_stores_once,
     push_messages_records_each_in_order_like_push_message,

@@ -51,6 +51,7 @@ pub struct InstrumentedStore {
     delay_ms: std::sync::atomic::AtomicU64,
     /// When set, the next `record_decision` signals the first and waits for the second before writing.
     hold: Mutex<Option<(Arc<Notify>, Arc<Notify>)>>,
+    hold_consents: Mutex<Option<(Arc<Notify>, Arc<Notify>)>>,
 }
 
 impl InstrumentedStore {
@@ -62,6 +63,7 @@ impl InstrumentedStore {
             fail_after_write: AtomicBool::new(false),
             delay_ms: Default::default(),
             hold: Mutex::default(),
+            hold_consents: Mutex::default(),
         }
     }
 
@@ -77,6 +79,15 @@ impl InstrumentedStore {
         let entered = Arc::new(Notify::new());
         let release = Arc::new(Notify::new());
         *self.hold.lock().unwrap() = Some((entered.clone(), release.clone()));
+        (entered, release)
+    }
+
+    /// Holds the answer of the next look-up of many decisions (`consents`) after it has read the store:
+    /// `entered` is notified then, and the answer goes back only after `release` is notified.
+    pub fn hold_next_consents_answer(&self) -> (Arc<Notify>, Arc<Notify>) {
+        let entered = Arc::new(Notify::new());
+        let release = Arc::new(Notify::new());
+        *self.hold_consents.lock().unwrap() = Some((entered.clone(), release.clone()));
         (entered, release)
     }
 
@@ -136,6 +147,17 @@ impl Store for InstrumentedStore {
     async fn consent(&self, dialog_id: &DialogId) -> StoreResult<Option<ConsentRecord>> {
         self.enter("consent").await?;
         self.inner.consent(dialog_id).await
+    }
+
+    async fn consents(&self, dialog_ids: &[DialogId]) -> StoreResult<Vec<ConsentRecord>> {
+        self.enter("consents").await?;
+        let answer = self.inner.consents(dialog_ids).await;
+        let hold = self.hold_consents.lock().unwrap().take();
+        if let Some((entered, release)) = hold {
+            entered.notify_one();
+            release.notified().await;
+        }
+        answer
     }
 
     async fn consent_history(&self, dialog_id: &DialogId) -> StoreResult<Option<ConsentHistory>> {

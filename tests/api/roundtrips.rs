@@ -76,6 +76,24 @@ async fn mongodb_round_trips_do_not_grow_with_dialog_length_or_page_size() {
         "pushing to a buffered dialog sends no command"
     );
 
+    // A batch looks the decisions of all its new dialogs up at once: one command for 2 dialogs or 25.
+    for dialogs in [2, 25] {
+        let inputs: Vec<_> = (0..dialogs * 4)
+            .map(|i| {
+                json!({ "customerId": "c", "dialogId": format!("batch-{dialogs}-{}", i % dialogs),
+                        "text": format!("t{i}"), "language": "en" })
+            })
+            .collect();
+        let data = app
+            .data(
+                "mutation($i: [PushMessageInput!]!) { pushMessages(inputs: $i) { status } }",
+                json!({ "i": inputs }),
+            )
+            .await;
+        assert_eq!(data["pushMessages"].as_array().unwrap().len(), dialogs * 4);
+        assert_eq!(log.take(), ["find"], "a batch over {dialogs} new dialogs");
+    }
+
     // Consent costs the same number of commands for 2 messages as for 300.
     let short = consent_commands(&app, &log, "short", 2).await;
     let long = consent_commands(&app, &log, "long", 300).await;
