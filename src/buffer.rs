@@ -159,7 +159,7 @@ impl PendingDialog {
     /// The full message of a compact one.
     fn expand(&self, dialog_id: &DialogId, compact: &Compact) -> Message {
         Message {
-            id: uuid::Uuid::from_bytes(compact.id).to_string(),
+            id: Message::id_text(uuid::Uuid::from_bytes(compact.id)),
             client_id: compact
                 .client_id()
                 .map(|id| ClientMessageId::from_trusted(id.to_owned())),
@@ -341,7 +341,7 @@ impl DialogBuffer {
         // The answer is made of the incoming message itself rather than expanded from the compact copy:
         // the same values, without copying each of them again.
         let message = Message {
-            id: uuid::Uuid::from_bytes(compact.id).to_string(),
+            id: Message::id_text(uuid::Uuid::from_bytes(compact.id)),
             client_id: incoming.client_id,
             dialog_id: incoming.dialog_id,
             customer_id: incoming.customer_id,

@@ -21,7 +21,9 @@ fn has_forbidden_control(value: &str, allow_newlines: bool) -> bool {
         .any(|c| c.is_control() && !(allow_newlines && matches!(c, '\n' | '\r' | '\t')))
 }
 
-fn parse_id(field: &'static str, value: &str) -> Result<String, ApiError> {
+/// Checks a client-supplied id; takes it over without a copy when it is an owned `String`.
+fn parse_id<S: AsRef<str> + Into<String>>(field: &'static str, id: S) -> Result<String, ApiError> {
+    let value = id.as_ref();
     if value.trim().is_empty() {
         return Err(ApiError::invalid(field, "must not be empty"));
     }
@@ -37,7 +39,7 @@ fn parse_id(field: &'static str, value: &str) -> Result<String, ApiError> {
             "must not contain control characters",
         ));
     }
-    Ok(value.to_owned())
+    Ok(id.into())
 }
 
 macro_rules! id_type {
@@ -48,7 +50,7 @@ macro_rules! id_type {
 
         impl $name {
             /// Parses a client-supplied id; `field` names the input in the error.
-            pub fn parse(field: &'static str, value: &str) -> Result<Self, ApiError> {
+            pub fn parse<S: AsRef<str> + Into<String>>(field: &'static str, value: S) -> Result<Self, ApiError> {
                 parse_id(field, value).map(Self)
             }
 
@@ -89,7 +91,8 @@ pub struct Language(String);
 
 impl Language {
     /// Accepts the common BCP 47 shapes: a 2-3 letter primary tag, then subtags of 1-8 letters or digits.
-    pub fn parse(field: &'static str, value: &str) -> Result<Self, ApiError> {
+    pub fn parse(field: &'static str, value: impl AsRef<str>) -> Result<Self, ApiError> {
+        let value = value.as_ref();
         let invalid = || {
             ApiError::invalid(
                 field,
@@ -139,7 +142,12 @@ impl fmt::Display for Language {
 pub struct MessageText(String);
 
 impl MessageText {
-    pub fn parse(field: &'static str, value: &str) -> Result<Self, ApiError> {
+    /// Checks a client-supplied text; takes it over without a copy when it is an owned `String`.
+    pub fn parse<S: AsRef<str> + Into<String>>(
+        field: &'static str,
+        text: S,
+    ) -> Result<Self, ApiError> {
+        let value = text.as_ref();
         if value.trim().is_empty() {
             return Err(ApiError::invalid(field, "must not be empty"));
         }
@@ -155,7 +163,7 @@ impl MessageText {
                 "must not contain control characters other than newlines and tabs",
             ));
         }
-        Ok(Self(value.to_owned()))
+        Ok(Self(text.into()))
     }
 
     pub fn from_trusted(value: String) -> Self {
@@ -234,9 +242,20 @@ impl Message {
         }
     }
 
+    /// A message id as text: the hyphenated lowercase UUID. (Encoded directly: `to_string` goes through
+    /// the formatting machinery, once per pushed message.)
+    pub fn id_text(id: uuid::Uuid) -> String {
+        id.hyphenated()
+            .encode_lower(&mut uuid::Uuid::encode_buffer())
+            .to_owned()
+    }
+
     /// Records an incoming message at acceptance order `seq` (microseconds since the epoch).
     pub fn accept(incoming: IncomingMessage, seq: i64) -> Self {
-        let id = Self::server_id(&incoming.dialog_id, incoming.client_id.as_ref()).to_string();
+        let id = Self::id_text(Self::server_id(
+            &incoming.dialog_id,
+            incoming.client_id.as_ref(),
+        ));
         Self {
             id,
             client_id: incoming.client_id,
@@ -314,6 +333,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn message_ids_keep_their_text_form() {
+        // Stored ids were written in `Uuid`'s display form, from this derivation: a retry of a stored message
+        // must map to the same text.
+        let dialog = DialogId::parse("dialogId", "d").unwrap();
+        let client = ClientMessageId::parse("messageId", "m1").unwrap();
+        for id in [
+            Message::server_id(&dialog, Some(&client)),
+            Message::server_id(&dialog, None),
+        ] {
+            assert_eq!(Message::id_text(id), id.to_string());
+        }
+        assert_eq!(
+            Message::id_text(Message::server_id(&dialog, Some(&client))),
+            "ae6cb8e8-a82e-5071-b9ae-4e53ebe2924a"
+        );
+    }
+
+    #[test]
     fn language_tags_are_case_insensitive() {
         assert_eq!(Language::parse("language", "EN").unwrap().as_str(), "en");
         assert_eq!(
@@ -351,8 +388,8 @@ mod tests {
         assert!(DialogId::parse("dialogId", "").is_err());
         assert!(DialogId::parse("dialogId", "   ").is_err());
         assert!(DialogId::parse("dialogId", "a\0b").is_err());
-        assert!(DialogId::parse("dialogId", &"x".repeat(MAX_ID_CHARS)).is_ok());
-        assert!(DialogId::parse("dialogId", &"x".repeat(MAX_ID_CHARS + 1)).is_err());
+        assert!(DialogId::parse("dialogId", "x".repeat(MAX_ID_CHARS)).is_ok());
+        assert!(DialogId::parse("dialogId", "x".repeat(MAX_ID_CHARS + 1)).is_err());
     }
 
     #[test]
@@ -360,8 +397,8 @@ mod tests {
         assert!(MessageText::parse("text", "hello\nworld\t!").is_ok());
         assert!(MessageText::parse("text", " \n ").is_err());
         assert!(MessageText::parse("text", "a\0").is_err());
-        assert!(MessageText::parse("text", &"é".repeat(MAX_TEXT_CHARS)).is_ok());
-        assert!(MessageText::parse("text", &"é".repeat(MAX_TEXT_CHARS + 1)).is_err());
+        assert!(MessageText::parse("text", "é".repeat(MAX_TEXT_CHARS)).is_ok());
+        assert!(MessageText::parse("text", "é".repeat(MAX_TEXT_CHARS + 1)).is_err());
     }
 
     fn incoming(client_id: Option<&str>) -> IncomingMessage {
@@ -402,7 +439,7 @@ mod tests {
                     prop_assert!(tag.len() <= MAX_LANGUAGE_CHARS);
                     prop_assert_eq!(tag, text.to_ascii_lowercase());
                     prop_assert!(tag.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
-                    let upper = Language::parse("language", &text.to_ascii_uppercase()).unwrap();
+                    let upper = Language::parse("language", text.to_ascii_uppercase()).unwrap();
                     prop_assert_eq!(upper, language);
                 }
             }

@@ -307,11 +307,15 @@ pub struct PushMessageInput {
 impl PushMessageInput {
     fn parse(self) -> Result<IncomingMessage, ApiError> {
         Ok(IncomingMessage {
-            customer_id: CustomerId::parse("customerId", &self.customer_id)?,
-            dialog_id: DialogId::parse("dialogId", &self.dialog_id)?,
-            text: MessageText::parse("text", &self.text)?,
+            customer_id: CustomerId::parse("customerId", self.customer_id)?,
+            dialog_id: DialogId::parse("dialogId", self.dialog_id)?,
+            text: MessageText::parse("text", self.text)?,
             language: Language::parse("language", &self.language)?,
-            client_id: parse_field(self.message_id, "messageId", ClientMessageId::parse)?,
+            client_id: parse_field(
+                self.message_id.map(|id| id.0),
+                "messageId",
+                ClientMessageId::parse,
+            )?,
         })
     }
 }
@@ -379,12 +383,12 @@ pub struct DialogFilter {
 }
 
 /// Parses an optional filter field.
-fn parse_field<T>(
-    value: Option<impl AsRef<str>>,
+fn parse_field<S, T>(
+    value: Option<S>,
     field: &'static str,
-    parse: fn(&'static str, &str) -> Result<T, ApiError>,
+    parse: impl FnOnce(&'static str, S) -> Result<T, ApiError>,
 ) -> Result<Option<T>, ApiError> {
-    value.map(|value| parse(field, value.as_ref())).transpose()
+    value.map(|value| parse(field, value)).transpose()
 }
 
 impl DialogFilter {
@@ -512,7 +516,7 @@ impl QueryRoot {
     /// One consented dialog, or null if no dialog with that id is stored.
     #[graphql(guard = "require(Permission::Read)")]
     async fn dialog(&self, ctx: &Context<'_>, id: ID) -> Result<Option<Dialog>> {
-        let id = DialogId::parse("id", &id)?;
+        let id = DialogId::parse("id", id.0)?;
         Ok(service(ctx)?.dialog(&id).await?.map(Dialog))
     }
 
@@ -520,7 +524,7 @@ impl QueryRoot {
     /// has no decision (undecided dialogs exist only in the buffer).
     #[graphql(guard = "require(Permission::Read)")]
     async fn consent(&self, ctx: &Context<'_>, dialog_id: ID) -> Result<Option<ConsentRecord>> {
-        let dialog_id = DialogId::parse("dialogId", &dialog_id)?;
+        let dialog_id = DialogId::parse("dialogId", dialog_id.0)?;
         Ok(service(ctx)?
             .consent_history(&dialog_id)
             .await?
@@ -651,7 +655,7 @@ impl IngestMutation {
         dialog_id: ID,
         value: bool,
     ) -> Result<ConsentPayload> {
-        let dialog_id = DialogId::parse("dialogId", &dialog_id)?;
+        let dialog_id = DialogId::parse("dialogId", dialog_id.0)?;
         let outcome = service(ctx)?.give_consent(dialog_id, value).await?;
         Ok(ConsentPayload(outcome))
     }
@@ -664,7 +668,7 @@ impl ErasureMutation {
     /// of the customer id; no content). Messages pushed afterwards are new data. Admin only.
     #[graphql(guard = "require(Permission::Admin)")]
     async fn erase_customer(&self, ctx: &Context<'_>, customer_id: ID) -> Result<ErasurePayload> {
-        let customer_id = CustomerId::parse("customerId", &customer_id)?;
+        let customer_id = CustomerId::parse("customerId", customer_id.0)?;
         let erased = service(ctx)?.erase_customer(customer_id.clone()).await?;
         Ok(ErasurePayload {
             customer_id,

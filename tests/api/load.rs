@@ -138,7 +138,7 @@ pub async fn concurrent_pushers_and_consenters_reconcile_exactly(app: TestApp) {
         "every acknowledged message once"
     );
     for (dialog, expected) in consented.iter().take(50) {
-        let id = dataapi::model::DialogId::parse("dialogId", dialog).unwrap();
+        let id = dataapi::model::DialogId::parse("dialogId", dialog.as_str()).unwrap();
         let stored = app.store.dialog(&id).await.unwrap().expect("stored");
         assert_eq!(stored.message_count as usize, *expected, "{dialog}");
     }
