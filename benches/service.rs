@@ -380,16 +380,68 @@ async fn post_text(client: &reqwest::Client, url: &str, body: String) -> Value {
     value
 }
 
-/// Median latency, in milliseconds, of `repeat` sequential requests.
-async fn median_latency(client: &reqwest::Client, url: &str, body: &Value, repeat: usize) -> f64 {
-    let mut times = Vec::with_capacity(repeat);
+/// Median latencies, in milliseconds, of `repeat` sequential requests of `a` and of `b`, sent alternately so
+/// that a change in the machine's speed meanwhile affects both alike.
+async fn median_latencies(
+    client: &reqwest::Client,
+    url: &str,
+    a: &Value,
+    b: &Value,
+    repeat: usize,
+) -> (f64, f64) {
+    let mut times = (Vec::with_capacity(repeat), Vec::with_capacity(repeat));
     for _ in 0..repeat {
-        let started = Instant::now();
-        post(client, url, body).await;
-        times.push(started.elapsed().as_secs_f64() * 1000.0);
+        for (body, times) in [(a, &mut times.0), (b, &mut times.1)] {
+            let started = Instant::now();
+            post(client, url, body).await;
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
     }
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+    let median = |mut times: Vec<f64>| {
+        times.sort_by(f64::total_cmp);
+        times[times.len() / 2]
+    };
+    (median(times.0), median(times.1))
+}
+
+/// Rounds of interleaved loads: each round runs every scenario once for `seconds / ROUNDS` (after its own
+/// warm-up), and each scenario's measurements are summed over the rounds. Ratios between scenarios then
+/// compare the same stretches of time, not a fast minute with a slow one.
+const ROUNDS: usize = 3;
+
+/// A request body maker: `(connection, n)` to the n-th request body (JSON) of a connection.
+type BodyMaker = Arc<dyn Fn(usize, u64) -> String + Send + Sync>;
+
+async fn interleaved_loads(
+    url: &str,
+    settings: &Settings,
+    scenarios: Vec<BodyMaker>,
+) -> Vec<LoadResult> {
+    let mut totals = vec![LoadResult::default(); scenarios.len()];
+    for round in 0..ROUNDS {
+        for (scenario, total) in scenarios.iter().zip(&mut totals) {
+            let scenario = scenario.clone();
+            // Each round pushes new messages to new dialogs: its request numbers start further on.
+            let offset = round as u64 * 1_000_000_000;
+            let part = load(
+                url,
+                settings.connections,
+                settings.warmup / ROUNDS as f64,
+                settings.seconds / ROUNDS as f64,
+                None,
+                move |connection, n| scenario(connection, n + offset),
+            )
+            .await;
+            total.requests += part.requests;
+            total.failures += part.failures;
+            total.seconds += part.seconds;
+            total.latencies.extend(part.latencies);
+        }
+    }
+    for total in &mut totals {
+        total.latencies.sort_unstable();
+    }
+    totals
 }
 
 /// Throughput: `{ __typename }`, `pushMessage`, p99 at half load, `pushMessages` x100.
@@ -398,17 +450,31 @@ async fn push_benchmarks(settings: &Settings, rows: &mut Vec<Row>) {
     let url = server.graphql_url();
     let (c, w, s) = (settings.connections, settings.warmup, settings.seconds);
 
-    let typename = load(&url, c, w, s, None, |_, _| {
-        r#"{"query":"{ __typename }"}"#.to_owned()
-    })
+    let typename_body = |_: usize, _: u64| r#"{"query":"{ __typename }"}"#.to_owned();
+    let measured = interleaved_loads(
+        &url,
+        settings,
+        vec![
+            Arc::new(typename_body),
+            Arc::new(push_body),
+            Arc::new(push_many_body(100, "many")),
+        ],
+    )
     .await;
+    let [typename, push, many] = <[LoadResult; 3]>::try_from(measured).unwrap();
     println!("  {{ __typename }}: {}", typename.summary());
-    let push = load(&url, c, w, s, None, push_body).await;
     println!("  pushMessage: {}", push.summary());
-    let half = load(&url, c, w, s, Some(push.throughput() / 2.0), push_body).await;
-    println!("  pushMessage at half of its peak: {}", half.summary());
-    let many = load(&url, c, w, s, None, push_many_body(100, "many")).await;
     println!("  pushMessages x100: {}", many.summary());
+    let half = load(
+        &url,
+        c,
+        w,
+        s,
+        Some(push.throughput() / 2.0),
+        |connection, n| push_body(connection, n + 10_000_000_000),
+    )
+    .await;
+    println!("  pushMessage at half of its peak: {}", half.summary());
 
     let ratio = push.throughput() / typename.throughput();
     rows.push(row(
@@ -678,8 +744,7 @@ async fn paging_benchmark(settings: &Settings, rows: &mut Vec<Row>) {
         check["data"]["dialogs"]["edges"].as_array().unwrap().len(),
         100
     );
-    let first_ms = median_latency(&client, &url, &first, repeat).await;
-    let deep_ms = median_latency(&client, &url, &deep, repeat).await;
+    let (first_ms, deep_ms) = median_latencies(&client, &url, &first, &deep, repeat).await;
 
     let messages_query = "query($a: String) { messages(first: 100, after: $a, filter: {language: \"en\"}) { edges { cursor node { id dialogId text createdAt } } pageInfo { hasNextPage } } }";
     let deep_message = &english_keys[english_keys.len() * 9 / 10];
@@ -690,8 +755,8 @@ async fn paging_benchmark(settings: &Settings, rows: &mut Vec<Row>) {
         check["data"]["messages"]["edges"].as_array().unwrap().len(),
         100
     );
-    let first_messages_ms = median_latency(&client, &url, &first_messages, repeat).await;
-    let deep_messages_ms = median_latency(&client, &url, &deep_messages, repeat).await;
+    let (first_messages_ms, deep_messages_ms) =
+        median_latencies(&client, &url, &first_messages, &deep_messages, repeat).await;
     println!(
         "  dialogs page: first {first_ms:.2} ms, 90% deep {deep_ms:.2} ms; messages page: first {first_messages_ms:.2} ms, deep {deep_messages_ms:.2} ms"
     );
@@ -834,7 +899,8 @@ async fn main() {
         ));
     }
     let header = format!(
-        "Run on {} ({}), `{}` connections, {} s per load after {} s warm-up; the suite took {:.0} s.\n\n",
+        "Run on {} ({}), `{}` connections, {} s per load after {} s warm-up (the three push loads in \
+         {ROUNDS} interleaved rounds); the suite took {:.0} s.\n\n",
         chrono::Utc::now().format("%Y-%m-%d"),
         machine(),
         settings.connections,
