@@ -327,7 +327,7 @@ impl DialogService {
         };
 
         if !value {
-            let written = self.store.record_decision(&decision, &[]).await?;
+            let written = self.store.record_decision(&decision, Vec::new()).await?;
             let discarded = self.buffer.discard(&dialog_id) as u64;
             return Ok(ConsentOutcome {
                 record: written.record,
@@ -342,12 +342,13 @@ impl DialogService {
         let mut pending = buffered.map(|b| b.messages).unwrap_or_default();
         let mut stored = 0;
         loop {
-            let written = self.store.record_decision(&decision, &pending).await?;
+            let last_seq = pending.last().map(|message| message.seq);
+            let written = self.store.record_decision(&decision, pending).await?;
             stored += written.inserted;
             // Messages pushed while the write ran are still buffered; sealing the dialog sends later pushes
             // to the store, so at most one more pass writes these and the dialog leaves the buffer.
-            let more = match pending.last() {
-                Some(last) => self.buffer.seal_and_remove_through(&dialog_id, last.seq),
+            let more = match last_seq {
+                Some(seq) => self.buffer.seal_and_remove_through(&dialog_id, seq),
                 None => Vec::new(),
             };
             if more.is_empty() {

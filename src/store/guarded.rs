@@ -85,7 +85,7 @@ impl Store for GuardedStore {
     async fn record_decision(
         &self,
         decision: &Decision,
-        messages: &[Message],
+        messages: Vec<Message>,
     ) -> StoreResult<DecisionWritten> {
         self.call(
             "record_decision",

@@ -125,7 +125,7 @@ pub trait Store: Send + Sync + 'static {
     async fn record_decision(
         &self,
         decision: &Decision,
-        messages: &[Message],
+        messages: Vec<Message>,
     ) -> StoreResult<DecisionWritten>;
 
     /// Stores one message of a dialog whose decision is `true`, checking that decision in the same

@@ -691,7 +691,7 @@ impl Store for MongoStore {
     async fn record_decision(
         &self,
         decision: &Decision,
-        messages: &[Message],
+        messages: Vec<Message>,
     ) -> StoreResult<DecisionWritten> {
         let docs: Vec<MessageDoc> = if decision.value {
             messages.iter().map(MessageDoc::from).collect()

@@ -622,7 +622,7 @@ fn insert_messages(
         return Ok(0);
     }
     let dialog_id = first.dialog_id.as_str();
-    let last_message_at: i64 = tx
+    let (last_message_at, message_count): (i64, i64) = tx
         .prepare_cached(
             "INSERT INTO dialogs (id, customer_id, message_count, first_message_at, last_message_at, consented_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -630,7 +630,7 @@ fn insert_messages(
                  message_count = message_count + excluded.message_count,
                  first_message_at = min(first_message_at, excluded.first_message_at),
                  last_message_at = max(last_message_at, excluded.last_message_at)
-             RETURNING last_message_at",
+             RETURNING last_message_at, message_count",
         )?
         .query_row(
             params![
@@ -641,13 +641,16 @@ fn insert_messages(
                 last_at,
                 consented_at
             ],
-            |row| row.get(0),
+            |row| Ok((row.get(0)?, row.get(1)?)),
         )?;
-    // Every language row carries the dialog's sort key, so a dialog that moved moves in each of them.
-    tx.prepare_cached(
-        "UPDATE dialog_languages SET last_message_at = ?2 WHERE dialog_id = ?1 AND last_message_at <> ?2",
-    )?
-    .execute(params![dialog_id, last_message_at])?;
+    // Every language row carries the dialog's sort key, so a dialog that moved moves in each of them. (A
+    // dialog row created just now has no language rows yet: they go with it when it is deleted.)
+    if message_count > inserted as i64 {
+        tx.prepare_cached(
+            "UPDATE dialog_languages SET last_message_at = ?2 WHERE dialog_id = ?1 AND last_message_at <> ?2",
+        )?
+        .execute(params![dialog_id, last_message_at])?;
+    }
     let mut add_language = tx.prepare_cached(
         "INSERT OR IGNORE INTO dialog_languages (dialog_id, language, last_message_at) VALUES (?1, ?2, ?3)",
     )?;
@@ -920,14 +923,10 @@ impl Store for SqliteStore {
     async fn record_decision(
         &self,
         decision: &Decision,
-        messages: &[Message],
+        messages: Vec<Message>,
     ) -> StoreResult<DecisionWritten> {
         let decision = decision.clone();
-        let messages = if decision.value {
-            messages.to_vec()
-        } else {
-            Vec::new()
-        };
+        let messages = if decision.value { messages } else { Vec::new() };
         self.write(move |tx| {
             let record = write_consent(tx, &decision).map_err(sqlite_error("write consent"))?;
             if decision.value {
@@ -1245,6 +1244,78 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), copied)
             .await
             .expect("the checkpointer copied the log into the database file");
+    }
+
+    fn message(dialog: &str, text: &str, language: &str, seq: i64) -> Message {
+        Message {
+            id: uuid::Uuid::now_v7().to_string(),
+            dialog_id: DialogId::from_trusted(dialog.to_owned()),
+            customer_id: CustomerId::from_trusted("c".to_owned()),
+            client_id: None,
+            text: MessageText::from_trusted(text.to_owned()),
+            language: Language::from_trusted(language.to_owned()),
+            created_at: seq / 1000,
+            seq,
+        }
+    }
+
+    async fn language_sort_keys(store: &SqliteStore, dialog: &str) -> Vec<(String, i64)> {
+        let dialog = dialog.to_owned();
+        store
+            .with_connection(move |c| {
+                let mut select = c
+                    .prepare("SELECT language, last_message_at FROM dialog_languages WHERE dialog_id = ?1 ORDER BY language")
+                    .unwrap();
+                Ok(select
+                    .query_map([dialog], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect())
+            })
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_language_row_of_a_dialog_follows_its_latest_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("store.sqlite3"))
+            .await
+            .unwrap();
+        let decision = Decision {
+            dialog_id: DialogId::from_trusted("d".to_owned()),
+            customer_id: CustomerId::from_trusted("c".to_owned()),
+            value: true,
+            at: 5,
+        };
+        let written = store
+            .record_decision(
+                &decision,
+                vec![
+                    message("d", "hi", "en", 1_000),
+                    message("d", "hallo", "de", 2_000),
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(written.inserted, 2);
+        assert_eq!(
+            language_sort_keys(&store, "d").await,
+            [("de".to_owned(), 2), ("en".to_owned(), 2)]
+        );
+        // A late message in a third language moves the dialog in all three listings.
+        store
+            .append_consented(&message("d", "salut", "fr", 9_000))
+            .await
+            .unwrap();
+        assert_eq!(
+            language_sort_keys(&store, "d").await,
+            [
+                ("de".to_owned(), 9),
+                ("en".to_owned(), 9),
+                ("fr".to_owned(), 9)
+            ]
+        );
     }
 
     /// The first layout, before `user_version` was kept: `messages` keyed by `id` alone.

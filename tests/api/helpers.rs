@@ -186,7 +186,7 @@ impl Store for InstrumentedStore {
     async fn record_decision(
         &self,
         decision: &Decision,
-        messages: &[Message],
+        messages: Vec<Message>,
     ) -> StoreResult<DecisionWritten> {
         self.enter("record_decision").await?;
         let hold = self.hold.lock().unwrap().take();
