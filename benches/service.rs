@@ -532,79 +532,28 @@ async fn consent_benchmark(settings: &Settings, rows: &mut Vec<Row>) {
     for n in 0..batches as u64 {
         post_text(&client, &url, fill(0, n)).await;
     }
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..settings.connections)
-        .map(|_| {
-            let next = next.clone();
-            let url = url.clone();
-            tokio::spawn(async move {
-                let client = reqwest::Client::new();
-                loop {
-                    let d = next.fetch_add(1, Ordering::Relaxed);
-                    if d >= dialogs {
-                        break;
-                    }
-                    let body = json!({
-                        "query": "mutation($d: ID!) { giveConsent(dialogId: $d, value: true) { storedCount } }",
-                        "variables": { "d": format!("consent-0-{d}") },
-                    });
-                    let value = post(&client, &url, &body).await;
-                    assert_eq!(value["data"]["giveConsent"]["storedCount"], DIALOG_LENGTH);
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.unwrap();
-    }
-    let consent_rate = (dialogs * DIALOG_LENGTH) as f64 / started.elapsed().as_secs_f64();
-    drop(server);
-
     // The baseline: the very rows the service stored (read back, not timed), inserted plainly into a fresh
-    // database with the same schema, in one transaction.
-    type StoredRow = (
-        String,
-        String,
-        String,
-        Option<String>,
-        String,
-        String,
-        i64,
-        i64,
-    );
-    let stored: Vec<StoredRow> = {
-        let connection = Connection::open(&database).unwrap();
-        let mut select = connection
-            .prepare("SELECT id, dialog_id, customer_id, client_id, text, language, created_at, seq FROM messages ORDER BY rowid")
-            .unwrap();
-        select
-            .query_map([], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                    r.get(7)?,
-                ))
-            })
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap()
-    };
-    assert_eq!(stored.len(), dialogs * DIALOG_LENGTH);
+    // database with the same schema, one transaction per round. Consent and baseline alternate in rounds,
+    // so that a change in the machine's speed affects both alike.
     let baseline_path = dir.path().join("baseline.sqlite3");
     SqliteStore::open(&baseline_path).await.unwrap();
-    let baseline_rate = tokio::task::spawn_blocking(move || {
-        let mut connection = Connection::open(&baseline_path).unwrap();
-        connection
-            .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
-            .unwrap();
+    let mut baseline = Connection::open(&baseline_path).unwrap();
+    baseline
+        .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")
+        .unwrap();
+    let stored = Connection::open(&database).unwrap();
+    let (mut consent_time, mut baseline_time, mut copied_rowid) =
+        (Duration::ZERO, Duration::ZERO, 0i64);
+    for round in 0..ROUNDS {
+        let range = dialogs * round / ROUNDS..dialogs * (round + 1) / ROUNDS;
         let started = Instant::now();
-        let tx = connection.transaction().unwrap();
+        give_consents(&url, settings.connections, range.clone(), DIALOG_LENGTH).await;
+        consent_time += started.elapsed();
+
+        let copied = stored_rows_after(&stored, &mut copied_rowid);
+        assert_eq!(copied.len(), range.len() * DIALOG_LENGTH);
+        let started = Instant::now();
+        let tx = baseline.transaction().unwrap();
         {
             let mut insert = tx
                 .prepare(
@@ -612,17 +561,21 @@ async fn consent_benchmark(settings: &Settings, rows: &mut Vec<Row>) {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )
                 .unwrap();
-            for (id, dialog, customer, client, text, language, created_at, seq) in &stored {
+            for ((id, dialog, customer, client, text, language, created_at, seq), _) in &copied {
                 insert
-                    .execute(params![id, dialog, customer, client, text, language, created_at, seq])
+                    .execute(params![
+                        id, dialog, customer, client, text, language, created_at, seq
+                    ])
                     .unwrap();
             }
         }
         tx.commit().unwrap();
-        stored.len() as f64 / started.elapsed().as_secs_f64()
-    })
-    .await
-    .unwrap();
+        baseline_time += started.elapsed();
+    }
+    drop(server);
+    let total = (dialogs * DIALOG_LENGTH) as f64;
+    let consent_rate = total / consent_time.as_secs_f64();
+    let baseline_rate = total / baseline_time.as_secs_f64();
     let ratio = consent_rate / baseline_rate;
     println!("  giveConsent: {consent_rate:.0} msg/s; bulk insert: {baseline_rate:.0} rows/s");
     rows.push(row(
@@ -646,6 +599,86 @@ async fn consent_benchmark(settings: &Settings, rows: &mut Vec<Row>) {
         ">= 50%",
         Some(ratio >= 0.5),
     ));
+}
+
+/// Gives consent `true` to the buffered dialogs `consent-0-{d}` for `d` in `range`, from `connections`
+/// concurrent clients; checks that each stored all its messages.
+async fn give_consents(
+    url: &str,
+    connections: usize,
+    range: std::ops::Range<usize>,
+    dialog_length: usize,
+) {
+    let next = Arc::new(AtomicUsize::new(range.start));
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| {
+            let next = next.clone();
+            let url = url.to_owned();
+            let end = range.end;
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                loop {
+                    let d = next.fetch_add(1, Ordering::Relaxed);
+                    if d >= end {
+                        break;
+                    }
+                    let body = json!({
+                        "query": "mutation($d: ID!) { giveConsent(dialogId: $d, value: true) { storedCount } }",
+                        "variables": { "d": format!("consent-0-{d}") },
+                    });
+                    let value = post(&client, &url, &body).await;
+                    assert_eq!(value["data"]["giveConsent"]["storedCount"], dialog_length);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+type StoredRow = (
+    String,
+    String,
+    String,
+    Option<String>,
+    String,
+    String,
+    i64,
+    i64,
+);
+
+/// The rows of `messages` past `rowid`, in the order they were stored; moves `rowid` past them.
+fn stored_rows_after(connection: &Connection, rowid: &mut i64) -> Vec<(StoredRow, i64)> {
+    let mut select = connection
+        .prepare(
+            "SELECT id, dialog_id, customer_id, client_id, text, language, created_at, seq, rowid \
+             FROM messages WHERE rowid > ?1 ORDER BY rowid",
+        )
+        .unwrap();
+    let rows: Vec<(StoredRow, i64)> = select
+        .query_map([*rowid], |r| {
+            Ok((
+                (
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                ),
+                r.get(8)?,
+            ))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    if let Some((_, last)) = rows.last() {
+        *rowid = *last;
+    }
+    rows
 }
 
 const LANGUAGES: [&str; 5] = ["en", "de", "fr", "es", "it"];
