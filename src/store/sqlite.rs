@@ -266,7 +266,15 @@ fn create_or_migrate_schema(connection: &mut Connection) -> StoreResult<()> {
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(sqlite_error("write the schema version"))?;
-    tx.commit().map_err(sqlite_error("commit the schema"))
+    tx.commit().map_err(sqlite_error("commit the schema"))?;
+    if migrate {
+        tracing::info!(
+            from = version,
+            to = SCHEMA_VERSION,
+            "migrated the SQLite database to the current schema"
+        );
+    }
+    Ok(())
 }
 
 /// Runs `f` as it is, in the open transaction: the fast way, when no write of the transaction fails. Fails
