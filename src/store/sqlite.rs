@@ -277,6 +277,16 @@ fn create_or_migrate_schema(connection: &mut Connection) -> StoreResult<()> {
     Ok(())
 }
 
+/// A write must not start once its caller has given up.
+fn not_past(deadline: Instant) -> StoreResult<()> {
+    if Instant::now() >= deadline {
+        return Err(StoreError(
+            "write abandoned: not started before its deadline".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
 /// Runs `f` as it is, in the open transaction: the fast way, when no write of the transaction fails. Fails
 /// if `f` fails, panics, or ends past `deadline`; the caller must then roll the whole transaction back.
 fn run_unguarded<T>(
@@ -284,11 +294,7 @@ fn run_unguarded<T>(
     deadline: Instant,
     f: &mut impl FnMut(&Connection) -> StoreResult<T>,
 ) -> StoreResult<T> {
-    if Instant::now() >= deadline {
-        return Err(StoreError(
-            "write abandoned: not started before its deadline".to_owned(),
-        ));
-    }
+    not_past(deadline)?;
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(connection)))
         .unwrap_or_else(|_| {
             Err(StoreError(
@@ -314,11 +320,7 @@ fn in_savepoint<T>(
     deadline: Instant,
     f: &mut impl FnMut(&Connection) -> StoreResult<T>,
 ) -> StoreResult<T> {
-    if Instant::now() >= deadline {
-        return Err(StoreError(
-            "write abandoned: not started before its deadline".to_owned(),
-        ));
-    }
+    not_past(deadline)?;
     run_cached(connection, "SAVEPOINT write").map_err(sqlite_error("savepoint"))?;
     let result = run_unguarded(connection, deadline, f);
     if connection.is_autocommit() {
