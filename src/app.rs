@@ -12,9 +12,10 @@ use tower_http::trace::TraceLayer;
 
 use crate::buffer::BufferLimits;
 use crate::config::{Config, DatabaseConfig};
+use crate::execution::Executor;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
-use crate::schema::{self, Limits};
+use crate::schema::Limits;
 use crate::service::DialogService;
 use crate::store::{GuardedStore, MongoStore, SharedStore, SqliteStore, StoreError};
 
@@ -80,16 +81,19 @@ impl Application {
             max_query_depth: config.limits.max_query_depth,
             max_query_complexity: config.limits.max_query_complexity,
         };
-        let schema = schema::build(service.clone(), limits, config.access.introspection);
+        let executor = Arc::new(Executor::new(
+            service.clone(),
+            limits,
+            config.access.introspection,
+        ));
         let router = http::router(
             AppState {
-                schema,
+                executor,
                 service: service.clone(),
                 limits,
                 api_keys: config.access.api_keys.clone(),
                 max_batch_operations: config.limits.max_batch_operations,
                 max_body_bytes: config.limits.max_body_bytes,
-                documents: Arc::default(),
             },
             config.access.graphiql,
         )

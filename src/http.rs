@@ -9,7 +9,6 @@
 
 use std::sync::Arc;
 
-use async_graphql::parser::types::{DocumentOperations, ExecutableDocument, Selection};
 use async_graphql::{BatchRequest, BatchResponse};
 use async_graphql_axum::GraphQLResponse;
 use axum::Router;
@@ -21,129 +20,18 @@ use axum::routing::get;
 use serde_json::json;
 
 use crate::auth::{ApiKeys, Caller};
-use crate::schema::{self, DataApiSchema, Limits};
+use crate::execution::{Executed, Executor};
+use crate::schema::{self, Limits};
 use crate::service::DialogService;
 
 #[derive(Clone)]
 pub struct AppState {
-    pub schema: DataApiSchema,
+    pub executor: Arc<Executor>,
     pub service: Arc<DialogService>,
     pub limits: Limits,
     pub api_keys: ApiKeys,
     pub max_batch_operations: usize,
     pub max_body_bytes: usize,
-    pub documents: Arc<DocumentCache>,
-}
-
-/// Parsed GraphQL documents by query text. The background job sends the same few documents over and over
-/// (with different variables); parsing one costs more than everything DataAPI itself does for a push, so
-/// each distinct document is parsed once. Only short documents that parsed cleanly are kept, and at most
-/// `DOCUMENTS` of them: the cache cannot grow with what clients send.
-#[derive(Default)]
-pub struct DocumentCache {
-    documents: dashmap::DashMap<String, async_graphql::parser::types::ExecutableDocument>,
-}
-
-impl DocumentCache {
-    const DOCUMENTS: usize = 256;
-    const MAX_QUERY_BYTES: usize = 8 * 1024;
-
-    /// Gives `operation` its parsed document, from the cache or parsed now. Returns the operation's label
-    /// for the metrics and, for a document parsed now, what to cache once it has passed validation.
-    fn prepare(
-        &self,
-        operation: &mut async_graphql::Request,
-    ) -> (String, Option<(String, ExecutableDocument)>) {
-        if operation.query.len() > Self::MAX_QUERY_BYTES {
-            return ("other".to_owned(), None);
-        }
-        if let Some(document) = self.documents.get(&operation.query) {
-            let label = label(&document, operation.operation_name.as_deref());
-            operation.set_parsed_query(document.clone());
-            return (label, None);
-        }
-        // A document that does not parse is left to async-graphql, which reports the error.
-        let Ok(document) = async_graphql::parser::parse_query(&operation.query) else {
-            return ("invalid".to_owned(), None);
-        };
-        let label = label(&document, operation.operation_name.as_deref());
-        operation.set_parsed_query(document.clone());
-        (label, Some((operation.query.clone(), document)))
-    }
-
-    /// Keeps a document that executed without a parse or validation error: only documents within the
-    /// depth and complexity limits are kept, so their size is bounded too.
-    fn remember(
-        &self,
-        query: String,
-        document: ExecutableDocument,
-        response: &async_graphql::Response,
-    ) {
-        let refused = response.errors.iter().any(|error| {
-            matches!(
-                error.extensions.as_ref().and_then(|e| e.get("code")),
-                Some(async_graphql::Value::String(code)) if code.starts_with("GRAPHQL_") || code.starts_with("QUERY_TOO_")
-            )
-        });
-        if refused {
-            return;
-        }
-        if self.documents.len() >= Self::DOCUMENTS {
-            self.documents.clear();
-        }
-        self.documents.insert(query, document);
-    }
-}
-
-/// The root fields of the schema: the only names an operation label may contain.
-const ROOT_FIELDS: &[&str] = &[
-    "dialogs",
-    "dialog",
-    "messages",
-    "consent",
-    "pushMessage",
-    "pushMessages",
-    "giveConsent",
-    "eraseCustomer",
-];
-
-/// The root fields an operation selects, sorted and joined with `+` (the metrics' operation label). Only the
-/// schema's root fields are named, so clients cannot invent new labels; anything else is `other`.
-fn label(document: &ExecutableDocument, operation_name: Option<&str>) -> String {
-    let operation = match (&document.operations, operation_name) {
-        (DocumentOperations::Single(operation), _) => Some(operation),
-        (DocumentOperations::Multiple(operations), Some(name)) => operations.get(name),
-        (DocumentOperations::Multiple(operations), None) if operations.len() == 1 => {
-            operations.values().next()
-        }
-        _ => None,
-    };
-    let Some(operation) = operation else {
-        return "other".to_owned();
-    };
-    let mut fields: Vec<&str> = Vec::new();
-    for selection in &operation.node.selection_set.node.items {
-        match &selection.node {
-            Selection::Field(field) => {
-                let name = field.node.name.node.as_str();
-                if name.starts_with("__") {
-                    continue;
-                }
-                if !ROOT_FIELDS.contains(&name) {
-                    return "other".to_owned();
-                }
-                if !fields.contains(&name) {
-                    fields.push(name);
-                }
-            }
-            _ => return "other".to_owned(),
-        }
-    }
-    if fields.is_empty() {
-        return "introspection".to_owned();
-    }
-    fields.sort_unstable();
-    fields.join("+")
 }
 
 pub fn router(state: AppState, graphiql: bool) -> Router {
@@ -300,16 +188,12 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
     let mut responses = Vec::with_capacity(operations.len());
     let metrics = state.service.metrics();
     for mut operation in operations {
-        let (label, parsed) = state.documents.prepare(&mut operation);
         operation.data.insert(caller);
         operation
             .data
             .insert(schema::request_loader(state.service.clone(), state.limits));
         let started = std::time::Instant::now();
-        let response = state.schema.execute(operation).await;
-        if let Some((query, document)) = parsed {
-            state.documents.remember(query, document, &response);
-        }
+        let Executed { label, response } = state.executor.execute(operation).await;
         responses.push(response);
         metrics.operations.with_label_values(&[&label]).inc();
         metrics

@@ -18,6 +18,8 @@ pub struct Metrics {
     pub operation_seconds: HistogramVec,
     /// Errors returned to clients, by `extensions.code`.
     pub errors: IntCounterVec,
+    /// Operations by how they were validated: see `crate::execution`.
+    pub validations: IntCounterVec,
     /// Consent decisions recorded, by value.
     pub consents: IntCounterVec,
     pub store_seconds: HistogramVec,
@@ -83,6 +85,12 @@ impl Metrics {
                 "graphql_errors_total",
                 "Errors returned to clients, by extensions.code",
                 &["code"],
+            ),
+            validations: counter_vec(
+                "graphql_validations_total",
+                "GraphQL operations by validation: full (a new document, or variables not certainly \
+                 valid) or prevalidated (a document that passed full validation before)",
+                &["validation"],
             ),
             consents: counter_vec("consents_total", "Consent decisions recorded", &["value"]),
             store_seconds: histogram_vec(

@@ -7,14 +7,10 @@ use std::sync::Arc;
 
 use async_graphql::connection::{Connection, Edge};
 use async_graphql::dataloader::{DataLoader, HashMapCache, Loader};
-use async_graphql::extensions::{
-    Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextValidation,
-};
-use async_graphql::parser::types::ExecutableDocument;
 use async_graphql::{
     Context, EmptySubscription, Enum, ErrorExtensions, ID, InputObject, InputValueError,
-    InputValueResult, Object, Response, Result, Scalar, ScalarType, Schema, SchemaBuilder,
-    ServerError, ServerResult, ValidationResult, Value, Variables,
+    InputValueResult, Object, Result, Scalar, ScalarType, Schema, SchemaBuilder, ValidationMode,
+    Value,
 };
 use chrono::SecondsFormat;
 
@@ -40,9 +36,16 @@ pub struct Limits {
     pub max_query_complexity: usize,
 }
 
-/// The schema with the service attached, ready to execute requests.
-pub fn build(service: Arc<DialogService>, limits: Limits, introspection: bool) -> DataApiSchema {
+/// The schema with the service attached, ready to execute requests; `validation` is async-graphql's
+/// validation mode (see [`crate::execution`] for when each is used).
+pub fn build(
+    service: Arc<DialogService>,
+    limits: Limits,
+    introspection: bool,
+    validation: ValidationMode,
+) -> DataApiSchema {
     let mut builder = builder()
+        .validation_mode(validation)
         .data(service)
         .data(limits)
         .limit_depth(limits.max_query_depth)
@@ -95,7 +98,7 @@ pub fn sdl() -> String {
 }
 
 fn builder() -> SchemaBuilder<QueryRoot, MutationRoot, EmptySubscription> {
-    Schema::build(QueryRoot, MutationRoot::default(), EmptySubscription).extension(ErrorCodes)
+    Schema::build(QueryRoot, MutationRoot::default(), EmptySubscription)
 }
 
 /// The per-request loader of dialogs' messages.
@@ -764,83 +767,5 @@ impl ErasurePayload {
     /// Messages dropped from the buffer (they had never been stored).
     async fn buffered_message_count(&self) -> u64 {
         self.erased.buffered_messages
-    }
-}
-
-/// Gives the errors that async-graphql raises itself (syntax, validation, input coercion) an
-/// `extensions.code` too, so that every error a client sees carries one.
-struct ErrorCodes;
-
-impl ExtensionFactory for ErrorCodes {
-    fn create(&self) -> Arc<dyn Extension> {
-        Arc::new(ErrorCodes)
-    }
-}
-
-fn with_code(mut error: ServerError, code: &str) -> ServerError {
-    let extensions = error.extensions.get_or_insert_with(Default::default);
-    if extensions.get("code").is_none() {
-        extensions.set("code", code);
-    }
-    error
-}
-
-#[async_trait::async_trait]
-impl Extension for ErrorCodes {
-    async fn parse_query(
-        &self,
-        ctx: &ExtensionContext<'_>,
-        query: &str,
-        variables: &Variables,
-        next: NextParseQuery<'_>,
-    ) -> ServerResult<ExecutableDocument> {
-        next.run(ctx, query, variables)
-            .await
-            .map_err(|error| with_code(error, "GRAPHQL_PARSE_FAILED"))
-    }
-
-    async fn validation(
-        &self,
-        ctx: &ExtensionContext<'_>,
-        next: NextValidation<'_>,
-    ) -> Result<ValidationResult, Vec<ServerError>> {
-        next.run(ctx).await.map_err(|errors| {
-            errors
-                .into_iter()
-                .map(|mut error| match error.message.as_str() {
-                    "Query is nested too deep." => {
-                        error.message =
-                            "the query is nested deeper than MAX_QUERY_DEPTH allows: select \
-                                         fewer levels"
-                                .to_owned();
-                        with_code(error, "QUERY_TOO_DEEP")
-                    }
-                    "Query is too complex." => {
-                        error.message =
-                            "the query selects more fields than MAX_QUERY_COMPLEXITY allows \
-                                         (every field and alias counts): split it"
-                                .to_owned();
-                        with_code(error, "QUERY_TOO_COMPLEX")
-                    }
-                    _ => with_code(error, "GRAPHQL_VALIDATION_FAILED"),
-                })
-                .collect()
-        })
-    }
-
-    async fn execute(
-        &self,
-        ctx: &ExtensionContext<'_>,
-        operation_name: Option<&str>,
-        next: NextExecute<'_>,
-    ) -> Response {
-        let mut response = next.run(ctx, operation_name).await;
-        // Our resolvers always set a code; an error without one comes from coercing an argument or a
-        // variable to its declared type, i.e. from the client's input.
-        response.errors = std::mem::take(&mut response.errors)
-            .into_iter()
-            .map(|error| with_code(error, "BAD_USER_INPUT"))
-            .collect();
-        response
     }
 }

@@ -43,6 +43,7 @@ macro_rules! for_each_store {
 }
 
 mod behaviour;
+mod documents;
 mod faults;
 mod graphiql;
 mod helpers;

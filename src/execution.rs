@@ -1,0 +1,291 @@
+//! How one GraphQL operation runs, between the HTTP layer and async-graphql: documents are parsed once,
+//! fully validated once, and every error leaves with an `extensions.code`.
+//!
+//! The background job sends the same few documents over and over with new variables, and async-graphql
+//! would parse and fully validate each of them every time, which costs more than everything DataAPI itself
+//! does for a push. GraphQL validation is a property of the document and the schema; only the variable
+//! values change between requests (the spec checks them separately, when coercing variables). So:
+//! - a document is parsed once and kept (bounded: see [`DocumentCache`]);
+//! - the first time, it runs with full validation (async-graphql's strict mode, which checks the variable
+//!   values too);
+//! - once it has passed full validation with every variable it declares present, later requests with the
+//!   same text run in async-graphql's fast mode (which still enforces the depth and complexity limits, with
+//!   the request's own variables) provided [`InputTypes`] finds their variable values certainly valid;
+//!   anything it is not sure about gets full validation again, and so the very same answer.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_graphql::parser::types::{
+    DocumentOperations, ExecutableDocument, OperationDefinition, Selection,
+};
+use async_graphql::{ErrorExtensionValues, Request, Response, ServerError, ValidationMode};
+
+use crate::schema::{self, DataApiSchema, Limits};
+use crate::service::DialogService;
+use crate::variables::InputTypes;
+
+pub struct Executor {
+    /// Every validation rule, variable values included.
+    strict: DataApiSchema,
+    /// For documents that passed full validation before, with variables checked by `inputs`.
+    prevalidated: DataApiSchema,
+    inputs: InputTypes,
+    documents: DocumentCache,
+    validations: prometheus::IntCounterVec,
+}
+
+/// An operation's response, and the label it is counted under in the metrics.
+pub struct Executed {
+    pub label: String,
+    pub response: Response,
+}
+
+impl Executor {
+    pub fn new(service: Arc<DialogService>, limits: Limits, introspection: bool) -> Self {
+        let strict = schema::build(
+            service.clone(),
+            limits,
+            introspection,
+            ValidationMode::Strict,
+        );
+        let inputs = InputTypes::from_sdl(&strict.sdl()).expect("the schema's own SDL parses");
+        Self {
+            validations: service.metrics().validations.clone(),
+            prevalidated: schema::build(service, limits, introspection, ValidationMode::Fast),
+            strict,
+            inputs,
+            documents: DocumentCache::default(),
+        }
+    }
+
+    /// Runs one operation. The caller has put the request's data (caller, loader) in already.
+    pub async fn execute(&self, mut request: Request) -> Executed {
+        let known = self.documents.get(&request.query);
+        let fresh;
+        let document = match &known {
+            Some(known) => &known.document,
+            None => match async_graphql::parser::parse_query(&request.query) {
+                Ok(document) => {
+                    fresh = document;
+                    &fresh
+                }
+                Err(error) => {
+                    return Executed {
+                        label: "invalid".to_owned(),
+                        response: refusal(error.into(), "GRAPHQL_PARSE_FAILED"),
+                    };
+                }
+            },
+        };
+        let operation = match select_operation(document, request.operation_name.as_deref()) {
+            Ok(operation) => operation,
+            Err(message) => {
+                return Executed {
+                    label: "other".to_owned(),
+                    response: refusal(ServerError::new(message, None), "OPERATION_NOT_FOUND"),
+                };
+            }
+        };
+        let label = label(operation);
+        let declared = &operation.variable_definitions;
+        let all_variables_sent = declared
+            .iter()
+            .all(|variable| request.variables.contains_key(&variable.node.name.node));
+        let prevalidated = known
+            .as_ref()
+            .is_some_and(|known| known.validated.load(Ordering::Relaxed))
+            && self.inputs.accept(declared, &request.variables);
+
+        let to_keep = (known.is_none() && request.query.len() <= DocumentCache::MAX_QUERY_BYTES)
+            .then(|| (request.query.clone(), document.clone()));
+        request.set_parsed_query(document.clone());
+        let (schema, validation) = if prevalidated {
+            (&self.prevalidated, "prevalidated")
+        } else {
+            (&self.strict, "full")
+        };
+        self.validations.with_label_values(&[validation]).inc();
+        let mut response = schema.execute(request).await;
+        let refused = give_codes(&mut response);
+        if !prevalidated && !refused {
+            match (known, to_keep) {
+                (Some(known), _) if all_variables_sent => {
+                    known.validated.store(true, Ordering::Relaxed)
+                }
+                (None, Some((query, document))) => {
+                    self.documents.keep(query, document, all_variables_sent)
+                }
+                _ => {}
+            }
+        }
+        Executed { label, response }
+    }
+}
+
+/// A response refusing the whole operation.
+fn refusal(mut error: ServerError, code: &str) -> Response {
+    set_code(&mut error, code);
+    Response::from_errors(vec![error])
+}
+
+fn set_code(error: &mut ServerError, code: &str) {
+    let extensions = error
+        .extensions
+        .get_or_insert_with(ErrorExtensionValues::default);
+    if extensions.get("code").is_none() {
+        extensions.set("code", code);
+    }
+}
+
+/// Gives the errors async-graphql raises itself a code, as every error a client sees has one: our
+/// resolvers always set theirs. An error without a path refused the operation before it ran (validation,
+/// limits); one with a path came from coercing an argument or a variable while executing, i.e. from the
+/// client's input. Returns whether the operation was refused before it ran.
+fn give_codes(response: &mut Response) -> bool {
+    let mut refused = false;
+    for error in &mut response.errors {
+        if !error.path.is_empty() {
+            set_code(error, "BAD_USER_INPUT");
+            continue;
+        }
+        refused = true;
+        if error.message == "Query is nested too deep."
+            || error
+                .message
+                .starts_with("The recursion depth of the query")
+        {
+            error.message =
+                "the query is nested deeper than MAX_QUERY_DEPTH allows: select fewer levels"
+                    .to_owned();
+            set_code(error, "QUERY_TOO_DEEP");
+        } else if error.message == "Query is too complex." {
+            error.message =
+                "the query selects more fields than MAX_QUERY_COMPLEXITY allows (every \
+                             field and alias counts): split it"
+                    .to_owned();
+            set_code(error, "QUERY_TOO_COMPLEX");
+        } else {
+            set_code(error, "GRAPHQL_VALIDATION_FAILED");
+        }
+    }
+    refused
+}
+
+/// The operation a request runs, chosen as the GraphQL spec says; the error says how to name it.
+fn select_operation<'a>(
+    document: &'a ExecutableDocument,
+    name: Option<&str>,
+) -> Result<&'a OperationDefinition, String> {
+    let names = || {
+        let mut names: Vec<String> = document
+            .operations
+            .iter()
+            .filter_map(|(name, _)| name.map(|name| format!("`{name}`")))
+            .collect();
+        names.sort_unstable();
+        names.join(", ")
+    };
+    match (&document.operations, name) {
+        (DocumentOperations::Single(operation), None) => Ok(&operation.node),
+        (DocumentOperations::Single(_), Some(name)) => Err(format!(
+            "the document has no operation named `{name}`, only one without a name: leave \
+             operationName out"
+        )),
+        (DocumentOperations::Multiple(operations), Some(name)) => operations
+            .get(name)
+            .map(|operation| &operation.node)
+            .ok_or_else(|| {
+                format!(
+                    "the document has no operation named `{name}`: send one of {} as operationName",
+                    names()
+                )
+            }),
+        (DocumentOperations::Multiple(operations), None) if operations.len() == 1 => {
+            Ok(&operations.values().next().expect("one operation").node)
+        }
+        (DocumentOperations::Multiple(_), None) => Err(format!(
+            "the document holds several operations: send the name of the one to run as \
+             operationName ({})",
+            names()
+        )),
+    }
+}
+
+/// The root fields of the schema: the only names an operation label may contain.
+const ROOT_FIELDS: &[&str] = &[
+    "dialogs",
+    "dialog",
+    "messages",
+    "consent",
+    "pushMessage",
+    "pushMessages",
+    "giveConsent",
+    "eraseCustomer",
+];
+
+/// The root fields an operation selects, sorted and joined with `+` (the metrics' operation label). Only the
+/// schema's root fields are named, so clients cannot invent new labels; anything else is `other`.
+fn label(operation: &OperationDefinition) -> String {
+    let mut fields: Vec<&str> = Vec::new();
+    for selection in &operation.selection_set.node.items {
+        match &selection.node {
+            Selection::Field(field) => {
+                let name = field.node.name.node.as_str();
+                if name.starts_with("__") {
+                    continue;
+                }
+                if !ROOT_FIELDS.contains(&name) {
+                    return "other".to_owned();
+                }
+                if !fields.contains(&name) {
+                    fields.push(name);
+                }
+            }
+            _ => return "other".to_owned(),
+        }
+    }
+    if fields.is_empty() {
+        return "introspection".to_owned();
+    }
+    fields.sort_unstable();
+    fields.join("+")
+}
+
+/// A document that passed full validation.
+struct KnownDocument {
+    document: ExecutableDocument,
+    /// Passed with every variable its operation declares present, so that every argument, variables
+    /// substituted, was checked (async-graphql skips an argument whose variable is missing).
+    validated: AtomicBool,
+}
+
+/// Parsed documents by query text. Only short documents that passed full validation are kept, and at
+/// most `DOCUMENTS` of them: the cache cannot grow with what clients send.
+#[derive(Default)]
+struct DocumentCache {
+    documents: dashmap::DashMap<String, Arc<KnownDocument>>,
+}
+
+impl DocumentCache {
+    const DOCUMENTS: usize = 256;
+    const MAX_QUERY_BYTES: usize = 8 * 1024;
+
+    fn get(&self, query: &str) -> Option<Arc<KnownDocument>> {
+        self.documents.get(query).map(|known| known.clone())
+    }
+
+    /// Keeps a document that passed full validation.
+    fn keep(&self, query: String, document: ExecutableDocument, all_variables_sent: bool) {
+        if self.documents.len() >= Self::DOCUMENTS {
+            self.documents.clear();
+        }
+        self.documents.insert(
+            query,
+            Arc::new(KnownDocument {
+                document,
+                validated: AtomicBool::new(all_variables_sent),
+            }),
+        );
+    }
+}
