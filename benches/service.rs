@@ -299,7 +299,7 @@ async fn load(
     total
 }
 
-/// About 100 bytes of text, different for every message.
+/// About 100 bytes of text, different for every message (`push_input` writes the same).
 fn text(connection: usize, n: u64) -> String {
     format!(
         "Hello, I am writing about my order number {connection:04}-{n:09}; it has not arrived yet, where is it?"
@@ -312,18 +312,23 @@ fn text(connection: usize, n: u64) -> String {
 
 fn push_body(connection: usize, n: u64) -> String {
     // A new dialog every 20 messages: one push in 20 looks the dialog's decision up in the store.
-    format!(
-        r#"{{"query":"mutation($i: PushMessageInput!) {{ pushMessage(input: $i) {{ status }} }}","variables":{{"i":{}}}}}"#,
-        push_input(connection, n, "push")
-    )
+    let mut body = String::with_capacity(320);
+    body.push_str(r#"{"query":"mutation($i: PushMessageInput!) { pushMessage(input: $i) { status } }","variables":{"i":"#);
+    push_input(&mut body, connection, n, "push");
+    body.push_str("}}");
+    body
 }
 
-fn push_input(connection: usize, k: u64, prefix: &str) -> String {
-    format!(
-        r#"{{"customerId":"customer-{connection}","dialogId":"{prefix}-{connection}-{}","text":"{}","language":"en","messageId":"m{k}"}}"#,
+/// Appends one message input (about 100 bytes of text, different for every message) to `body`.
+fn push_input(body: &mut String, connection: usize, k: u64, prefix: &str) {
+    use std::fmt::Write;
+    // The text as `text` writes it, without a String of its own.
+    write!(
+        body,
+        r#"{{"customerId":"customer-{connection}","dialogId":"{prefix}-{connection}-{}","text":"Hello, I am writing about my order number {connection:04}-{k:09}; it has not arrived yet, where is it?","language":"en","messageId":"m{k}"}}"#,
         k / 20,
-        text(connection, k)
     )
+    .expect("writing to a String");
 }
 
 fn push_many_body(
@@ -331,13 +336,17 @@ fn push_many_body(
     prefix: &'static str,
 ) -> impl Fn(usize, u64) -> String + Send + Sync {
     move |connection, n| {
-        let inputs: Vec<String> = (0..batch as u64)
-            .map(|i| push_input(connection, n * batch as u64 + i, prefix))
-            .collect();
-        format!(
-            r#"{{"query":"mutation($i: [PushMessageInput!]!) {{ pushMessages(inputs: $i) {{ status }} }}","variables":{{"i":[{}]}}}}"#,
-            inputs.join(",")
-        )
+        // One buffer for the whole body: the load generator shares the cores with the server.
+        let mut body = String::with_capacity(100 + batch * 240);
+        body.push_str(r#"{"query":"mutation($i: [PushMessageInput!]!) { pushMessages(inputs: $i) { status } }","variables":{"i":["#);
+        for i in 0..batch as u64 {
+            if i > 0 {
+                body.push(',');
+            }
+            push_input(&mut body, connection, n * batch as u64 + i, prefix);
+        }
+        body.push_str("]}}");
+        body
     }
 }
 
