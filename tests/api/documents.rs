@@ -18,16 +18,9 @@ fn input(dialog: &str) -> Value {
 }
 
 async fn prevalidated(app: &TestApp) -> u64 {
-    let text = app
-        .http_client()
-        .get(app.url("/metrics"))
-        .send()
+    app.metrics_text()
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
+        .lines()
         .find(|line| {
             line.starts_with("dataapi_graphql_validations_total{validation=\"prevalidated\"}")
         })

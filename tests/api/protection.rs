@@ -342,14 +342,7 @@ pub fn short_retention() -> Config {
 }
 
 async fn metrics_text(app: &TestApp) -> String {
-    app.http_client()
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    app.metrics_text().await
 }
 
 async fn metric(app: &TestApp, name: &str) -> f64 {
