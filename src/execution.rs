@@ -8,8 +8,8 @@
 //! - a document is parsed once and kept (bounded: see [`DocumentCache`]);
 //! - the first time, it runs with full validation (async-graphql's strict mode, which checks the variable
 //!   values too);
-//! - once it has passed full validation with every variable it declares present, later requests with the
-//!   same text run in async-graphql's fast mode (which still enforces the depth and complexity limits, with
+//! - once it has passed full validation with one operation and every variable it declares present, later
+//!   requests with the same text run in async-graphql's fast mode (which still enforces the depth and complexity limits, with
 //!   the request's own variables) provided [`InputTypes`] finds their variable values certainly valid;
 //!   anything it is not sure about gets full validation again, and so the very same answer.
 
@@ -32,7 +32,9 @@ pub struct Executor {
     prevalidated: DataApiSchema,
     inputs: InputTypes,
     documents: DocumentCache,
-    validations: prometheus::IntCounterVec,
+    /// Operations run with full validation, and with the document validated before.
+    fully_validated: prometheus::IntCounter,
+    prevalidated_runs: prometheus::IntCounter,
 }
 
 /// An operation's response, and the label it is counted under in the metrics.
@@ -51,7 +53,11 @@ impl Executor {
         );
         let inputs = InputTypes::from_sdl(&strict.sdl()).expect("the schema's own SDL parses");
         Self {
-            validations: service.metrics().validations.clone(),
+            fully_validated: service.metrics().validations.with_label_values(&["full"]),
+            prevalidated_runs: service
+                .metrics()
+                .validations
+                .with_label_values(&["prevalidated"]),
             prevalidated: schema::build(service, limits, introspection, ValidationMode::Fast),
             strict,
             inputs,
@@ -89,9 +95,12 @@ impl Executor {
         };
         let label = label(operation);
         let declared = &operation.variable_definitions;
-        let all_variables_sent = declared
-            .iter()
-            .all(|variable| request.variables.contains_key(&variable.node.name.node));
+        // Whether full validation checked every argument: async-graphql skips an argument whose variable is
+        // missing, and the variables of operations other than the one selected.
+        let checks_every_argument = document.operations.iter().count() == 1
+            && declared
+                .iter()
+                .all(|variable| request.variables.contains_key(&variable.node.name.node));
         let prevalidated = known
             .as_ref()
             .is_some_and(|known| known.validated.load(Ordering::Relaxed))
@@ -100,21 +109,21 @@ impl Executor {
         let to_keep = (known.is_none() && request.query.len() <= DocumentCache::MAX_QUERY_BYTES)
             .then(|| (request.query.clone(), document.clone()));
         request.set_parsed_query(document.clone());
-        let (schema, validation) = if prevalidated {
-            (&self.prevalidated, "prevalidated")
+        let mut response = if prevalidated {
+            self.prevalidated_runs.inc();
+            self.prevalidated.execute(request).await
         } else {
-            (&self.strict, "full")
+            self.fully_validated.inc();
+            self.strict.execute(request).await
         };
-        self.validations.with_label_values(&[validation]).inc();
-        let mut response = schema.execute(request).await;
         let refused = give_codes(&mut response);
         if !prevalidated && !refused {
             match (known, to_keep) {
-                (Some(known), _) if all_variables_sent => {
+                (Some(known), _) if checks_every_argument => {
                     known.validated.store(true, Ordering::Relaxed)
                 }
                 (None, Some((query, document))) => {
-                    self.documents.keep(query, document, all_variables_sent)
+                    self.documents.keep(query, document, checks_every_argument)
                 }
                 _ => {}
             }
@@ -255,8 +264,8 @@ fn label(operation: &OperationDefinition) -> String {
 /// A document that passed full validation.
 struct KnownDocument {
     document: ExecutableDocument,
-    /// Passed with every variable its operation declares present, so that every argument, variables
-    /// substituted, was checked (async-graphql skips an argument whose variable is missing).
+    /// Passed with one operation and every variable it declares present, so that every argument,
+    /// variables substituted, was checked.
     validated: AtomicBool,
 }
 
@@ -276,7 +285,7 @@ impl DocumentCache {
     }
 
     /// Keeps a document that passed full validation.
-    fn keep(&self, query: String, document: ExecutableDocument, all_variables_sent: bool) {
+    fn keep(&self, query: String, document: ExecutableDocument, validated: bool) {
         if self.documents.len() >= Self::DOCUMENTS {
             self.documents.clear();
         }
@@ -284,7 +293,7 @@ impl DocumentCache {
             query,
             Arc::new(KnownDocument {
                 document,
-                validated: AtomicBool::new(all_variables_sent),
+                validated: AtomicBool::new(validated),
             }),
         );
     }

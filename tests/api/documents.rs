@@ -145,7 +145,7 @@ async fn a_known_document_answers_any_variables_as_on_first_sight() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_document_is_trusted_only_once_every_argument_was_checked() {
+async fn a_document_is_trusted_only_once_every_argument_of_it_was_checked() {
     run_with(Backend::Sqlite, test_config(), async |app: TestApp| {
         // async-graphql skips checking an argument whose variable is missing: here `text: 5` would go
         // unnoticed on first sight, and the document must not be trusted on the strength of that.
@@ -156,6 +156,16 @@ async fn a_document_is_trusted_only_once_every_argument_was_checked() {
         let before = prevalidated(&app).await;
         let checked = app.graphql(query, json!({ "c": "c" })).await;
         assert_eq!(code(&checked["errors"][0]), "GRAPHQL_VALIDATION_FAILED", "{checked}");
+        assert_eq!(prevalidated(&app).await, before);
+
+        // Nor does it check the arguments of an operation other than the one selected.
+        let two = "mutation A($c: ID) { pushMessage(input: {customerId: $c, dialogId: \"d\", text: 5, language: \"en\"}) { status } } query B { __typename }";
+        let b = app.post_json(&json!({ "query": two, "operationName": "B" })).await;
+        assert_eq!(b["data"]["__typename"], "QueryRoot", "{b}");
+        let a = app
+            .post_json(&json!({ "query": two, "operationName": "A", "variables": { "c": "c" } }))
+            .await;
+        assert_eq!(code(&a["errors"][0]), "GRAPHQL_VALIDATION_FAILED", "{a}");
         assert_eq!(prevalidated(&app).await, before);
     })
     .await;
