@@ -5,7 +5,7 @@
 //! would parse and fully validate each of them every time, which costs more than everything DataAPI itself
 //! does for a push. GraphQL validation is a property of the document and the schema; only the variable
 //! values change between requests (the spec checks them separately, when coercing variables). So:
-//! - a document is parsed once and kept (bounded: see [`DocumentCache`]);
+//! - a document is parsed once and kept (bounded: see `DocumentCache`);
 //! - the first time, it runs with full validation (async-graphql's strict mode, which checks the variable
 //!   values too);
 //! - once it has passed full validation with one operation and every variable it declares present, later
