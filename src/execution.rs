@@ -159,14 +159,20 @@ fn give_codes(response: &mut Response) -> bool {
             continue;
         }
         refused = true;
-        if error.message == "Query is nested too deep."
-            || error
-                .message
-                .starts_with("The recursion depth of the query")
-        {
+        if error.message == "Query is nested too deep." {
             error.message =
                 "the query is nested deeper than MAX_QUERY_DEPTH allows: select fewer levels"
                     .to_owned();
+            set_code(error, "QUERY_TOO_DEEP");
+        } else if error
+            .message
+            .starts_with("The recursion depth of the query")
+        {
+            // async-graphql's own bound on nested selection sets (fields and fragments alike), checked
+            // before MAX_QUERY_DEPTH, which counts fields only.
+            error.message = "the query nests selection sets (fields or fragments) more than 32 \
+                             levels deep: nest fewer"
+                .to_owned();
             set_code(error, "QUERY_TOO_DEEP");
         } else if error.message == "Query is too complex." {
             error.message =

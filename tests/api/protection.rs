@@ -39,6 +39,11 @@ async fn still_serving(app: &TestApp) {
 
 pub async fn bad_requests_get_their_documented_error_and_the_service_keeps_serving(app: TestApp) {
     let json_body = |value: Value| value.to_string().into_bytes();
+    let nested_fragments = format!(
+        "{{ {} __typename {} }}",
+        "... on QueryRoot { ".repeat(33),
+        "}".repeat(33)
+    );
     let deep = format!(
         "{{ __schema {{ types {{ fields {{ type {}{{ name }}{} }} }} }} }}",
         "{ ofType ".repeat(20),
@@ -132,6 +137,13 @@ pub async fn bad_requests_get_their_documented_error_and_the_service_keeps_servi
             "deep nesting",
             "application/json",
             json_body(json!({ "query": deep })),
+            200,
+            "QUERY_TOO_DEEP",
+        ),
+        (
+            "fragments nested past the engine's bound",
+            "application/json",
+            json_body(json!({ "query": nested_fragments })),
             200,
             "QUERY_TOO_DEEP",
         ),
