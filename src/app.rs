@@ -10,8 +10,9 @@ use tokio::net::TcpListener;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::buffer::BufferLimits;
-use crate::config::{Config, DatabaseConfig};
+use crate::buffer::redis::RedisOptions;
+use crate::buffer::{BufferError, BufferLimits, MemoryBuffer, RedisBuffer, SharedBuffer};
+use crate::config::{BufferBackend, Config, DatabaseConfig};
 use crate::execution::Executor;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
@@ -23,6 +24,8 @@ use crate::store::{GuardedStore, MongoStore, SharedStore, SqliteStore, StoreErro
 pub enum StartupError {
     #[error("cannot open the database: {0}")]
     Store(#[from] StoreError),
+    #[error("cannot reach the dialog buffer (BUFFER_URL): {0}")]
+    Buffer(#[from] BufferError),
     #[error("cannot listen on {addr} (BIND_ADDR): {source}")]
     Bind {
         addr: SocketAddr,
@@ -45,6 +48,34 @@ pub async fn open_store(config: &Config) -> Result<SharedStore, StoreError> {
     })
 }
 
+/// Opens the buffer that `config` names.
+pub async fn open_buffer(config: &Config) -> Result<SharedBuffer, BufferError> {
+    let limits = BufferLimits {
+        max_messages_per_dialog: config.buffer.max_messages_per_dialog,
+        max_bytes: config.buffer.max_bytes,
+        ttl: config.buffer.ttl,
+    };
+    Ok(match &config.buffer.backend {
+        BufferBackend::Memory => Arc::new(MemoryBuffer::new(limits)),
+        BufferBackend::Redis { urls, key_prefix } => Arc::new(
+            RedisBuffer::connect(RedisOptions {
+                urls: urls.clone(),
+                key_prefix: key_prefix.clone(),
+                timeout: config.buffer.timeout,
+                lease: decision_lease(config),
+                limits,
+            })
+            .await?,
+        ),
+    })
+}
+
+/// How long a decision (or an erasure) holds its lease in a shared buffer: three times the longest its
+/// store and buffer calls may take, so that only a replica that stopped loses it.
+pub fn decision_lease(config: &Config) -> std::time::Duration {
+    (config.store_timeout + config.buffer.timeout) * 3
+}
+
 pub struct Application {
     listener: TcpListener,
     router: axum::Router,
@@ -61,20 +92,14 @@ impl Application {
 
     /// Like [`build`](Self::build) with a store made by the caller (tests wrap stores to count or fail calls).
     pub async fn with_store(config: &Config, store: SharedStore) -> Result<Self, StartupError> {
+        let buffer = open_buffer(config).await?;
         let metrics = Arc::new(Metrics::new());
         let store: SharedStore = Arc::new(GuardedStore::new(
             store,
             config.store_timeout,
             metrics.clone(),
         ));
-        let service = Arc::new(DialogService::new(
-            store,
-            BufferLimits {
-                max_messages_per_dialog: config.buffer.max_messages_per_dialog,
-                max_bytes: config.buffer.max_bytes,
-            },
-            metrics,
-        ));
+        let service = Arc::new(DialogService::new(store, buffer, metrics));
         let limits = Limits {
             max_page_size: config.limits.max_page_size,
             max_push_messages: config.limits.max_push_messages,
@@ -153,14 +178,18 @@ impl Application {
             }
         };
         sweeper.abort();
-        let buffered = self.service.buffer().stats();
-        if buffered.messages > 0 {
+        let buffer = self.service.buffer();
+        if !buffer.is_shared()
+            && let Ok(buffered) = buffer.stats().await
+            && buffered.messages > 0
+        {
             tracing::warn!(
                 dialogs = buffered.dialogs,
                 messages = buffered.messages,
                 "shutting down: undecided buffered messages are dropped, never stored"
             );
         }
+        buffer.close().await;
         self.service.store().close().await;
         tracing::info!("stopped");
         result

@@ -12,7 +12,15 @@ pub struct Clock {
 impl Clock {
     /// The next acceptance order: the current time in microseconds, or one more than the last one issued.
     pub fn next(&self) -> i64 {
-        let now = chrono::Utc::now().timestamp_micros();
+        self.next_after(i64::MIN)
+    }
+
+    /// Like [`next`](Self::next), and above `floor` too (an order issued elsewhere, such as by a shared
+    /// buffer's clock, that this one must follow).
+    pub fn next_after(&self, floor: i64) -> i64 {
+        let now = chrono::Utc::now()
+            .timestamp_micros()
+            .max(floor.saturating_add(1));
         let mut last = self.last.load(Ordering::Relaxed);
         loop {
             let next = now.max(last + 1);

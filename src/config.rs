@@ -66,9 +66,26 @@ pub struct LimitsConfig {
     pub max_query_complexity: usize,
 }
 
-/// Bounds on the in-memory dialog buffer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where undecided messages wait.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BufferBackend {
+    /// In the service's memory (the default): one instance, lost when it stops.
+    Memory,
+    /// A Redis server, or a Redis Cluster reached through any of `urls` (its seed nodes); shared by every
+    /// replica. The URLs may hold credentials, so they are never logged. Every key starts with
+    /// `key_prefix`.
+    Redis {
+        urls: Vec<String>,
+        key_prefix: String,
+    },
+}
+
+/// The dialog buffer: which one, and its bounds.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BufferConfig {
+    pub backend: BufferBackend,
+    /// How long one call to a shared buffer may take before it fails with `BUFFER_UNAVAILABLE`.
+    pub timeout: Duration,
     pub max_messages_per_dialog: usize,
     /// Estimated bytes of all buffered messages together.
     pub max_bytes: usize,
@@ -99,6 +116,8 @@ impl Default for Config {
                 max_query_complexity: 50_000,
             },
             buffer: BufferConfig {
+                backend: BufferBackend::Memory,
+                timeout: Duration::from_secs(2),
                 max_messages_per_dialog: 2_000,
                 max_bytes: 512 * 1024 * 1024,
                 ttl: Duration::from_secs(24 * 60 * 60),
@@ -257,8 +276,49 @@ impl Config {
                 10..=10_000_000,
             )?,
         };
+        let backend = match get("BUFFER_URL") {
+            None => BufferBackend::Memory,
+            Some(text) => {
+                let urls: Vec<String> = text
+                    .split(',')
+                    .map(|url| url.trim().to_owned())
+                    .filter(|url| !url.is_empty())
+                    .collect();
+                let valid = !urls.is_empty()
+                    && urls.iter().all(|url| {
+                        (url.starts_with("redis://") || url.starts_with("rediss://"))
+                            && redis::IntoConnectionInfo::into_connection_info(url.as_str()).is_ok()
+                    });
+                if !valid {
+                    // Never echo a URL that may carry a password.
+                    return Err(error(
+                        "BUFFER_URL",
+                        "(hidden)",
+                        "use redis://[USER:PASSWORD@]HOST:PORT or rediss://… (TLS), or several of them \
+                         separated by commas (the seed nodes of a Redis Cluster); leave it unset for the \
+                         in-process buffer",
+                    ));
+                }
+                let key_prefix = get("BUFFER_KEY_PREFIX").unwrap_or_else(|| "dataapi".to_owned());
+                if key_prefix.is_empty()
+                    || key_prefix.len() > 64
+                    || !key_prefix
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+                {
+                    return Err(error(
+                        "BUFFER_KEY_PREFIX",
+                        &key_prefix,
+                        "expected 1 to 64 letters, digits, '_', '-' or '.'",
+                    ));
+                }
+                BufferBackend::Redis { urls, key_prefix }
+            }
+        };
         let b = defaults.buffer;
         let buffer = BufferConfig {
+            backend,
+            timeout: duration("BUFFER_TIMEOUT", b.timeout)?,
             max_messages_per_dialog: number(
                 "BUFFER_MAX_MESSAGES_PER_DIALOG",
                 b.max_messages_per_dialog,
@@ -394,6 +454,56 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(keyed.access.api_keys.len(), 1);
+    }
+
+    #[test]
+    fn buffer_url_selects_redis_and_is_never_echoed() {
+        assert_eq!(config(&[]).unwrap().buffer.backend, BufferBackend::Memory);
+        let one = config(&[("BUFFER_URL", "rediss://app:secret@redis:6380/0")]).unwrap();
+        assert_eq!(
+            one.buffer.backend,
+            BufferBackend::Redis {
+                urls: vec!["rediss://app:secret@redis:6380/0".into()],
+                key_prefix: "dataapi".into()
+            }
+        );
+        let cluster = config(&[
+            ("BUFFER_URL", "redis://10.0.0.1:7000, redis://10.0.0.2:7000"),
+            ("BUFFER_KEY_PREFIX", "chat-prod"),
+        ])
+        .unwrap();
+        assert_eq!(
+            cluster.buffer.backend,
+            BufferBackend::Redis {
+                urls: vec![
+                    "redis://10.0.0.1:7000".into(),
+                    "redis://10.0.0.2:7000".into()
+                ],
+                key_prefix: "chat-prod".into()
+            }
+        );
+        for bad_prefix in ["a{b}", "a b", &"x".repeat(65)] {
+            let error = config(&[
+                ("BUFFER_URL", "redis://h:1"),
+                ("BUFFER_KEY_PREFIX", bad_prefix),
+            ])
+            .unwrap_err();
+            assert_eq!(error.name, "BUFFER_KEY_PREFIX");
+        }
+        for bad in [
+            "http://user:secret@host",
+            "redis://user:secret@host:notaport",
+            ",",
+            "redis://h:1,memcached://user:secret@h",
+        ] {
+            let error = config(&[("BUFFER_URL", bad)]).unwrap_err();
+            assert_eq!(error.name, "BUFFER_URL", "{bad}");
+            assert!(!error.to_string().contains("secret"), "{error}");
+        }
+        assert_eq!(
+            config(&[("BUFFER_TIMEOUT", "0s")]).unwrap_err().name,
+            "BUFFER_TIMEOUT"
+        );
     }
 
     #[test]

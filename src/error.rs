@@ -3,11 +3,12 @@
 
 use async_graphql::ErrorExtensions;
 
+use crate::buffer::BufferError;
 use crate::store::StoreError;
 
 /// Deliberately not `Display`: async-graphql turns any `Display` error into a GraphQL error without a code,
 /// and this way `?` can only go through [`From<ApiError>`], which sets one.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum ApiError {
     /// An input value is malformed; `field` names it as the client spelled it.
     InvalidInput {
@@ -38,6 +39,10 @@ pub enum ApiError {
     },
 
     StoreUnavailable(StoreError),
+
+    /// The shared buffer (Redis) did not answer in time, or a decision or erasure elsewhere held the dialog
+    /// longer than a call may wait; nothing was lost or half-written.
+    BufferUnavailable(BufferError),
 
     /// The buffer cannot take the message; the text says which bound was hit.
     BufferFull(String),
@@ -87,6 +92,11 @@ impl ApiError {
                 "the database is unavailable, nothing was lost or half-written: retry the call"
                     .to_owned()
             }
+            Self::BufferUnavailable(_) => {
+                "the dialog buffer is unavailable, nothing acknowledged was lost: retry the call in a few \
+                 seconds"
+                    .to_owned()
+            }
             Self::BufferFull(reason) => reason.clone(),
             Self::Unauthenticated => {
                 "send a valid API key as `Authorization: Bearer <key>`".to_owned()
@@ -117,6 +127,7 @@ impl ApiError {
             Self::CustomerMismatch { .. } => "CUSTOMER_MISMATCH",
             Self::StoreUnavailable(_) => "STORE_UNAVAILABLE",
             Self::BufferFull(_) => "BUFFER_FULL",
+            Self::BufferUnavailable(_) => "BUFFER_UNAVAILABLE",
             Self::Unauthenticated => "UNAUTHENTICATED",
             Self::Forbidden { .. } => "FORBIDDEN",
         }
@@ -129,10 +140,20 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<BufferError> for ApiError {
+    fn from(error: BufferError) -> Self {
+        Self::BufferUnavailable(error)
+    }
+}
+
 impl ErrorExtensions for ApiError {
     fn extend(&self) -> async_graphql::Error {
-        if let Self::StoreUnavailable(source) = self {
-            tracing::warn!(error = %source, "store call failed");
+        match self {
+            Self::StoreUnavailable(source) => tracing::warn!(error = %source, "store call failed"),
+            Self::BufferUnavailable(source) => {
+                tracing::warn!(error = %source, "buffer call failed")
+            }
+            _ => {}
         }
         async_graphql::Error::new(self.message()).extend_with(|_, extensions| {
             extensions.set("code", self.code());

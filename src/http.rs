@@ -244,17 +244,19 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
 }
 
 /// The HTTP status that says what the errors of a request that produced no data mean, where one does: a
-/// refused role is 403, and a full buffer or an unavailable database is 503 (retry later). Other errors
+/// refused role is 403, and a full buffer or an unavailable buffer or database is 503 (retry later). Other errors
 /// keep GraphQL's 200.
 fn status_for(codes: &[String]) -> Option<StatusCode> {
     if codes.iter().any(|code| code == "FORBIDDEN") {
         Some(StatusCode::FORBIDDEN)
     } else if codes.iter().any(|code| code == "UNAUTHENTICATED") {
         Some(StatusCode::UNAUTHORIZED)
-    } else if codes
-        .iter()
-        .any(|code| code == "BUFFER_FULL" || code == "STORE_UNAVAILABLE")
-    {
+    } else if codes.iter().any(|code| {
+        matches!(
+            code.as_str(),
+            "BUFFER_FULL" | "BUFFER_UNAVAILABLE" | "STORE_UNAVAILABLE"
+        )
+    }) {
         Some(StatusCode::SERVICE_UNAVAILABLE)
     } else {
         None
@@ -265,29 +267,37 @@ async fn health() -> impl IntoResponse {
     axum::Json(json!({ "status": "ok" }))
 }
 
-/// Ready when the store answers a ping; load balancers stop sending traffic otherwise.
+/// Ready when the store and the buffer answer a ping; load balancers stop sending traffic otherwise.
 async fn ready(State(state): State<AppState>) -> Response {
-    match state.service.store().ping().await {
-        Ok(()) => axum::Json(json!({ "status": "ready" })).into_response(),
-        Err(error) => {
-            tracing::warn!(%error, "readiness check: the store does not answer");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                axum::Json(
-                    json!({ "status": "unavailable", "reason": "the database does not answer" }),
-                ),
-            )
-                .into_response()
-        }
+    let (store, buffer) = tokio::join!(state.service.store().ping(), state.service.buffer().ping());
+    let mut reasons = Vec::new();
+    if let Err(error) = store {
+        tracing::warn!(%error, "readiness check: the store does not answer");
+        reasons.push("the database does not answer");
     }
+    if let Err(error) = buffer {
+        tracing::warn!(%error, "readiness check: the buffer does not answer");
+        reasons.push("the dialog buffer (Redis) does not answer");
+    }
+    if reasons.is_empty() {
+        return axum::Json(json!({ "status": "ready" })).into_response();
+    }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        axum::Json(json!({ "status": "unavailable", "reason": reasons.join("; ") })),
+    )
+        .into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
     let metrics = state.service.metrics();
-    let buffer = state.service.buffer().stats();
-    metrics.buffer_dialogs.set(buffer.dialogs as i64);
-    metrics.buffer_messages.set(buffer.messages as i64);
-    metrics.buffer_bytes.set(buffer.bytes as i64);
+    // With a shared buffer these are the whole buffer's, the same on every replica. If it does not answer,
+    // the gauges keep their last values.
+    if let Ok(buffer) = state.service.buffer().stats().await {
+        metrics.buffer_dialogs.set(buffer.dialogs as i64);
+        metrics.buffer_messages.set(buffer.messages as i64);
+        metrics.buffer_bytes.set(buffer.bytes as i64);
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -107,7 +107,7 @@ async fn serve() -> ExitCode {
     }
     tracing::info!(
         store = %app.service().store().describe(),
-        buffer = "in-process (unconsented messages live in memory only)",
+        buffer = %app.service().buffer().describe(),
         "DataAPI listening on {}; {}",
         app.local_addr(),
         if config.access.graphiql {

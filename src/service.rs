@@ -1,5 +1,5 @@
 //! The consent rules, between the buffer and the store. Transport-free: the GraphQL layer only parses
-//! inputs and calls these methods.
+//! inputs and calls these methods; the service does not care which buffer it has.
 //!
 //! - A message of an undecided dialog waits in the buffer (`BUFFERED`), costing no database call when the
 //!   dialog is already buffered.
@@ -8,18 +8,20 @@
 //! - Consent `false` records the decision, deletes anything stored earlier, and drops the buffer.
 //! - Messages of decided dialogs go straight to the store (`STORED`) or nowhere (`DISCARDED`).
 //!
-//! The slow paths (a dialog's first message, a decision) of one dialog are serialised by a per-dialog lock,
-//! so that a decision can never slip between a push's look-up of the decision and its use.
+//! The slow paths (a dialog's first message, a decision) of one dialog are serialised by a per-dialog lock in
+//! this process; a decision is also exclusive across replicas (the buffer's decision lease), and a first
+//! message that raced a decision of another replica is handed back by the buffer to look the decision up
+//! again.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use tokio::sync::{Mutex, OwnedMutexGuard, RwLock};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
-use crate::buffer::{BufferLimits, BufferPush, DialogBuffer, Dropped};
+use crate::buffer::{DecisionLease, DialogPush, Dropped, PushOutcome, SharedBuffer};
 use crate::clock::now_millis;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -51,13 +53,14 @@ pub struct ConsentOutcome {
     pub deleted: u64,
 }
 
+/// How many times a first message may find its dialog decided by another replica in the middle of its
+/// look-up before it gives up with `BUFFER_UNAVAILABLE` (each time it looks the decision up again).
+const MAX_OPEN_ROUNDS: usize = 4;
+
 pub struct DialogService {
     store: SharedStore,
-    buffer: DialogBuffer,
+    buffer: SharedBuffer,
     locks: DialogLocks,
-    /// Shared by the slow paths (first message, decision), exclusive for an erasure, so that no write of a
-    /// customer's data can be in flight while their data is erased. The hot path does not take it.
-    erasure_gate: RwLock<()>,
     /// How many decisions this process has written, bumped after each write and before its dialog's lock
     /// is released: a "no decision" read before a bump may be stale (see [`Undecided`]).
     decisions_written: AtomicU64,
@@ -66,20 +69,39 @@ pub struct DialogService {
 
 /// Dialogs that one look-up for a whole batch found without a decision, and the decision count when it
 /// started. Trusted only while that count is unchanged: then no decision of this process can have slipped
-/// in between, just as if each dialog had been looked up under its lock. (Decisions written by other
-/// processes are no better covered by a look-up under the lock: the buffer is per process.)
+/// in between, just as if each dialog had been looked up under its lock. (A decision of another replica is
+/// caught by the buffer, which hands the messages back instead of opening a dialog decided meanwhile.)
 struct Undecided {
     dialogs: HashSet<DialogId>,
     as_of: u64,
 }
 
+/// Messages of one dialog within a push request that the buffer handed back, with their places in the
+/// request.
+struct Group {
+    dialog_id: DialogId,
+    places: Vec<usize>,
+    messages: Vec<IncomingMessage>,
+    /// When the buffer found the dialog not buffered ([`PushOutcome::checked_at`]).
+    checked_at: i64,
+}
+
+/// Why a decision is being written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    /// A client's `giveConsent`.
+    Client,
+    /// The sweeper finishing a decision that is already in the store (its writer went away half-way, or
+    /// messages reached the buffer after it).
+    Recovery,
+}
+
 impl DialogService {
-    pub fn new(store: SharedStore, limits: BufferLimits, metrics: Arc<Metrics>) -> Self {
+    pub fn new(store: SharedStore, buffer: SharedBuffer, metrics: Arc<Metrics>) -> Self {
         Self {
             store,
-            buffer: DialogBuffer::new(limits),
+            buffer,
             locks: DialogLocks::default(),
-            erasure_gate: RwLock::new(()),
             decisions_written: AtomicU64::new(0),
             metrics,
         }
@@ -89,9 +111,67 @@ impl DialogService {
         &self.metrics
     }
 
-    /// Drops undecided dialogs older than `ttl` from the buffer; returns what was dropped.
-    pub fn expire(&self, ttl: Duration) -> Dropped {
-        let dropped = self.buffer.expire(ttl);
+    pub fn store(&self) -> &SharedStore {
+        &self.store
+    }
+
+    pub fn buffer(&self) -> &SharedBuffer {
+        &self.buffer
+    }
+
+    /// One pass of the retention sweeper: drops undecided dialogs older than the retention period, and
+    /// finishes decisions that their writer left half-done (the store says what was decided). Returns what
+    /// was dropped. With a shared buffer, only one replica at a time sweeps.
+    pub async fn sweep(&self, period: Duration) -> Dropped {
+        if !self.buffer.claim_sweep(period).await {
+            return Dropped::default();
+        }
+        let due = match self.buffer.due().await {
+            Ok(due) => due,
+            Err(error) => {
+                tracing::warn!(%error, "retention sweep: the buffer does not answer");
+                return Dropped::default();
+            }
+        };
+        if due.expired.is_empty() && due.abandoned.is_empty() {
+            return Dropped::default();
+        }
+        let candidates: Vec<DialogId> = due.expired.iter().chain(&due.abandoned).cloned().collect();
+        // The store says which of them have a decision. Without it, abandoned decisions wait for the next
+        // sweep, but expired dialogs are dropped all the same: the retention period is a promise.
+        let decided: Option<HashMap<DialogId, bool>> = match self.store.consents(&candidates).await
+        {
+            Ok(records) => Some(
+                records
+                    .into_iter()
+                    .map(|record| (record.dialog_id, record.value))
+                    .collect(),
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "retention sweep: cannot look decisions up");
+                None
+            }
+        };
+        let mut undecided = Vec::new();
+        for dialog_id in due.expired {
+            match decided.as_ref().and_then(|decided| decided.get(&dialog_id)) {
+                Some(&value) => self.recover(dialog_id, Some(value)).await,
+                None => undecided.push(dialog_id),
+            }
+        }
+        if let Some(decided) = &decided {
+            for dialog_id in due.abandoned {
+                let value = decided.get(&dialog_id).copied();
+                self.recover(dialog_id, value).await;
+            }
+        }
+        let dropped = match self.buffer.expire(&undecided).await {
+            Ok(dropped) => dropped,
+            Err(error) => {
+                tracing::warn!(%error, "retention sweep: the buffer does not answer");
+                return Dropped::default();
+            }
+        };
         if dropped.dialogs > 0 {
             self.metrics.expired_dialogs.inc_by(dropped.dialogs as u64);
             self.metrics
@@ -106,7 +186,42 @@ impl DialogService {
         dropped
     }
 
-    /// Runs [`expire`](Self::expire) every `ttl / 10` (at least every minute) until the task is aborted.
+    /// Finishes what the store says was decided for a dialog still in the buffer: `true` stores what is
+    /// buffered, `false` drops it; no decision at all only releases a decision that was never written.
+    async fn recover(&self, dialog_id: DialogId, value: Option<bool>) {
+        let outcome = match value {
+            Some(value) => self
+                .decide_locked(dialog_id.clone(), value, Origin::Recovery)
+                .await
+                .map(|outcome| (outcome.stored, outcome.discarded)),
+            None => self.release_abandoned(&dialog_id).await.map(|()| (0, 0)),
+        };
+        match outcome {
+            Ok((stored, discarded)) => tracing::info!(
+                dialog = %dialog_id,
+                decision = ?value,
+                stored,
+                discarded,
+                "finished a decision left half-done in the buffer"
+            ),
+            Err(error) => tracing::warn!(
+                dialog = %dialog_id,
+                code = error.code(),
+                "could not finish a decision left half-done; the next sweep tries again"
+            ),
+        }
+    }
+
+    /// A decision that was begun and never written: the dialog goes back to waiting for one.
+    async fn release_abandoned(&self, dialog_id: &DialogId) -> Result<(), ApiError> {
+        let _gate = self.buffer.enter_decision_gate().await?;
+        let _lock = self.locks.lock(dialog_id).await;
+        let lease = self.buffer.begin_decision(dialog_id).await?;
+        self.buffer.end_decision(lease).await;
+        Ok(())
+    }
+
+    /// Runs [`sweep`](Self::sweep) every `ttl / 10` (at least every minute) until the task is aborted.
     pub fn spawn_sweeper(self: &Arc<Self>, ttl: Duration) -> tokio::task::JoinHandle<()> {
         let period = (ttl / 10).clamp(Duration::from_millis(10), Duration::from_secs(60));
         let service = Arc::downgrade(self);
@@ -117,7 +232,7 @@ impl DialogService {
                 ticks.tick().await;
                 match service.upgrade() {
                     Some(service) => {
-                        service.expire(ttl);
+                        service.sweep(period).await;
                     }
                     None => return,
                 }
@@ -128,15 +243,17 @@ impl DialogService {
     /// Erases everything of a customer: buffered messages, stored dialogs and messages, consent records.
     /// Leaves an audit record of the erasure (counts and the customer's digest, no content).
     pub async fn erase_customer(&self, customer_id: CustomerId) -> Result<Erased, ApiError> {
-        let _exclusive = self.erasure_gate.write().await;
+        // No decision runs meanwhile, on any replica: none can write the customer's data after it.
+        let _exclusive = self.buffer.enter_erasure_gate().await?;
         // The buffer is emptied only once the store has erased: if the store fails, the caller retries an
         // erasure that has not started.
-        let buffered = self.buffer.count_customer(&customer_id);
+        let buffered = self.buffer.count_customer(&customer_id).await?;
         let mut erased = self
             .store
             .erase_customer(&customer_id, now_millis(), buffered.messages as u64)
             .await?;
-        erased.buffered_messages = self.buffer.discard_customer(&customer_id).messages as u64;
+        erased.buffered_messages =
+            self.buffer.discard_customer(&customer_id).await?.messages as u64;
         tracing::info!(
             dialogs = erased.dialogs,
             messages = erased.messages,
@@ -155,45 +272,56 @@ impl DialogService {
         Ok(self.store.consent_history(dialog_id).await?)
     }
 
-    pub fn store(&self) -> &SharedStore {
-        &self.store
-    }
-
-    pub fn buffer(&self) -> &DialogBuffer {
-        &self.buffer
-    }
-
     pub async fn push(&self, incoming: IncomingMessage) -> Result<Pushed, ApiError> {
-        self.push_knowing(incoming, None).await
+        self.push_many(vec![incoming])
+            .await
+            .pop()
+            .expect("one result per message")
     }
 
-    /// Pushes messages in order, each exactly as [`push`](Self::push) would, with one result each. The
-    /// dialogs not buffered yet have their decisions looked up in one store call, not one call each.
+    /// Pushes messages, each exactly as [`push`](Self::push) would, with one result each, in order; a
+    /// dialog's messages are recorded in the order given. The messages of dialogs already buffered cost one
+    /// buffer call for the whole request; the dialogs not buffered yet have their decisions looked up in one
+    /// store call, not one call each.
     pub async fn push_many(
         &self,
         incomings: Vec<IncomingMessage>,
     ) -> Vec<Result<Pushed, ApiError>> {
-        let undecided = self.undecided_among(&incomings).await;
-        let mut results = Vec::with_capacity(incomings.len());
-        for incoming in incomings {
-            results.push(self.push_knowing(incoming, undecided.as_ref()).await);
+        let count = incomings.len();
+        let mut results: Vec<Option<Result<Pushed, ApiError>>> = (0..count).map(|_| None).collect();
+        let (places, pushes): (Vec<Vec<usize>>, Vec<DialogPush>) =
+            group_by_dialog(incomings).into_iter().unzip();
+        // Hot path: dialogs that are buffered already.
+        let outcomes = match self.buffer.push_if_buffered(pushes).await {
+            Ok(outcomes) => outcomes,
+            Err(error) => return vec![Err(ApiError::from(error)); count],
+        };
+        let slow: Vec<Group> = places
+            .into_iter()
+            .zip(outcomes)
+            .filter_map(|(places, outcome)| record_pushed(&mut results, places, outcome))
+            .collect();
+        if !slow.is_empty() {
+            let undecided = self.undecided_among(&slow).await;
+            for group in slow {
+                self.push_slow(group, undecided.as_ref(), &mut results)
+                    .await;
+            }
         }
         results
+            .into_iter()
+            .map(|result| result.expect("every message has a result"))
+            .collect()
     }
 
-    async fn undecided_among(&self, incomings: &[IncomingMessage]) -> Option<Undecided> {
-        let mut dialogs: Vec<DialogId> = incomings
-            .iter()
-            .filter(|incoming| !self.buffer.accepts(&incoming.dialog_id))
-            .map(|incoming| incoming.dialog_id.clone())
-            .collect();
-        dialogs.sort_unstable();
-        dialogs.dedup();
-        if dialogs.len() < 2 {
+    /// The decisions of the dialogs of `groups`, looked up in one store call when there are several.
+    async fn undecided_among(&self, groups: &[Group]) -> Option<Undecided> {
+        if groups.len() < 2 {
             return None;
         }
+        let dialogs: Vec<DialogId> = groups.iter().map(|group| group.dialog_id.clone()).collect();
         let as_of = self.decisions_written.load(Ordering::Acquire);
-        // If this fails, each message looks its dialog up alone, and reports its own error.
+        // If this fails, each dialog looks its decision up alone, and reports its own error.
         let decided: HashSet<DialogId> = self
             .store
             .consents(&dialogs)
@@ -211,34 +339,89 @@ impl DialogService {
         })
     }
 
-    async fn push_knowing(
+    /// The messages of one dialog that is not buffered: under the dialog's lock, look its decision up and
+    /// open it in the buffer, or store or discard them as the decision says.
+    async fn push_slow(
+        &self,
+        group: Group,
+        undecided: Option<&Undecided>,
+        results: &mut [Option<Result<Pushed, ApiError>>],
+    ) {
+        let Group {
+            dialog_id,
+            mut places,
+            mut messages,
+            checked_at: batch_checked_at,
+        } = group;
+        let _lock = self.locks.lock(&dialog_id).await;
+        let mut trust_batch = true;
+        for _ in 0..MAX_OPEN_ROUNDS {
+            // Another push may have opened the buffer while this one waited.
+            let push = DialogPush {
+                dialog_id: dialog_id.clone(),
+                messages,
+                looked_up_after: 0,
+            };
+            let outcome = match self.buffer.push_if_buffered(vec![push]).await {
+                Ok(mut outcomes) => outcomes.pop().unwrap_or_default(),
+                Err(error) => return fill(results, &places, &error.into()),
+            };
+            let Some(rest) = record_pushed(results, places, outcome) else {
+                return;
+            };
+            (places, messages) = (rest.places, rest.messages);
+            let known_undecided = trust_batch
+                && undecided.is_some_and(|undecided| {
+                    undecided.dialogs.contains(&dialog_id)
+                        && undecided.as_of == self.decisions_written.load(Ordering::Acquire)
+                });
+            // The decision is looked up after this moment: the batch's look-up followed the batch's own
+            // check of the buffer, this one's follows the check just made.
+            let looked_up_after = match known_undecided {
+                true => batch_checked_at,
+                false => rest.checked_at,
+            };
+            let consent = match known_undecided {
+                true => None,
+                false => match self.store.consent(&dialog_id).await {
+                    Ok(consent) => consent,
+                    Err(error) => return fill(results, &places, &error.into()),
+                },
+            };
+            if let Some(consent) = consent {
+                for (place, incoming) in places.into_iter().zip(messages) {
+                    results[place] = Some(self.push_decided(incoming, &consent).await);
+                }
+                return;
+            }
+            let push = DialogPush {
+                dialog_id: dialog_id.clone(),
+                messages,
+                looked_up_after,
+            };
+            let outcome = match self.buffer.open(vec![push]).await {
+                Ok(mut outcomes) => outcomes.pop().unwrap_or_default(),
+                Err(error) => return fill(results, &places, &error.into()),
+            };
+            let Some(rest) = record_pushed(results, places, outcome) else {
+                return;
+            };
+            // Decided meanwhile by another replica: look again.
+            (places, messages) = (rest.places, rest.messages);
+            trust_batch = false;
+        }
+        let error = ApiError::BufferUnavailable(crate::buffer::BufferError(format!(
+            "dialog `{dialog_id}` kept being decided elsewhere while its first message was pushed"
+        )));
+        fill(results, &places, &error);
+    }
+
+    /// One message of a dialog whose decision is recorded: stored, or discarded.
+    async fn push_decided(
         &self,
         incoming: IncomingMessage,
-        undecided: Option<&Undecided>,
+        consent: &ConsentRecord,
     ) -> Result<Pushed, ApiError> {
-        // Hot path: the dialog is buffered already.
-        let incoming = match self.buffer.push_if_buffered(incoming)? {
-            BufferPush::Done(buffered) => return Ok(Pushed::buffered(buffered.message())),
-            BufferPush::NotBuffered(incoming) => incoming,
-        };
-        let _shared = self.erasure_gate.read().await;
-        let _lock = self.locks.lock(&incoming.dialog_id).await;
-        // Another push may have opened the buffer while this one waited.
-        let incoming = match self.buffer.push_if_buffered(incoming)? {
-            BufferPush::Done(buffered) => return Ok(Pushed::buffered(buffered.message())),
-            BufferPush::NotBuffered(incoming) => incoming,
-        };
-        let known_undecided = undecided.is_some_and(|undecided| {
-            undecided.dialogs.contains(&incoming.dialog_id)
-                && undecided.as_of == self.decisions_written.load(Ordering::Acquire)
-        });
-        let consent = match known_undecided {
-            true => None,
-            false => self.store.consent(&incoming.dialog_id).await?,
-        };
-        let Some(consent) = consent else {
-            return Ok(Pushed::buffered(self.buffer.push(incoming)?.message()));
-        };
         if consent.customer_id != incoming.customer_id {
             return Err(ApiError::CustomerMismatch {
                 dialog_id: incoming.dialog_id.to_string(),
@@ -270,7 +453,7 @@ impl DialogService {
                     fate: MessageFate::Stored,
                 })
             }
-            // Only another process could have changed the decision meanwhile; either way, it is not `true`.
+            // The decision changed meanwhile (another process withdrew it); either way, it is not `true`.
             Appended::NotConsented => Ok(Pushed {
                 message,
                 fate: MessageFate::Discarded,
@@ -292,7 +475,7 @@ impl DialogService {
     }
 
     async fn decide(&self, dialog_id: DialogId, value: bool) -> Result<ConsentOutcome, ApiError> {
-        let outcome = self.decide_locked(dialog_id, value).await?;
+        let outcome = self.decide_locked(dialog_id, value, Origin::Client).await?;
         self.metrics
             .consents
             .with_label_values(&[if value { "true" } else { "false" }])
@@ -304,14 +487,27 @@ impl DialogService {
         &self,
         dialog_id: DialogId,
         value: bool,
+        origin: Origin,
     ) -> Result<ConsentOutcome, ApiError> {
-        let _shared = self.erasure_gate.read().await;
+        let _shared = self.buffer.enter_decision_gate().await?;
         let _lock = self.locks.lock(&dialog_id).await;
         // Dropped before the lock, on every way out: after any write of the decision.
         let _written = CountOnDrop(&self.decisions_written);
-        // While the decision is being written the sweeper leaves the dialog alone.
-        let _deciding = self.buffer.begin_decision(&dialog_id);
-        let buffered = self.buffer.snapshot(&dialog_id);
+        // While the lease is held no other decision of the dialog runs, and the sweeper leaves it alone.
+        let mut lease = self.buffer.begin_decision(&dialog_id).await?;
+        let outcome = self.decide_leased(&mut lease, value, origin).await;
+        self.buffer.end_decision(lease).await;
+        outcome
+    }
+
+    async fn decide_leased(
+        &self,
+        lease: &mut DecisionLease,
+        value: bool,
+        origin: Origin,
+    ) -> Result<ConsentOutcome, ApiError> {
+        let dialog_id = lease.dialog_id.clone();
+        let buffered = lease.buffered.take();
         let customer_id = match &buffered {
             Some(buffered) => buffered.customer_id.clone(),
             None => match self.store.consent(&dialog_id).await? {
@@ -328,7 +524,7 @@ impl DialogService {
 
         if !value {
             let written = self.store.record_decision(&decision, Vec::new()).await?;
-            let discarded = self.buffer.discard(&dialog_id) as u64;
+            let discarded = self.buffer.discard(lease).await? as u64;
             return Ok(ConsentOutcome {
                 record: written.record,
                 stored: 0,
@@ -339,7 +535,9 @@ impl DialogService {
 
         // On failure the messages stay buffered: a retry writes them, and the store skips those that an
         // earlier, partly acknowledged attempt did write.
-        let mut pending = buffered.map(|b| b.messages).unwrap_or_default();
+        let mut pending = buffered
+            .map(|buffered| buffered.messages)
+            .unwrap_or_default();
         let mut stored = 0;
         loop {
             let last_seq = pending.last().map(|message| message.seq);
@@ -348,10 +546,13 @@ impl DialogService {
             // Messages pushed while the write ran are still buffered; sealing the dialog sends later pushes
             // to the store, so at most one more pass writes these and the dialog leaves the buffer.
             let more = match last_seq {
-                Some(seq) => self.buffer.seal_and_remove_through(&dialog_id, seq),
+                Some(seq) => self.buffer.seal_and_remove_through(lease, seq).await?,
                 None => Vec::new(),
             };
             if more.is_empty() {
+                if origin == Origin::Recovery && stored > 0 {
+                    tracing::info!(dialog = %dialog_id, stored, "stored messages of a consented dialog");
+                }
                 return Ok(ConsentOutcome {
                     record: written.record,
                     stored,
@@ -417,6 +618,56 @@ impl Pushed {
             message,
             fate: MessageFate::Buffered,
         }
+    }
+}
+
+/// The messages of a request grouped by dialog, each group in the request's order, the groups in the order
+/// of their first message; with each message's place in the request.
+fn group_by_dialog(incomings: Vec<IncomingMessage>) -> Vec<(Vec<usize>, DialogPush)> {
+    let mut groups: Vec<(Vec<usize>, DialogPush)> = Vec::new();
+    let mut by_dialog: HashMap<DialogId, usize> = HashMap::new();
+    for (place, incoming) in incomings.into_iter().enumerate() {
+        let group = *by_dialog
+            .entry(incoming.dialog_id.clone())
+            .or_insert_with(|| {
+                let push = DialogPush {
+                    dialog_id: incoming.dialog_id.clone(),
+                    messages: Vec::new(),
+                    looked_up_after: 0,
+                };
+                groups.push((Vec::new(), push));
+                groups.len() - 1
+            });
+        groups[group].0.push(place);
+        groups[group].1.messages.push(incoming);
+    }
+    groups
+}
+
+/// Records the results of a buffer push at the messages' places; returns the messages handed back, with
+/// their places (the last ones of `places`), if there are any.
+fn record_pushed(
+    results: &mut [Option<Result<Pushed, ApiError>>],
+    mut places: Vec<usize>,
+    outcome: PushOutcome,
+) -> Option<Group> {
+    let rest = places.split_off(outcome.pushed.len());
+    for (place, result) in places.into_iter().zip(outcome.pushed) {
+        results[place] = Some(result.map(|buffered| Pushed::buffered(buffered.message())));
+    }
+    let dialog_id = outcome.handed_back.first()?.dialog_id.clone();
+    Some(Group {
+        dialog_id,
+        places: rest,
+        messages: outcome.handed_back,
+        checked_at: outcome.checked_at,
+    })
+}
+
+/// The same error for every one of the messages at `places`.
+fn fill(results: &mut [Option<Result<Pushed, ApiError>>], places: &[usize], error: &ApiError) {
+    for &place in places {
+        results[place] = Some(Err(error.clone()));
     }
 }
 

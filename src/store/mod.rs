@@ -25,7 +25,7 @@ pub use mongo::MongoStore;
 pub use sqlite::SqliteStore;
 
 /// A failed store call. The message is for the log, not for clients.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct StoreError(pub String);
 

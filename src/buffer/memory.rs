@@ -1,88 +1,31 @@
-//! The dialog buffer: messages of dialogs that have no consent decision yet, held in process memory and never
-//! written anywhere. A concurrent map sharded by dialog, so pushes to different dialogs never wait for each
-//! other; pushes to one dialog are ordered by that dialog's shard lock, and get their acceptance order there.
+//! The in-process buffer (the default): messages of undecided dialogs held in process memory and never
+//! written anywhere; they are lost when the process stops. A concurrent map sharded by dialog, so pushes to
+//! different dialogs never wait for each other; pushes to one dialog are ordered by that dialog's shard
+//! lock, and get their acceptance order there.
 //!
 //! The buffer is bounded: a dialog holds at most `max_messages_per_dialog` messages, and all messages together
 //! at most `max_bytes` (an estimate of their memory). A push beyond either is refused with `BUFFER_FULL`;
 //! nothing already accepted is ever dropped to make room. Undecided dialogs older than the retention period
-//! are dropped by [`DialogBuffer::expire`].
+//! are dropped by the sweeper.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
+use tokio::sync::RwLock;
 
+use super::{
+    Buffer, BufferLimits, BufferResult, BufferStats, Buffered, BufferedDialog, DecisionLease,
+    DialogPush, Dropped, DueDialogs, Gate, PushOutcome,
+};
 use crate::clock::Clock;
 use crate::error::ApiError;
 use crate::model::{
     ClientMessageId, CustomerId, DialogId, IncomingMessage, Language, Message, MessageText,
 };
-
-/// What a push did to the buffer.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Buffered {
-    /// The message was appended.
-    Added(Message),
-    /// A message with the same `messageId` was already buffered: this is it.
-    AlreadyThere(Message),
-}
-
-impl Buffered {
-    pub fn message(self) -> Message {
-        match self {
-            Self::Added(message) | Self::AlreadyThere(message) => message,
-        }
-    }
-}
-
-/// The answer of [`DialogBuffer::push_if_buffered`].
-#[derive(Debug)]
-pub enum BufferPush {
-    Done(Buffered),
-    /// The dialog is not in the buffer; the message is handed back untouched.
-    NotBuffered(IncomingMessage),
-}
-
-/// A copy of one buffered dialog.
-#[derive(Clone, Debug)]
-pub struct BufferedDialog {
-    pub customer_id: CustomerId,
-    /// Oldest first.
-    pub messages: Vec<Message>,
-}
-
-/// The buffer's bounds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BufferLimits {
-    pub max_messages_per_dialog: usize,
-    pub max_bytes: usize,
-}
-
-impl Default for BufferLimits {
-    fn default() -> Self {
-        Self {
-            max_messages_per_dialog: usize::MAX,
-            max_bytes: usize::MAX,
-        }
-    }
-}
-
-/// How much the buffer holds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BufferStats {
-    pub dialogs: usize,
-    pub messages: usize,
-    /// Estimated memory of the buffered messages.
-    pub bytes: usize,
-}
-
-/// What dropping dialogs from the buffer removed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Dropped {
-    pub dialogs: usize,
-    pub messages: usize,
-}
 
 /// One buffered message, compact: the dialog and customer ids are kept once per dialog, the language as an
 /// index into the dialog's languages, the server id as a number, and the creation time is derived from
@@ -190,22 +133,17 @@ fn dialog_overhead(dialog_id: &DialogId, customer_id: &CustomerId) -> usize {
         + heap_block(4 * std::mem::size_of::<Language>())
 }
 
-/// Marks a dialog as being decided for as long as it lives.
-pub struct DecisionGuard<'a> {
-    buffer: &'a DialogBuffer,
-    dialog_id: DialogId,
+/// The answer of [`Dialogs::push_if_buffered`].
+#[derive(Debug)]
+enum BufferPush {
+    Done(Buffered),
+    /// The dialog is not in the buffer; the message is handed back untouched.
+    NotBuffered(IncomingMessage),
 }
 
-impl Drop for DecisionGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(mut pending) = self.buffer.dialogs.get_mut(&self.dialog_id) {
-            pending.deciding = false;
-        }
-    }
-}
-
+/// The buffered dialogs: the synchronous core of [`MemoryBuffer`].
 #[derive(Debug, Default)]
-pub struct DialogBuffer {
+struct Dialogs {
     dialogs: DashMap<DialogId, PendingDialog>,
     clock: Clock,
     limits: BufferLimits,
@@ -213,8 +151,8 @@ pub struct DialogBuffer {
     bytes: AtomicUsize,
 }
 
-impl DialogBuffer {
-    pub fn new(limits: BufferLimits) -> Self {
+impl Dialogs {
+    fn new(limits: BufferLimits) -> Self {
         Self {
             limits,
             ..Self::default()
@@ -223,7 +161,7 @@ impl DialogBuffer {
 
     /// Appends to a dialog that is buffered and still undecided. Refuses a message whose customer differs
     /// from the dialog's, or whose `messageId` was used for a different message, or that does not fit.
-    pub fn push_if_buffered(&self, incoming: IncomingMessage) -> Result<BufferPush, ApiError> {
+    fn push_if_buffered(&self, incoming: IncomingMessage) -> Result<BufferPush, ApiError> {
         match self.dialogs.get_mut(&incoming.dialog_id) {
             Some(mut entry) if !entry.sealed => {
                 let (dialog_id, pending) = entry.pair_mut();
@@ -235,7 +173,7 @@ impl DialogBuffer {
     }
 
     /// Appends, starting the dialog's buffer if it has none. Only for dialogs without a decision.
-    pub fn push(&self, incoming: IncomingMessage) -> Result<Buffered, ApiError> {
+    fn push(&self, incoming: IncomingMessage) -> Result<Buffered, ApiError> {
         let mut entry = self
             .dialogs
             .entry(incoming.dialog_id.clone())
@@ -361,7 +299,7 @@ impl DialogBuffer {
     }
 
     /// A copy of a dialog's buffered messages.
-    pub fn snapshot(&self, dialog_id: &DialogId) -> Option<BufferedDialog> {
+    fn snapshot(&self, dialog_id: &DialogId) -> Option<BufferedDialog> {
         self.dialogs.get(dialog_id).map(|entry| BufferedDialog {
             customer_id: entry.customer_id.clone(),
             messages: entry.expand_all(dialog_id),
@@ -371,7 +309,7 @@ impl DialogBuffer {
     /// Called once consent `true` is committed with the messages up to and including `seq`: forgets those,
     /// and seals the dialog so that it accepts no more pushes. Returns the messages pushed meanwhile, which
     /// still have to be stored; the dialog leaves the buffer when none are left.
-    pub fn seal_and_remove_through(&self, dialog_id: &DialogId, seq: i64) -> Vec<Message> {
+    fn seal_and_remove_through(&self, dialog_id: &DialogId, seq: i64) -> Vec<Message> {
         let Entry::Occupied(mut entry) = self.dialogs.entry(dialog_id.clone()) else {
             return Vec::new();
         };
@@ -392,7 +330,7 @@ impl DialogBuffer {
     }
 
     /// Drops a dialog's buffered messages; returns how many there were.
-    pub fn discard(&self, dialog_id: &DialogId) -> usize {
+    fn discard(&self, dialog_id: &DialogId) -> usize {
         match self.dialogs.remove(dialog_id) {
             Some((_, pending)) => {
                 self.release(pending.messages.len(), pending.bytes);
@@ -418,12 +356,12 @@ impl DialogBuffer {
     }
 
     /// Drops every buffered dialog of a customer (erasure).
-    pub fn discard_customer(&self, customer_id: &CustomerId) -> Dropped {
+    fn discard_customer(&self, customer_id: &CustomerId) -> Dropped {
         self.drop_where(|pending| &pending.customer_id == customer_id)
     }
 
     /// How many dialogs and messages of a customer are buffered.
-    pub fn count_customer(&self, customer_id: &CustomerId) -> Dropped {
+    fn count_customer(&self, customer_id: &CustomerId) -> Dropped {
         self.dialogs
             .iter()
             .filter(|entry| &entry.customer_id == customer_id)
@@ -436,29 +374,24 @@ impl DialogBuffer {
     /// Drops the undecided dialogs whose first message is older than `ttl`: no decision came in time.
     /// Dialogs whose decision is being written, or is written and only waits for its last messages
     /// (sealed), are not undecided and stay.
-    pub fn expire(&self, ttl: Duration) -> Dropped {
-        self.drop_where(|pending| {
-            !pending.sealed && !pending.deciding && pending.started.elapsed() >= ttl
-        })
+    #[cfg(test)]
+    fn expire(&self, ttl: Duration) -> Dropped {
+        self.drop_where(|pending| Self::is_expired(pending, ttl))
     }
 
-    /// Marks a dialog as being decided until the returned guard is dropped.
-    pub fn begin_decision(&self, dialog_id: &DialogId) -> DecisionGuard<'_> {
+    /// Marks a dialog as being decided, or no longer.
+    fn set_deciding(&self, dialog_id: &DialogId, deciding: bool) {
         if let Some(mut pending) = self.dialogs.get_mut(dialog_id) {
-            pending.deciding = true;
-        }
-        DecisionGuard {
-            buffer: self,
-            dialog_id: dialog_id.clone(),
+            pending.deciding = deciding;
         }
     }
 
-    /// The next acceptance order, for messages that bypass the buffer.
-    pub fn next_seq(&self) -> i64 {
-        self.clock.next()
+    /// Whether a dialog is undecided, not being decided, and older than `ttl`.
+    fn is_expired(pending: &PendingDialog, ttl: Duration) -> bool {
+        !pending.sealed && !pending.deciding && pending.started.elapsed() >= ttl
     }
 
-    pub fn stats(&self) -> BufferStats {
+    fn stats(&self) -> BufferStats {
         BufferStats {
             dialogs: self.dialogs.len(),
             messages: self.messages.load(Ordering::Relaxed),
@@ -466,15 +399,193 @@ impl DialogBuffer {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.dialogs.is_empty()
     }
 
-    /// Whether pushes to the dialog go to the buffer (it has an entry, not sealed by a decision).
-    pub fn accepts(&self, dialog_id: &DialogId) -> bool {
+    /// Whether the dialog has an entry that a decision has sealed.
+    fn is_sealed(&self, dialog_id: &DialogId) -> bool {
         self.dialogs
             .get(dialog_id)
-            .is_some_and(|entry| !entry.sealed)
+            .is_some_and(|entry| entry.sealed)
+    }
+}
+
+/// The in-process buffer. Decisions of one dialog are kept apart by the service's own per-dialog lock;
+/// erasures exclude decisions with a read-write lock.
+#[derive(Debug)]
+pub struct MemoryBuffer {
+    dialogs: Arc<Dialogs>,
+    erasure_gate: Arc<RwLock<()>>,
+}
+
+impl MemoryBuffer {
+    pub fn new(limits: BufferLimits) -> Self {
+        Self {
+            dialogs: Arc::new(Dialogs::new(limits)),
+            erasure_gate: Arc::new(RwLock::new(())),
+        }
+    }
+}
+
+/// Marks a dialog as being decided for as long as it lives.
+struct DecidingMark {
+    dialogs: Arc<Dialogs>,
+    dialog_id: DialogId,
+}
+
+impl Drop for DecidingMark {
+    fn drop(&mut self) {
+        self.dialogs.set_deciding(&self.dialog_id, false);
+    }
+}
+
+#[async_trait]
+impl Buffer for MemoryBuffer {
+    fn describe(&self) -> String {
+        "in-process (undecided messages live in this process's memory only)".to_owned()
+    }
+
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    async fn ping(&self) -> BufferResult<()> {
+        Ok(())
+    }
+
+    async fn push_if_buffered(&self, pushes: Vec<DialogPush>) -> BufferResult<Vec<PushOutcome>> {
+        Ok(pushes
+            .into_iter()
+            .map(|push| {
+                let mut outcome = PushOutcome::default();
+                let mut messages = push.messages.into_iter();
+                while let Some(incoming) = messages.next() {
+                    match self.dialogs.push_if_buffered(incoming) {
+                        Ok(BufferPush::Done(buffered)) => outcome.pushed.push(Ok(buffered)),
+                        Err(error) => outcome.pushed.push(Err(error)),
+                        // Not buffered, or sealed by a decision meanwhile: this one and the rest go back.
+                        Ok(BufferPush::NotBuffered(incoming)) => {
+                            outcome.handed_back.push(incoming);
+                            outcome.handed_back.extend(messages);
+                            break;
+                        }
+                    }
+                }
+                outcome
+            })
+            .collect())
+    }
+
+    async fn open(&self, pushes: Vec<DialogPush>) -> BufferResult<Vec<PushOutcome>> {
+        Ok(pushes
+            .into_iter()
+            .map(|push| {
+                if self.dialogs.is_sealed(&push.dialog_id) {
+                    return PushOutcome::handed_back(push.messages, 0);
+                }
+                PushOutcome {
+                    pushed: push
+                        .messages
+                        .into_iter()
+                        .map(|incoming| self.dialogs.push(incoming))
+                        .collect(),
+                    handed_back: Vec::new(),
+                    checked_at: 0,
+                }
+            })
+            .collect())
+    }
+
+    async fn begin_decision(&self, dialog_id: &DialogId) -> Result<DecisionLease, ApiError> {
+        self.dialogs.set_deciding(dialog_id, true);
+        Ok(DecisionLease {
+            dialog_id: dialog_id.clone(),
+            buffered: self.dialogs.snapshot(dialog_id),
+            holder: Box::new(DecidingMark {
+                dialogs: self.dialogs.clone(),
+                dialog_id: dialog_id.clone(),
+            }),
+        })
+    }
+
+    async fn seal_and_remove_through(
+        &self,
+        lease: &DecisionLease,
+        seq: i64,
+    ) -> BufferResult<Vec<Message>> {
+        Ok(self.dialogs.seal_and_remove_through(&lease.dialog_id, seq))
+    }
+
+    async fn discard(&self, lease: &DecisionLease) -> BufferResult<usize> {
+        Ok(self.dialogs.discard(&lease.dialog_id))
+    }
+
+    async fn end_decision(&self, lease: DecisionLease) {
+        drop(lease);
+    }
+
+    async fn enter_decision_gate(&self) -> Result<Gate, ApiError> {
+        Ok(Gate(Box::new(self.erasure_gate.clone().read_owned().await)))
+    }
+
+    async fn enter_erasure_gate(&self) -> Result<Gate, ApiError> {
+        Ok(Gate(Box::new(
+            self.erasure_gate.clone().write_owned().await,
+        )))
+    }
+
+    async fn count_customer(&self, customer_id: &CustomerId) -> BufferResult<Dropped> {
+        Ok(self.dialogs.count_customer(customer_id))
+    }
+
+    async fn discard_customer(&self, customer_id: &CustomerId) -> BufferResult<Dropped> {
+        Ok(self.dialogs.discard_customer(customer_id))
+    }
+
+    async fn due(&self) -> BufferResult<DueDialogs> {
+        let ttl = self.dialogs.limits.ttl;
+        Ok(DueDialogs {
+            expired: self
+                .dialogs
+                .dialogs
+                .iter()
+                .filter(|entry| Dialogs::is_expired(entry.value(), ttl))
+                .map(|entry| entry.key().clone())
+                .collect(),
+            // A decision cannot outlive the process that holds it.
+            abandoned: Vec::new(),
+        })
+    }
+
+    async fn expire(&self, dialogs: &[DialogId]) -> BufferResult<Dropped> {
+        let ttl = self.dialogs.limits.ttl;
+        let mut dropped = Dropped::default();
+        for dialog_id in dialogs {
+            if let Some((_, pending)) = self
+                .dialogs
+                .dialogs
+                .remove_if(dialog_id, |_, pending| Dialogs::is_expired(pending, ttl))
+            {
+                self.dialogs.release(pending.messages.len(), pending.bytes);
+                dropped.dialogs += 1;
+                dropped.messages += pending.messages.len();
+            }
+        }
+        Ok(dropped)
+    }
+
+    async fn claim_sweep(&self, _period: Duration) -> bool {
+        true
+    }
+
+    fn next_seq(&self) -> i64 {
+        self.dialogs.clock.next()
+    }
+
+    async fn stats(&self) -> BufferResult<BufferStats> {
+        Ok(self.dialogs.stats())
     }
 }
 
@@ -506,7 +617,7 @@ mod tests {
 
     #[test]
     fn push_if_buffered_hands_back_messages_of_unknown_dialogs() {
-        let buffer = DialogBuffer::new(BufferLimits::default());
+        let buffer = Dialogs::new(BufferLimits::default());
         let pushed = buffer
             .push_if_buffered(incoming("d", "c", "hi", None))
             .unwrap();
@@ -522,7 +633,7 @@ mod tests {
 
     #[test]
     fn a_repeated_message_id_is_recorded_once_and_a_conflicting_one_refused() {
-        let buffer = DialogBuffer::new(BufferLimits::default());
+        let buffer = Dialogs::new(BufferLimits::default());
         let first = buffer.push(incoming("d", "c", "hi", Some("m1"))).unwrap();
         let again = buffer.push(incoming("d", "c", "hi", Some("m1"))).unwrap();
         assert_eq!(again, Buffered::AlreadyThere(first.clone().message()));
@@ -535,7 +646,7 @@ mod tests {
 
     #[test]
     fn a_dialog_keeps_its_customer() {
-        let buffer = DialogBuffer::new(BufferLimits::default());
+        let buffer = Dialogs::new(BufferLimits::default());
         buffer.push(incoming("d", "c1", "hi", None)).unwrap();
         let error = buffer.push(incoming("d", "c2", "hi", None)).unwrap_err();
         assert_eq!(error.code(), "CUSTOMER_MISMATCH");
@@ -543,7 +654,7 @@ mod tests {
 
     #[test]
     fn a_sealed_dialog_keeps_what_arrived_after_the_snapshot_and_takes_no_more() {
-        let buffer = DialogBuffer::new(BufferLimits::default());
+        let buffer = Dialogs::new(BufferLimits::default());
         for text in ["a", "b"] {
             buffer.push(incoming("d", "c", text, Some(text))).unwrap();
         }
@@ -567,10 +678,11 @@ mod tests {
         assert!(buffer.is_empty());
     }
 
-    fn limited(max_messages_per_dialog: usize, max_bytes: usize) -> DialogBuffer {
-        DialogBuffer::new(BufferLimits {
+    fn limited(max_messages_per_dialog: usize, max_bytes: usize) -> Dialogs {
+        Dialogs::new(BufferLimits {
             max_messages_per_dialog,
             max_bytes,
+            ..BufferLimits::default()
         })
     }
 
@@ -651,7 +763,7 @@ mod tests {
 
     #[test]
     fn expiry_spares_dialogs_being_decided_or_sealed() {
-        let buffer = DialogBuffer::new(BufferLimits::default());
+        let buffer = Dialogs::new(BufferLimits::default());
         for d in ["deciding", "sealed", "idle"] {
             buffer.push(incoming(d, "c", "a", None)).unwrap();
             buffer.push(incoming(d, "c", "b", None)).unwrap();
@@ -663,7 +775,7 @@ mod tests {
                 .len(),
             1
         );
-        let guard = buffer.begin_decision(&dialog("deciding"));
+        buffer.set_deciding(&dialog("deciding"), true);
         std::thread::sleep(Duration::from_millis(5));
         assert_eq!(
             buffer.expire(Duration::ZERO),
@@ -673,7 +785,7 @@ mod tests {
             }
         );
         assert!(buffer.snapshot(&dialog("idle")).is_none());
-        drop(guard);
+        buffer.set_deciding(&dialog("deciding"), false);
         assert_eq!(
             buffer.expire(Duration::ZERO).dialogs,
             1,
@@ -684,7 +796,7 @@ mod tests {
 
     #[test]
     fn expiry_drops_only_dialogs_older_than_the_retention_period() {
-        let buffer = DialogBuffer::new(BufferLimits::default());
+        let buffer = Dialogs::new(BufferLimits::default());
         buffer.push(incoming("old", "c", "a", None)).unwrap();
         std::thread::sleep(Duration::from_millis(30));
         buffer.push(incoming("new", "c", "b", None)).unwrap();
@@ -704,7 +816,7 @@ mod tests {
 
     #[test]
     fn erasure_drops_every_dialog_of_the_customer_only() {
-        let buffer = DialogBuffer::new(BufferLimits::default());
+        let buffer = Dialogs::new(BufferLimits::default());
         buffer.push(incoming("a1", "alice", "x", None)).unwrap();
         buffer.push(incoming("a2", "alice", "y", None)).unwrap();
         buffer.push(incoming("a2", "alice", "z", None)).unwrap();
@@ -722,7 +834,7 @@ mod tests {
 
     #[test]
     fn discard_forgets_the_dialog() {
-        let buffer = DialogBuffer::new(BufferLimits::default());
+        let buffer = Dialogs::new(BufferLimits::default());
         buffer.push(incoming("d", "c", "a", None)).unwrap();
         buffer.push(incoming("d", "c", "b", None)).unwrap();
         assert_eq!(buffer.discard(&dialog("d")), 2);
@@ -732,7 +844,7 @@ mod tests {
 
     #[test]
     fn concurrent_pushes_to_one_dialog_are_all_kept_in_acceptance_order() {
-        let buffer = Arc::new(DialogBuffer::new(BufferLimits::default()));
+        let buffer = Arc::new(Dialogs::new(BufferLimits::default()));
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let buffer = buffer.clone();

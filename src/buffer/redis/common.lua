@@ -1,0 +1,62 @@
+-- Shared by every script of one shard (prepended to each). ARGV[1] is the shard's key prefix; every key a
+-- script touches starts with it, so it lives in the shard's hash slot (one Redis Cluster node).
+--
+-- A buffered message is one field of its dialog's message hash: the field is the message's 16-byte id,
+-- the value "SEQ LANGUAGE LEN CLIENTID TEXT" (LEN is the byte length of the client's messageId, possibly
+-- 0, which is followed directly by the text).
+local P = ARGV[1]
+local USAGE = P .. 'u'            -- hash: b (estimated bytes), n (messages), d (dialogs) of the shard
+local DUE = P .. 'due'            -- zset: dialog -> ms of its first message (the retention index)
+local DECIDING = P .. 'deciding'  -- zset: dialog -> ms when its decision lease ends
+local COUNTS = P .. 'n'           -- hash: dialog -> messages
+local SIZES = P .. 'b'            -- hash: dialog -> estimated bytes
+local function meta(d) return P .. 'd:' .. d end      -- hash: c customer, t first ms, q last seq, s sealed
+local function msgs(d) return P .. 'm:' .. d end      -- hash: id -> message
+local function lock(d) return P .. 'l:' .. d end      -- string: the decision lease's token
+local function tomb(d) return P .. 'x:' .. d end      -- string: µs when its decision emptied it
+local function customer(c) return P .. 'c:' .. c end  -- set: the customer's dialogs in this shard
+
+-- Estimated memory of one message in Redis: its field and value, and the hash entry around them.
+local MESSAGE_OVERHEAD = 64
+
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- Integers as decimal text: Lua's numbers are doubles, and tostring would write large ones in exponent form.
+local function num(x) return string.format('%.0f', x) end
+
+-- Adds `delta` to a counter field (nothing when it is 0: Redis refuses "-0").
+local function add(key, field, delta)
+  if delta ~= 0 then redis.call('HINCRBY', key, field, num(delta)) end
+end
+
+local function seq_of(value) return tonumber(string.match(value, '^(%d+)')) end
+
+local function cost_of(id, value) return #id + #value + MESSAGE_OVERHEAD end
+
+-- Removes a dialog and its bookkeeping from the shard; returns how many messages it held.
+local function drop_dialog(d)
+  local owner = redis.call('HGET', meta(d), 'c')
+  local n = tonumber(redis.call('HGET', COUNTS, d) or '0')
+  local b = tonumber(redis.call('HGET', SIZES, d) or '0')
+  local counted = redis.call('ZSCORE', DUE, d)
+  redis.call('DEL', meta(d), msgs(d))
+  if owner then redis.call('SREM', customer(owner), d) end
+  redis.call('ZREM', DUE, d)
+  redis.call('ZREM', DECIDING, d)
+  redis.call('HDEL', COUNTS, d)
+  redis.call('HDEL', SIZES, d)
+  if counted then
+    add(USAGE, 'd', -1)
+    add(USAGE, 'n', -n)
+    add(USAGE, 'b', -b)
+  end
+  return n
+end
+
+-- Releases a decision lease if `token` holds it.
+local function release_lock(d, token)
+  if redis.call('GET', lock(d)) == token then redis.call('DEL', lock(d)) end
+end

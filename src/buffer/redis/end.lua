@@ -1,0 +1,18 @@
+-- Ends a decision. A dialog still buffered and not sealed (its decision was not written) ages again; a
+-- sealed one (written, but its last messages not stored) is left to the sweeper at once.
+-- ARGV: 1 prefix, 2 dialog, 3 token, 4 retention ms, 5 grace ms.
+local d, token = ARGV[2], ARGV[3]
+if redis.call('GET', lock(d)) ~= token then return 0 end
+redis.call('DEL', lock(d))
+local state = redis.call('HMGET', meta(d), 't', 's')
+if state[2] then
+  redis.call('ZADD', DECIDING, num(math.floor(now_us() / 1000)), d)
+  return 1
+end
+redis.call('ZREM', DECIDING, d)
+if state[1] then
+  local ends = tonumber(state[1]) + tonumber(ARGV[4]) + tonumber(ARGV[5])
+  redis.call('PEXPIREAT', meta(d), num(ends))
+  redis.call('PEXPIREAT', msgs(d), num(ends))
+end
+return 1
