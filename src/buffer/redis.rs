@@ -634,9 +634,7 @@ impl Shared {
         if taken != Some(1) {
             return Ok(PushOutcome::handed_back(push.messages, now.unwrap_or(0)));
         }
-        if let Some(used) = answer.next().as_ref().and_then(int) {
-            self.shard_bytes[usize::from(shard)].store(used, Ordering::Relaxed);
-        }
+        self.remember_usage(shard, answer.next().as_ref());
         let results = items(answer.next().ok_or_else(|| malformed("a push"))?);
         if results.len() != push.messages.len() {
             return Err(malformed("a push"));
@@ -756,8 +754,27 @@ impl Shared {
             .await?;
         Ok(answers
             .into_iter()
-            .map(dropped)
+            .enumerate()
+            .map(|(shard, answer)| self.dropped(shard as u16, answer))
             .fold(Dropped::default(), |a, b| a + b))
+    }
+
+    /// `{dialogs, messages, shard bytes}` from a script that dropped dialogs of `shard`.
+    fn dropped(&self, shard: u16, answer: Value) -> Dropped {
+        let answer = items(answer);
+        let count = |index: usize| answer.get(index).and_then(int).unwrap_or(0).max(0) as usize;
+        self.remember_usage(shard, answer.get(2));
+        Dropped {
+            dialogs: count(0),
+            messages: count(1),
+        }
+    }
+
+    /// Takes a shard's bytes as a script reported them, for the budget.
+    fn remember_usage(&self, shard: u16, bytes: Option<&Value>) {
+        if let Some(bytes) = bytes.and_then(int) {
+            self.shard_bytes[usize::from(shard)].store(bytes, Ordering::Relaxed);
+        }
     }
 
     fn lease_of<'a>(&self, lease: &'a DecisionLease) -> &'a LeaseHolder {
@@ -765,16 +782,6 @@ impl Shared {
             .holder
             .downcast_ref::<LeaseHolder>()
             .expect("a lease of this buffer")
-    }
-}
-
-/// `{dialogs, messages}` from a script.
-fn dropped(answer: Value) -> Dropped {
-    let answer = items(answer);
-    let count = |index: usize| answer.get(index).and_then(int).unwrap_or(0).max(0) as usize;
-    Dropped {
-        dialogs: count(0),
-        messages: count(1),
     }
 }
 
@@ -922,6 +929,9 @@ impl Buffer for RedisBuffer {
             })
             .await
             .map_err(|error| unavailable("sealing a dialog", error))?;
+        let mut answer = items(left).into_iter();
+        shared.remember_usage(shard, answer.next().as_ref());
+        let left = answer.next().unwrap_or(Value::Nil);
         let left = match &holder.customer_id {
             Some(customer_id) => decode_messages(&lease.dialog_id, customer_id, left)?,
             None => Vec::new(),
@@ -946,7 +956,9 @@ impl Buffer for RedisBuffer {
             .await
             .map_err(|error| unavailable("discarding a dialog", error))?;
         holder.released.store(true, Ordering::Release);
-        Ok(int(&answer).unwrap_or(0).max(0) as usize)
+        let answer = items(answer);
+        shared.remember_usage(shard, answer.get(1));
+        Ok(answer.first().and_then(int).unwrap_or(0).max(0) as usize)
     }
 
     async fn end_decision(&self, lease: DecisionLease) {
@@ -1034,18 +1046,21 @@ impl Buffer for RedisBuffer {
                 .push(dialog_id);
         }
         let ttl = Shared::ms(shared.options.limits.ttl);
-        let calls = by_shard.into_iter().map(|(shard, dialogs)| {
-            shared.run(&shared.scripts.expire, shard, move |invocation| {
-                invocation.arg(ttl);
-                for dialog_id in dialogs {
-                    invocation.arg(dialog_id.as_str());
-                }
-            })
+        let calls = by_shard.into_iter().map(|(shard, dialogs)| async move {
+            let answer = shared
+                .run(&shared.scripts.expire, shard, move |invocation| {
+                    invocation.arg(ttl);
+                    for dialog_id in dialogs {
+                        invocation.arg(dialog_id.as_str());
+                    }
+                })
+                .await;
+            (shard, answer)
         });
         let mut total = Dropped::default();
-        for answer in join_all(calls).await {
-            total =
-                total + dropped(answer.map_err(|error| unavailable("expiring dialogs", error))?);
+        for (shard, answer) in join_all(calls).await {
+            let answer = answer.map_err(|error| unavailable("expiring dialogs", error))?;
+            total = total + shared.dropped(shard, answer);
         }
         Ok(total)
     }

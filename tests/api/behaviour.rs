@@ -1,5 +1,6 @@
 //! The behaviour suite: what a user of the GraphQL API sees, over real HTTP. Every test runs against both
-//! stores (see the `for_each_store!` list at the bottom).
+//! stores, and on the Redis buffer (standalone and Cluster) as well as the in-process one (see the
+//! `for_each_setup!` list at the bottom).
 
 use std::collections::HashSet;
 
@@ -1098,7 +1099,7 @@ pub async fn push_messages_validates_every_input_before_recording_any(app: TestA
     assert_eq!(empty["pushMessages"], json!([]));
 }
 
-for_each_store!(
+for_each_setup!(
     messages_wait_in_the_buffer_until_consent_true_stores_them,
     consent_false_leaves_nothing_in_the_database,
     a_repeated_message_id_is_recorded_once,

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 
 use async_trait::async_trait;
 use dataapi::app::Application;
-use dataapi::config::Config;
+use dataapi::config::{BufferBackend, Config};
 use dataapi::model::{
     ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Erased, Message,
 };
@@ -23,6 +23,8 @@ use dataapi::store::{
 };
 use futures::FutureExt;
 use serde_json::{Value, json};
+
+pub use crate::redis_support::BufferKind;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
@@ -268,6 +270,8 @@ pub struct TestApp {
     pub addr: SocketAddr,
     /// Set by [`run`]; `None` for services started on a store of the test's own.
     pub database: Option<TestDatabase>,
+    /// The buffer it was started with (for Redis: where, and under which key prefix).
+    pub buffer: BufferBackend,
     /// The store as the service sees it, instrumented.
     pub store: Arc<InstrumentedStore>,
     http: reqwest::Client,
@@ -339,6 +343,7 @@ impl TestApp {
         Self {
             addr,
             database: None,
+            buffer: config.buffer.backend,
             store,
             http: reqwest::Client::new(),
             key: None,
@@ -611,10 +616,23 @@ where
     F: FnOnce(TestApp) -> Fut,
     Fut: Future<Output = ()>,
 {
+    run_setup(backend, BufferKind::Memory, config, test).await;
+}
+
+/// Like [`run_with`], on a buffer of `buffer`'s kind (for Redis, under a key prefix of the test's own,
+/// deleted afterwards).
+pub async fn run_setup<F, Fut>(backend: Backend, buffer: BufferKind, mut config: Config, test: F)
+where
+    F: FnOnce(TestApp) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    config.buffer.backend = crate::redis_support::backend(buffer);
+    let buffer_backend = config.buffer.backend.clone();
     let (store, cleanup, database) = fresh_store(backend).await;
     let mut app = TestApp::start_with(store, config).await;
     app.database = Some(database);
     let outcome = AssertUnwindSafe(test(app)).catch_unwind().await;
+    crate::redis_support::drop_keys(&buffer_backend).await;
     if let Cleanup::MongoDatabase { url, name } = &cleanup {
         mongodb::Client::with_uri_str(url)
             .await

@@ -42,6 +42,37 @@ macro_rules! for_each_store {
     };
 }
 
+/// Like `for_each_store!`, and on the Redis buffer too: standalone with either store, and a Redis Cluster
+/// with MongoDB (the production setup).
+macro_rules! for_each_setup {
+    (with $config:expr; $($test:ident),* $(,)?) => {
+        for_each_setup!(@mod sqlite, Sqlite, Memory, $config; $($test),*);
+        for_each_setup!(@mod mongodb, Mongo, Memory, $config; $($test),*);
+        for_each_setup!(@mod sqlite_redis, Sqlite, Redis, $config; $($test),*);
+        for_each_setup!(@mod mongodb_redis, Mongo, Redis, $config; $($test),*);
+        for_each_setup!(@mod mongodb_redis_cluster, Mongo, RedisCluster, $config; $($test),*);
+    };
+    (@mod $name:ident, $store:ident, $buffer:ident, $config:expr; $($test:ident),*) => {
+        mod $name {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    crate::helpers::run_setup(
+                        crate::helpers::Backend::$store,
+                        crate::helpers::BufferKind::$buffer,
+                        $config,
+                        super::$test,
+                    )
+                    .await;
+                }
+            )*
+        }
+    };
+    ($($test:ident),* $(,)?) => {
+        for_each_setup!(with crate::helpers::test_config(); $($test),*);
+    };
+}
+
 mod behaviour;
 mod documents;
 mod faults;
@@ -49,6 +80,7 @@ mod graphiql;
 mod helpers;
 mod load;
 mod protection;
+mod redis_support;
 mod roundtrips;
 mod security;
 mod service;

@@ -518,7 +518,7 @@ for_each_store!(
 );
 
 mod buffer_bounds {
-    for_each_store!(
+    for_each_setup!(
         with super::super::tight_buffer();
         a_full_buffer_refuses_with_buffer_full_and_loses_nothing_accepted,
         push_messages_reports_the_messages_that_did_not_fit_by_index,
@@ -530,7 +530,7 @@ mod buffer_bounds {
 }
 
 mod retention {
-    for_each_store!(
+    for_each_setup!(
         with super::super::short_retention();
         undecided_dialogs_expire_after_the_retention_period,
     );
@@ -538,7 +538,7 @@ mod retention {
 }
 
 mod privacy {
-    for_each_store!(
+    for_each_setup!(
         erasure_removes_a_customers_data_everywhere_and_leaves_an_audit_record,
         the_consent_query_shows_the_decision_and_its_history,
         readiness_follows_the_store,

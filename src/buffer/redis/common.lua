@@ -56,6 +56,9 @@ local function drop_dialog(d)
   return n
 end
 
+-- The shard's estimated bytes now, returned by every script that frees some (the caller's view of the budget).
+local function used_bytes() return num(tonumber(redis.call('HGET', USAGE, 'b') or '0')) end
+
 -- Releases a decision lease if `token` holds it.
 local function release_lock(d, token)
   if redis.call('GET', lock(d)) == token then redis.call('DEL', lock(d)) end

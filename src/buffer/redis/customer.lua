@@ -1,5 +1,6 @@
 -- Counts or drops a customer's dialogs in this shard (erasure).
--- ARGV: 1 prefix, 2 customer, 3 'drop' to drop them ('count' only counts). Returns {dialogs, messages}.
+-- ARGV: 1 prefix, 2 customer, 3 'drop' to drop them ('count' only counts). Returns {dialogs, messages,
+-- shard bytes}.
 local c, dropping = ARGV[2], ARGV[3] == 'drop'
 local dialogs, messages = 0, 0
 for _, d in ipairs(redis.call('SMEMBERS', customer(c))) do
@@ -15,4 +16,4 @@ for _, d in ipairs(redis.call('SMEMBERS', customer(c))) do
   end
 end
 if dropping then redis.call('DEL', customer(c)) end
-return {dialogs, messages}
+return {dialogs, messages, used_bytes()}

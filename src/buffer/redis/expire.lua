@@ -1,5 +1,5 @@
 -- Drops the given dialogs if they are still past the retention period and not being decided.
--- ARGV: 1 prefix, 2 retention ms, 3... dialogs. Returns {dialogs, messages} dropped.
+-- ARGV: 1 prefix, 2 retention ms, 3... dialogs. Returns {dialogs, messages} dropped, and the shard's bytes.
 local limit = math.floor(now_us() / 1000) - tonumber(ARGV[2])
 local dialogs, messages = 0, 0
 for i = 3, #ARGV do
@@ -11,4 +11,4 @@ for i = 3, #ARGV do
     dialogs = dialogs + 1
   end
 end
-return {dialogs, messages}
+return {dialogs, messages, used_bytes()}

@@ -1,12 +1,12 @@
 -- Consent true is written with the messages up to SEQ: forgets those and seals the dialog (no more pushes).
 -- When nothing is left it leaves the buffer, with a mark of when, for pushes that looked the decision up
 -- before it was written.
--- ARGV: 1 prefix, 2 dialog, 3 SEQ, 4 token, 5 mark ms. Returns the messages left, {id, message, ...}.
+-- ARGV: 1 prefix, 2 dialog, 3 SEQ, 4 token, 5 mark ms. Returns {shard bytes, {id, message, ...} left}.
 -- Whenever it returns nothing, the dialog has left the buffer and the lease is released.
 local d, through = ARGV[2], tonumber(ARGV[3])
 if not redis.call('HGET', meta(d), 'c') then
   release_lock(d, ARGV[4])
-  return {}
+  return {used_bytes(), {}}
 end
 redis.call('HSET', meta(d), 's', '1')
 local all = redis.call('HGETALL', msgs(d))
@@ -32,4 +32,4 @@ else
   add(USAGE, 'n', -removed)
   add(USAGE, 'b', -freed)
 end
-return left
+return {used_bytes(), left}

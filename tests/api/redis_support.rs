@@ -1,0 +1,243 @@
+//! The Redis servers the tests use: `TEST_REDIS_URL` (a standalone Redis) and `TEST_REDIS_CLUSTER_URLS`
+//! (every node of a three-node Redis Cluster), which `scripts/test` starts; and Redis processes of a test's
+//! own, which it can stop and start again (`REDIS_SERVER`, the `redis-server` binary).
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dataapi::config::BufferBackend;
+
+/// Which buffer a test's service uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BufferKind {
+    Memory,
+    Redis,
+    RedisCluster,
+}
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: run the suite with scripts/test, which starts a Redis server and a Redis \
+             Cluster for it"
+        )
+    })
+}
+
+/// The standalone Redis of the suite.
+pub fn redis_url() -> String {
+    env("TEST_REDIS_URL")
+}
+
+/// Every node of the suite's Redis Cluster.
+pub fn cluster_urls() -> Vec<String> {
+    env("TEST_REDIS_CLUSTER_URLS")
+        .split(',')
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A key prefix no other test uses.
+pub fn fresh_prefix() -> String {
+    format!("test.{}", uuid::Uuid::now_v7().simple())
+}
+
+/// The buffer setting for `kind`, under a fresh key prefix (`None` for the in-process buffer).
+pub fn backend(kind: BufferKind) -> BufferBackend {
+    match kind {
+        BufferKind::Memory => BufferBackend::Memory,
+        BufferKind::Redis => BufferBackend::Redis {
+            urls: vec![redis_url()],
+            key_prefix: fresh_prefix(),
+        },
+        // One seed node is enough: the client learns the others from it.
+        BufferKind::RedisCluster => BufferBackend::Redis {
+            urls: vec![cluster_urls()[0].clone()],
+            key_prefix: fresh_prefix(),
+        },
+    }
+}
+
+/// The nodes a backend's keys live on.
+fn nodes_of(backend: &BufferBackend) -> Vec<String> {
+    match backend {
+        BufferBackend::Memory => Vec::new(),
+        BufferBackend::Redis { urls, .. } if urls[0] == redis_url() => vec![redis_url()],
+        BufferBackend::Redis { urls, .. } if cluster_urls().contains(&urls[0]) => cluster_urls(),
+        BufferBackend::Redis { urls, .. } => urls.clone(),
+    }
+}
+
+/// A plain connection to one node.
+pub async fn connect(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("a Redis URL")
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|error| panic!("cannot reach Redis at {url}: {error}"))
+}
+
+/// The keys of a backend's prefix, on every node.
+pub async fn keys(backend: &BufferBackend) -> Vec<String> {
+    let BufferBackend::Redis { key_prefix, .. } = backend else {
+        return Vec::new();
+    };
+    let mut keys = Vec::new();
+    for node in nodes_of(backend) {
+        let mut connection = connect(&node).await;
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{key_prefix}:*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut connection)
+                .await
+                .expect("SCAN");
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    keys
+}
+
+/// Deletes a test's keys, on every node.
+pub async fn drop_keys(backend: &BufferBackend) {
+    for node in nodes_of(backend) {
+        let mut connection = connect(&node).await;
+        let BufferBackend::Redis { key_prefix, .. } = backend else {
+            return;
+        };
+        let found: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{key_prefix}:*"))
+            .query_async(&mut connection)
+            .await
+            .expect("KEYS");
+        for key in found {
+            let _: i64 = redis::cmd("UNLINK")
+                .arg(key)
+                .query_async(&mut connection)
+                .await
+                .expect("UNLINK");
+        }
+    }
+}
+
+/// The keys of a backend that hold buffered messages or dialogs (not counters, leases or marks).
+pub async fn buffered_dialog_keys(backend: &BufferBackend) -> Vec<String> {
+    keys(backend)
+        .await
+        .into_iter()
+        .filter(|key| key.contains("}:m:") || key.contains("}:d:"))
+        .collect()
+}
+
+/// How many times each command ran on a node since its statistics were last reset (`INFO commandstats`).
+pub async fn command_counts(url: &str) -> std::collections::HashMap<String, u64> {
+    let mut connection = connect(url).await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut connection)
+        .await
+        .expect("INFO commandstats");
+    info.lines()
+        .filter_map(|line| {
+            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = stats.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+            Some((name.to_owned(), calls.parse().ok()?))
+        })
+        .collect()
+}
+
+pub async fn reset_command_counts(url: &str) {
+    let mut connection = connect(url).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut connection)
+        .await
+        .expect("CONFIG RESETSTAT");
+}
+
+/// A redis-server process of a test's own on a fixed loopback port, that can be stopped and started again.
+/// With `appendonly`, it keeps an append-only file (fsync on every write) in its own directory, so what it
+/// acknowledged survives a restart.
+pub struct RedisProcess {
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    appendonly: bool,
+}
+
+impl RedisProcess {
+    pub fn start(appendonly: bool) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Self {
+            port,
+            child: None,
+            dir: tempfile::tempdir().expect("a directory for Redis"),
+            appendonly,
+        };
+        server.restart();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn restart(&mut self) {
+        let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
+        let child = Command::new(&binary)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--dir", &self.dir.path().display().to_string()])
+            .args(["--save", ""])
+            .args(["--appendonly", if self.appendonly { "yes" } else { "no" }])
+            .args(["--appendfsync", "always"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|error| {
+                panic!("cannot start {binary} (set REDIS_SERVER, or run scripts/test): {error}")
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let answered = std::process::Command::new("redis-cli")
+                .args(["-p", &self.port.to_string(), "ping"])
+                .output()
+                .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "PONG");
+            if answered {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops it as a crash would (SIGKILL): what it had not written to its file is lost.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("kill redis-server");
+            child.wait().expect("reap redis-server");
+        }
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
