@@ -76,6 +76,18 @@ pub fn decision_lease(config: &Config) -> std::time::Duration {
     (config.store_timeout + config.buffer.timeout) * 3
 }
 
+/// How often the retention sweeper runs: every tenth of the retention period, and at least twice per
+/// decision lease (so that a decision a replica left half-done is finished soon after its lease ends);
+/// between 10 ms and a minute.
+pub fn sweep_period(config: &Config) -> std::time::Duration {
+    (config.buffer.ttl / 10)
+        .min(decision_lease(config) / 2)
+        .clamp(
+            std::time::Duration::from_millis(10),
+            std::time::Duration::from_secs(60),
+        )
+}
+
 pub struct Application {
     listener: TcpListener,
     router: axum::Router,
@@ -93,6 +105,15 @@ impl Application {
     /// Like [`build`](Self::build) with a store made by the caller (tests wrap stores to count or fail calls).
     pub async fn with_store(config: &Config, store: SharedStore) -> Result<Self, StartupError> {
         let buffer = open_buffer(config).await?;
+        Self::with_parts(config, store, buffer).await
+    }
+
+    /// Like [`build`](Self::build) with a store and a buffer made by the caller.
+    pub async fn with_parts(
+        config: &Config,
+        store: SharedStore,
+        buffer: SharedBuffer,
+    ) -> Result<Self, StartupError> {
         let metrics = Arc::new(Metrics::new());
         let store: SharedStore = Arc::new(GuardedStore::new(
             store,
@@ -159,7 +180,7 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let sweeper = self.service.spawn_sweeper(self.config.buffer.ttl);
+        let sweeper = self.service.spawn_sweeper(sweep_period(&self.config));
         let stopping = Arc::new(tokio::sync::Notify::new());
         let signalled = stopping.clone();
         let server = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {

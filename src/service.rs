@@ -217,13 +217,12 @@ impl DialogService {
         let _gate = self.buffer.enter_decision_gate().await?;
         let _lock = self.locks.lock(dialog_id).await;
         let lease = self.buffer.begin_decision(dialog_id).await?;
-        self.buffer.end_decision(lease).await;
+        self.buffer.end_decision(lease, true).await;
         Ok(())
     }
 
-    /// Runs [`sweep`](Self::sweep) every `ttl / 10` (at least every minute) until the task is aborted.
-    pub fn spawn_sweeper(self: &Arc<Self>, ttl: Duration) -> tokio::task::JoinHandle<()> {
-        let period = (ttl / 10).clamp(Duration::from_millis(10), Duration::from_secs(60));
+    /// Runs [`sweep`](Self::sweep) every `period` until the task is aborted.
+    pub fn spawn_sweeper(self: &Arc<Self>, period: Duration) -> tokio::task::JoinHandle<()> {
         let service = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(period);
@@ -340,7 +339,8 @@ impl DialogService {
     }
 
     /// The messages of one dialog that is not buffered: under the dialog's lock, look its decision up and
-    /// open it in the buffer, or store or discard them as the decision says.
+    /// open it in the buffer (which appends, if another push opened it meanwhile), or store or discard
+    /// them as the decision says.
     async fn push_slow(
         &self,
         group: Group,
@@ -351,36 +351,18 @@ impl DialogService {
             dialog_id,
             mut places,
             mut messages,
-            checked_at: batch_checked_at,
+            // Every look-up below happens after this: the buffer's check of the dialog that handed the
+            // messages back.
+            checked_at: mut looked_up_after,
         } = group;
         let _lock = self.locks.lock(&dialog_id).await;
         let mut trust_batch = true;
         for _ in 0..MAX_OPEN_ROUNDS {
-            // Another push may have opened the buffer while this one waited.
-            let push = DialogPush {
-                dialog_id: dialog_id.clone(),
-                messages,
-                looked_up_after: 0,
-            };
-            let outcome = match self.buffer.push_if_buffered(vec![push]).await {
-                Ok(mut outcomes) => outcomes.pop().unwrap_or_default(),
-                Err(error) => return fill(results, &places, &error.into()),
-            };
-            let Some(rest) = record_pushed(results, places, outcome) else {
-                return;
-            };
-            (places, messages) = (rest.places, rest.messages);
             let known_undecided = trust_batch
                 && undecided.is_some_and(|undecided| {
                     undecided.dialogs.contains(&dialog_id)
                         && undecided.as_of == self.decisions_written.load(Ordering::Acquire)
                 });
-            // The decision is looked up after this moment: the batch's look-up followed the batch's own
-            // check of the buffer, this one's follows the check just made.
-            let looked_up_after = match known_undecided {
-                true => batch_checked_at,
-                false => rest.checked_at,
-            };
             let consent = match known_undecided {
                 true => None,
                 false => match self.store.consent(&dialog_id).await {
@@ -406,8 +388,8 @@ impl DialogService {
             let Some(rest) = record_pushed(results, places, outcome) else {
                 return;
             };
-            // Decided meanwhile by another replica: look again.
-            (places, messages) = (rest.places, rest.messages);
+            // Decided meanwhile, by another replica or before this one took the lock: look again.
+            (places, messages, looked_up_after) = (rest.places, rest.messages, rest.checked_at);
             trust_batch = false;
         }
         let error = ApiError::BufferUnavailable(crate::buffer::BufferError(format!(
@@ -496,7 +478,9 @@ impl DialogService {
         // While the lease is held no other decision of the dialog runs, and the sweeper leaves it alone.
         let mut lease = self.buffer.begin_decision(&dialog_id).await?;
         let outcome = self.decide_leased(&mut lease, value, origin).await;
-        self.buffer.end_decision(lease).await;
+        // A store that did not answer in time may still have written the decision.
+        let settled = !matches!(outcome, Err(ApiError::StoreUnavailable(_)));
+        self.buffer.end_decision(lease, settled).await;
         outcome
     }
 

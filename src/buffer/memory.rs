@@ -522,7 +522,9 @@ impl Buffer for MemoryBuffer {
         Ok(self.dialogs.discard(&lease.dialog_id))
     }
 
-    async fn end_decision(&self, lease: DecisionLease) {
+    async fn end_decision(&self, lease: DecisionLease, _settled: bool) {
+        // In-process, an unsettled decision waits for the client's retry, or for the sweeper at the end of
+        // the retention period (which asks the store before dropping anything).
         drop(lease);
     }
 

@@ -218,9 +218,11 @@ pub trait Buffer: Send + Sync + 'static {
     /// Consent `false` is written: drops the dialog's messages; returns how many there were.
     async fn discard(&self, lease: &DecisionLease) -> BufferResult<usize>;
 
-    /// Ends a decision. A dialog still buffered (its decision was not written) takes pushes and ages as
-    /// before.
-    async fn end_decision(&self, lease: DecisionLease);
+    /// Ends a decision. A dialog still buffered takes pushes and ages as before. `settled` is false when
+    /// the decision may have been written although the caller could not tell (the store did not answer in
+    /// time): a shared buffer then has the sweeper ask the store soon, instead of waiting for the client's
+    /// retry or the retention period.
+    async fn end_decision(&self, lease: DecisionLease, settled: bool);
 
     /// Shared access for a decision: waits while an erasure runs (up to a bound, then
     /// `BUFFER_UNAVAILABLE`).

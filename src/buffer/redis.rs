@@ -469,7 +469,7 @@ impl Drop for LeaseHolder {
         let token = std::mem::take(&mut self.token);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                if let Err(error) = shared.end(&dialog_id, &token).await {
+                if let Err(error) = shared.end(&dialog_id, &token, false).await {
                     tracing::warn!(%error, dialog = %dialog_id, "cannot end a decision; its lease will run out");
                 }
             });
@@ -961,13 +961,13 @@ impl Buffer for RedisBuffer {
         Ok(answer.first().and_then(int).unwrap_or(0).max(0) as usize)
     }
 
-    async fn end_decision(&self, lease: DecisionLease) {
+    async fn end_decision(&self, lease: DecisionLease, settled: bool) {
         let shared = &self.shared;
         let holder = shared.lease_of(&lease);
         if holder.released.swap(true, Ordering::AcqRel) {
             return;
         }
-        if let Err(error) = shared.end(&lease.dialog_id, &holder.token).await {
+        if let Err(error) = shared.end(&lease.dialog_id, &holder.token, settled).await {
             tracing::warn!(%error, dialog = %lease.dialog_id, "cannot end a decision; its lease will run out");
         }
     }
@@ -1089,14 +1089,15 @@ impl Buffer for RedisBuffer {
 }
 
 impl Shared {
-    async fn end(&self, dialog_id: &DialogId, token: &str) -> BufferResult<()> {
+    async fn end(&self, dialog_id: &DialogId, token: &str, settled: bool) -> BufferResult<()> {
         let shard = self.dialog_shard(dialog_id);
         self.run(&self.scripts.end, shard, |invocation| {
             invocation
                 .arg(dialog_id.as_str())
                 .arg(token)
                 .arg(Self::ms(self.options.limits.ttl))
-                .arg(Self::ms(self.grace()));
+                .arg(Self::ms(self.grace()))
+                .arg(if settled { "1" } else { "0" });
         })
         .await
         .map(|_| ())

@@ -54,6 +54,9 @@ pub struct InstrumentedStore {
     /// When set, the next `record_decision` signals the first and waits for the second before writing.
     hold: Mutex<Option<(Arc<Notify>, Arc<Notify>)>>,
     hold_consents: Mutex<Option<(Arc<Notify>, Arc<Notify>)>>,
+    /// When set, the next `record_decision` writes, notifies, and then never returns: the replica stops
+    /// between the database commit and cleaning its buffer, as if it died there.
+    freeze_after_decision: Mutex<Option<Arc<Notify>>>,
 }
 
 impl InstrumentedStore {
@@ -66,6 +69,7 @@ impl InstrumentedStore {
             delay_ms: Default::default(),
             hold: Mutex::default(),
             hold_consents: Mutex::default(),
+            freeze_after_decision: Mutex::default(),
         }
     }
 
@@ -82,6 +86,13 @@ impl InstrumentedStore {
         let release = Arc::new(Notify::new());
         *self.hold.lock().unwrap() = Some((entered.clone(), release.clone()));
         (entered, release)
+    }
+
+    /// The next consent write commits and then hangs forever; `committed` is notified once it has written.
+    pub fn freeze_after_next_decision(&self) -> Arc<Notify> {
+        let committed = Arc::new(Notify::new());
+        *self.freeze_after_decision.lock().unwrap() = Some(committed.clone());
+        committed
     }
 
     /// Holds the answer of the next look-up of many decisions (`consents`) after it has read the store:
@@ -197,6 +208,12 @@ impl Store for InstrumentedStore {
             release.notified().await;
         }
         let result = self.inner.record_decision(decision, messages).await;
+        let freeze = self.freeze_after_decision.lock().unwrap().take();
+        if let Some(committed) = freeze {
+            assert!(result.is_ok(), "the frozen decision was written");
+            committed.notify_one();
+            std::future::pending::<()>().await;
+        }
         self.acknowledge("record_decision", result)
     }
 
@@ -272,6 +289,8 @@ pub struct TestApp {
     pub database: Option<TestDatabase>,
     /// The buffer it was started with (for Redis: where, and under which key prefix).
     pub buffer: BufferBackend,
+    /// The buffer as the service sees it, with hooks to stop the service at chosen points.
+    pub buffer_hooks: Arc<crate::redis_support::InstrumentedBuffer>,
     /// The store as the service sees it, instrumented.
     pub store: Arc<InstrumentedStore>,
     http: reqwest::Client,
@@ -332,7 +351,11 @@ impl TestApp {
     /// Starts the service on `store` with the given settings.
     pub async fn start_with(store: SharedStore, config: Config) -> Self {
         let store = Arc::new(InstrumentedStore::new(store));
-        let app = Application::with_store(&config, store.clone())
+        let buffer = dataapi::app::open_buffer(&config)
+            .await
+            .expect("the buffer answers");
+        let buffer_hooks = Arc::new(crate::redis_support::InstrumentedBuffer::new(buffer));
+        let app = Application::with_parts(&config, store.clone(), buffer_hooks.clone())
             .await
             .expect("the service starts");
         let addr = app.local_addr();
@@ -344,6 +367,7 @@ impl TestApp {
             addr,
             database: None,
             buffer: config.buffer.backend,
+            buffer_hooks,
             store,
             http: reqwest::Client::new(),
             key: None,

@@ -81,6 +81,7 @@ mod helpers;
 mod load;
 mod protection;
 mod redis_support;
+mod replicas;
 mod roundtrips;
 mod security;
 mod service;

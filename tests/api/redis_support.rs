@@ -58,13 +58,14 @@ pub fn backend(kind: BufferKind) -> BufferBackend {
     }
 }
 
-/// The nodes a backend's keys live on.
+/// The nodes a backend's keys live on, if it is one of the suite's servers (a Redis of a test's own goes
+/// away with the test).
 fn nodes_of(backend: &BufferBackend) -> Vec<String> {
     match backend {
         BufferBackend::Memory => Vec::new(),
         BufferBackend::Redis { urls, .. } if urls[0] == redis_url() => vec![redis_url()],
         BufferBackend::Redis { urls, .. } if cluster_urls().contains(&urls[0]) => cluster_urls(),
-        BufferBackend::Redis { urls, .. } => urls.clone(),
+        BufferBackend::Redis { .. } => Vec::new(),
     }
 }
 
@@ -77,7 +78,7 @@ pub async fn connect(url: &str) -> redis::aio::MultiplexedConnection {
         .unwrap_or_else(|error| panic!("cannot reach Redis at {url}: {error}"))
 }
 
-/// The keys of a backend's prefix, on every node.
+/// The keys of a backend's prefix, on every node of the suite's servers.
 pub async fn keys(backend: &BufferBackend) -> Vec<String> {
     let BufferBackend::Redis { key_prefix, .. } = backend else {
         return Vec::new();
@@ -239,5 +240,116 @@ impl RedisProcess {
 impl Drop for RedisProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Wraps a real buffer to stop a replica at chosen points, as if it died there.
+pub struct InstrumentedBuffer {
+    inner: dataapi::buffer::SharedBuffer,
+    /// When set, the next seal (consent `true` is in the store, the buffer not yet cleaned) notifies and
+    /// never returns: the replica holds its lease and does nothing more.
+    freeze_seal: std::sync::Mutex<Option<std::sync::Arc<tokio::sync::Notify>>>,
+}
+
+impl InstrumentedBuffer {
+    pub fn new(inner: dataapi::buffer::SharedBuffer) -> Self {
+        Self {
+            inner,
+            freeze_seal: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The next decision stops for good after writing to the store; `stopped` is notified then.
+    pub fn freeze_after_next_commit(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        let stopped = std::sync::Arc::new(tokio::sync::Notify::new());
+        *self.freeze_seal.lock().unwrap() = Some(stopped.clone());
+        stopped
+    }
+}
+
+mod delegate {
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use dataapi::buffer::{
+        Buffer, BufferResult, BufferStats, DecisionLease, DialogPush, Dropped, DueDialogs, Gate,
+        PushOutcome,
+    };
+    use dataapi::error::ApiError;
+    use dataapi::model::{CustomerId, DialogId, Message};
+
+    use super::InstrumentedBuffer;
+
+    #[async_trait]
+    impl Buffer for InstrumentedBuffer {
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+        fn is_shared(&self) -> bool {
+            self.inner.is_shared()
+        }
+        async fn ping(&self) -> BufferResult<()> {
+            self.inner.ping().await
+        }
+        async fn push_if_buffered(
+            &self,
+            pushes: Vec<DialogPush>,
+        ) -> BufferResult<Vec<PushOutcome>> {
+            self.inner.push_if_buffered(pushes).await
+        }
+        async fn open(&self, pushes: Vec<DialogPush>) -> BufferResult<Vec<PushOutcome>> {
+            self.inner.open(pushes).await
+        }
+        async fn begin_decision(&self, dialog_id: &DialogId) -> Result<DecisionLease, ApiError> {
+            self.inner.begin_decision(dialog_id).await
+        }
+        async fn seal_and_remove_through(
+            &self,
+            lease: &DecisionLease,
+            seq: i64,
+        ) -> BufferResult<Vec<Message>> {
+            let freeze = self.freeze_seal.lock().unwrap().take();
+            if let Some(stopped) = freeze {
+                stopped.notify_one();
+                std::future::pending::<()>().await;
+            }
+            self.inner.seal_and_remove_through(lease, seq).await
+        }
+        async fn discard(&self, lease: &DecisionLease) -> BufferResult<usize> {
+            self.inner.discard(lease).await
+        }
+        async fn end_decision(&self, lease: DecisionLease, settled: bool) {
+            self.inner.end_decision(lease, settled).await
+        }
+        async fn enter_decision_gate(&self) -> Result<Gate, ApiError> {
+            self.inner.enter_decision_gate().await
+        }
+        async fn enter_erasure_gate(&self) -> Result<Gate, ApiError> {
+            self.inner.enter_erasure_gate().await
+        }
+        async fn count_customer(&self, customer_id: &CustomerId) -> BufferResult<Dropped> {
+            self.inner.count_customer(customer_id).await
+        }
+        async fn discard_customer(&self, customer_id: &CustomerId) -> BufferResult<Dropped> {
+            self.inner.discard_customer(customer_id).await
+        }
+        async fn due(&self) -> BufferResult<DueDialogs> {
+            self.inner.due().await
+        }
+        async fn expire(&self, dialogs: &[DialogId]) -> BufferResult<Dropped> {
+            self.inner.expire(dialogs).await
+        }
+        async fn claim_sweep(&self, period: Duration) -> bool {
+            self.inner.claim_sweep(period).await
+        }
+        fn next_seq(&self) -> i64 {
+            self.inner.next_seq()
+        }
+        async fn stats(&self) -> BufferResult<BufferStats> {
+            self.inner.stats().await
+        }
+        async fn close(&self) {
+            self.inner.close().await
+        }
     }
 }

@@ -137,3 +137,109 @@ async fn mongodb_round_trips_do_not_grow_with_dialog_length_or_page_size() {
     }
     store.drop_database().await.expect("drop the test database");
 }
+
+/// The commands a Redis of the test's own received, by name, once they stop changing (a replica leaves the
+/// erasure gate in the background, right after answering).
+async fn settled_commands(url: &str) -> std::collections::HashMap<String, u64> {
+    // The test's own INFO calls (which count themselves) do not count.
+    let read = async || {
+        let mut counts = crate::redis_support::command_counts(url).await;
+        counts.remove("info");
+        counts
+    };
+    let mut last = read().await;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let now = read().await;
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// Script calls (EVALSHA, and EVAL for a script Redis did not know yet) since the last reset: the service's
+/// only commands on these paths, each a round trip. (The commands a script runs inside Redis are counted
+/// by `INFO commandstats` too, but cost no round trip.)
+async fn script_calls(url: &str) -> u64 {
+    let counts = settled_commands(url).await;
+    counts.get("evalsha").copied().unwrap_or(0) + counts.get("eval").copied().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_round_trips_do_not_grow_with_dialog_length_or_batch_size() {
+    let redis = crate::redis_support::RedisProcess::start(false);
+    let dir = tempfile::tempdir().unwrap();
+    let store = dataapi::store::SqliteStore::open(&dir.path().join("t.sqlite3"))
+        .await
+        .unwrap();
+    let mut config = crate::helpers::test_config();
+    config.buffer.backend = dataapi::config::BufferBackend::Redis {
+        urls: vec![redis.url()],
+        key_prefix: crate::redis_support::fresh_prefix(),
+    };
+    // A sweep period of a minute: none runs while the commands are counted (the first one runs at start).
+    config.store_timeout = std::time::Duration::from_secs(60);
+    let app = TestApp::start_with(Arc::new(store), config).await;
+    // Every script once, so that what is counted below is never a first load.
+    app.push("c", "warm", "a", "en", None).await;
+    app.push("c", "warm", "b", "en", None).await;
+    app.consent("warm", true).await;
+    app.push("c", "warm-no", "a", "en", None).await;
+    app.consent("warm-no", false).await;
+    let url = redis.url();
+    let reset = || crate::redis_support::reset_command_counts(&url);
+    settled_commands(&url).await;
+
+    // A push to a buffered dialog is one script, one round trip.
+    app.push("c", "quiet", "first", "en", None).await;
+    reset().await;
+    for i in 0..10 {
+        app.push(
+            "c",
+            "quiet",
+            &format!("more {i}"),
+            "en",
+            Some(&format!("k{i}")),
+        )
+        .await;
+    }
+    assert_eq!(script_calls(&url).await, 10);
+    // A dialog's first message: the look-up that finds it not buffered, then the one that opens it.
+    reset().await;
+    app.push("c", "new", "first", "en", None).await;
+    assert_eq!(script_calls(&url).await, 2);
+
+    // pushMessages costs one script per dialog, sent together, not one per message.
+    for (dialogs, per_dialog) in [(1, 100), (5, 20)] {
+        let inputs: Vec<_> = (0..dialogs * per_dialog)
+            .map(|i| {
+                json!({ "customerId": "c", "dialogId": format!("quiet-{dialogs}-{}", i % dialogs),
+                        "text": format!("t{i}"), "language": "en" })
+            })
+            .collect();
+        let push = "mutation($i: [PushMessageInput!]!) { pushMessages(inputs: $i) { status } }";
+        app.data(push, json!({ "i": inputs })).await;
+        reset().await;
+        app.data(push, json!({ "i": inputs })).await;
+        assert_eq!(
+            script_calls(&url).await,
+            dialogs as u64,
+            "{} messages over {dialogs} buffered dialogs",
+            dialogs * per_dialog
+        );
+    }
+
+    // A consent costs the same for 2 messages as for 300: enter the erasure gate, take the dialog's lease
+    // with its messages, seal and remove them, leave the gate.
+    let mut counts = Vec::new();
+    for (dialog, messages) in [("short", 2), ("long", 300)] {
+        for i in 0..messages {
+            app.push("c", dialog, &format!("m{i}"), "en", None).await;
+        }
+        reset().await;
+        assert_eq!(app.consent(dialog, true).await["storedCount"], messages);
+        counts.push(script_calls(&url).await);
+    }
+    assert_eq!(counts, [4, 4]);
+}
