@@ -83,5 +83,6 @@ mod protection;
 mod redis_support;
 mod replicas;
 mod roundtrips;
+mod scale_out;
 mod security;
 mod service;

@@ -83,9 +83,14 @@ pub async fn keys(backend: &BufferBackend) -> Vec<String> {
     let BufferBackend::Redis { key_prefix, .. } = backend else {
         return Vec::new();
     };
+    keys_on(&nodes_of(backend), key_prefix).await
+}
+
+/// The keys under `key_prefix` on `nodes`.
+pub async fn keys_on(nodes: &[String], key_prefix: &str) -> Vec<String> {
     let mut keys = Vec::new();
-    for node in nodes_of(backend) {
-        let mut connection = connect(&node).await;
+    for node in nodes {
+        let mut connection = connect(node).await;
         let mut cursor: u64 = 0;
         loop {
             let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -131,9 +136,16 @@ pub async fn drop_keys(backend: &BufferBackend) {
 
 /// The keys of a backend that hold buffered messages or dialogs (not counters, leases or marks).
 pub async fn buffered_dialog_keys(backend: &BufferBackend) -> Vec<String> {
-    keys(backend)
-        .await
-        .into_iter()
+    dialog_keys(keys(backend).await)
+}
+
+/// Like [`buffered_dialog_keys`], on one Redis of a test's own.
+pub async fn buffered_dialog_keys_at(url: &str, key_prefix: &str) -> Vec<String> {
+    dialog_keys(keys_on(&[url.to_owned()], key_prefix).await)
+}
+
+fn dialog_keys(keys: Vec<String>) -> Vec<String> {
+    keys.into_iter()
         .filter(|key| key.contains("}:m:") || key.contains("}:d:"))
         .collect()
 }
