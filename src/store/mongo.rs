@@ -448,6 +448,8 @@ impl MongoStore {
     }
 
     /// Inserts the messages not stored yet and folds them into the dialog summary; returns how many were new.
+    /// All of `messages` belong to one dialog. Reads name the dialog too, so that on a cluster sharded by
+    /// `dialogId` (README: MongoDB at scale) they go to one shard, not to all.
     async fn insert_messages(
         &self,
         session: &mut ClientSession,
@@ -461,7 +463,7 @@ impl MongoStore {
         let existing: HashSet<String> = self
             .messages
             .clone_with_type::<Document>()
-            .find(doc! { "_id": { "$in": &ids } })
+            .find(doc! { "dialogId": &first.dialog_id, "_id": { "$in": &ids } })
             .projection(doc! { "_id": 1 })
             .session(&mut *session)
             .await?
@@ -593,7 +595,7 @@ impl MongoStore {
         };
         if let Some(existing) = self
             .messages
-            .find_one(doc! { "_id": &message.id })
+            .find_one(doc! { "dialogId": &message.dialog_id, "_id": &message.id })
             .session(&mut *session)
             .await?
         {
