@@ -5,6 +5,8 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# Cargo.toml names the benchmark target; cargo refuses a manifest whose targets are missing.
+COPY benches ./benches
 # GraphiQL's bundles are compiled into the binary (include_bytes!), so the image needs no internet at run time.
 COPY assets/graphiql/dist ./assets/graphiql/dist
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

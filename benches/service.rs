@@ -28,7 +28,7 @@ struct Settings {
     /// Messages buffered for the memory measurement.
     memory_messages: usize,
     output: PathBuf,
-    /// Run only the scenarios whose name contains this (push, consent, paging, memory, startup).
+    /// Run only the scenarios whose name contains this (push, consent, paging, memory, redis, startup).
     only: Option<String>,
 }
 
@@ -421,14 +421,14 @@ const ROUNDS: usize = 3;
 /// A request body maker: `(connection, n)` to the n-th request body (JSON) of a connection.
 type BodyMaker = Arc<dyn Fn(usize, u64) -> String + Send + Sync>;
 
+/// Runs each `(url, body)` load in turn, [`ROUNDS`] times, and sums each one's rounds.
 async fn interleaved_loads(
-    url: &str,
     settings: &Settings,
-    scenarios: Vec<BodyMaker>,
+    scenarios: Vec<(String, BodyMaker)>,
 ) -> Vec<LoadResult> {
     let mut totals = vec![LoadResult::default(); scenarios.len()];
     for round in 0..ROUNDS {
-        for (scenario, total) in scenarios.iter().zip(&mut totals) {
+        for ((url, scenario), total) in scenarios.iter().zip(&mut totals) {
             let scenario = scenario.clone();
             // Each round pushes new messages to new dialogs: its request numbers start further on.
             let offset = round as u64 * 1_000_000_000;
@@ -461,12 +461,11 @@ async fn push_benchmarks(settings: &Settings, rows: &mut Vec<Row>) {
 
     let typename_body = |_: usize, _: u64| r#"{"query":"{ __typename }"}"#.to_owned();
     let measured = interleaved_loads(
-        &url,
         settings,
         vec![
-            Arc::new(typename_body),
-            Arc::new(push_body),
-            Arc::new(push_many_body(100, "many")),
+            (url.clone(), Arc::new(typename_body)),
+            (url.clone(), Arc::new(push_body)),
+            (url.clone(), Arc::new(push_many_body(100, "many"))),
         ],
     )
     .await;
@@ -853,6 +852,238 @@ async fn memory_benchmark(settings: &Settings, rows: &mut Vec<Row>) {
     ));
 }
 
+/// A redis-server of the benchmark's own on a free loopback port, without persistence unless asked: the
+/// comparison is between buffers, not disks.
+struct RedisServer {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    fn start(args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(std::env::var("REDIS_SERVER").unwrap_or("redis-server".into()))
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args([
+                "--appendonly",
+                "no",
+                "--dir",
+                &dir.path().display().to_string(),
+            ])
+            .args(args)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start redis-server (apt-get install redis-server, or set REDIS_SERVER)");
+        let server = Self {
+            child,
+            port,
+            _dir: dir,
+        };
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `used_memory` from `INFO memory`: what Redis's allocator holds.
+    async fn used_memory(&self) -> u64 {
+        let mut connection = redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|line| line.strip_prefix("used_memory:"))
+            .and_then(|value| value.trim().parse().ok())
+            .expect("used_memory in INFO memory")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The Redis buffer against the in-process one, in the same run: `pushMessage`, `pushMessages` x100 and
+/// `giveConsent` of 20-message dialogs on SQLite; and Redis's memory per buffered message.
+async fn redis_benchmarks(settings: &Settings, rows: &mut Vec<Row>) {
+    let redis = RedisServer::start(&[]);
+    let redis_env = [("BUFFER_URL", redis.url())];
+    let (in_process, _) = Server::start(&settings.binary, None, &[]).await;
+    let (shared, _) = Server::start(&settings.binary, None, &redis_env).await;
+    let measured = interleaved_loads(
+        settings,
+        vec![
+            (in_process.graphql_url(), Arc::new(push_body)),
+            (shared.graphql_url(), Arc::new(push_body)),
+            (shared.graphql_url(), Arc::new(push_many_body(100, "many"))),
+        ],
+    )
+    .await;
+    drop((in_process, shared));
+    let [memory_push, redis_push, redis_many] = <[LoadResult; 3]>::try_from(measured).unwrap();
+    println!(
+        "  pushMessage, in-process buffer: {}",
+        memory_push.summary()
+    );
+    println!("  pushMessage, Redis buffer: {}", redis_push.summary());
+    println!(
+        "  pushMessages x100, Redis buffer: {}",
+        redis_many.summary()
+    );
+    let ratio = redis_push.throughput() / memory_push.throughput();
+    rows.push(row(
+        "`pushMessage`, in-process buffer (this run's reference)",
+        memory_push.summary(),
+        "",
+        None,
+    ));
+    rows.push(row(
+        "`pushMessage`, Redis buffer (Redis on this machine, no persistence)",
+        redis_push.summary(),
+        "",
+        None,
+    ));
+    rows.push(row(
+        "`pushMessage` Redis / in-process throughput",
+        format!("{:.0}%", ratio * 100.0),
+        ">= 50%",
+        Some(ratio >= 0.5),
+    ));
+    let many_rate = redis_many.throughput() * 100.0;
+    let factor = many_rate / redis_push.throughput();
+    rows.push(row(
+        "`pushMessages` x100, Redis buffer: messages/s",
+        format!("{many_rate:.0} msg/s ({})", redis_many.summary()),
+        "",
+        None,
+    ));
+    rows.push(row(
+        "`pushMessages` x100 / `pushMessage` messages/s, Redis buffer",
+        format!("{factor:.1}x"),
+        ">= 10x",
+        Some(factor >= 10.0),
+    ));
+
+    // Consent: both services on SQLite files of their own, each with the same buffered dialogs; their
+    // consents alternate in rounds.
+    const DIALOG_LENGTH: usize = 20;
+    let dialogs = if settings.seconds < 3.0 { 500 } else { 4_000 };
+    let dir = tempfile::tempdir().unwrap();
+    let (in_process, _) = Server::start(
+        &settings.binary,
+        Some(&dir.path().join("memory.sqlite3")),
+        &[],
+    )
+    .await;
+    let (shared, _) = Server::start(
+        &settings.binary,
+        Some(&dir.path().join("redis.sqlite3")),
+        &redis_env,
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let fill = push_many_body(400, "consent");
+    for server in [&in_process, &shared] {
+        for n in 0..(dialogs * DIALOG_LENGTH / 400) as u64 {
+            post_text(&client, &server.graphql_url(), fill(0, n)).await;
+        }
+    }
+    let (mut memory_time, mut redis_time) = (Duration::ZERO, Duration::ZERO);
+    for round in 0..ROUNDS {
+        let range = dialogs * round / ROUNDS..dialogs * (round + 1) / ROUNDS;
+        for (server, time) in [(&in_process, &mut memory_time), (&shared, &mut redis_time)] {
+            let started = Instant::now();
+            give_consents(
+                &server.graphql_url(),
+                settings.connections,
+                range.clone(),
+                DIALOG_LENGTH,
+            )
+            .await;
+            *time += started.elapsed();
+        }
+    }
+    drop((in_process, shared));
+    let total = (dialogs * DIALOG_LENGTH) as f64;
+    let (memory_rate, redis_rate) = (
+        total / memory_time.as_secs_f64(),
+        total / redis_time.as_secs_f64(),
+    );
+    let ratio = redis_rate / memory_rate;
+    println!("  giveConsent: in-process {memory_rate:.0} msg/s, Redis {redis_rate:.0} msg/s");
+    rows.push(row(
+        "`giveConsent` (20-message dialogs, SQLite): stored messages/s, in-process / Redis buffer",
+        format!("{memory_rate:.0} / {redis_rate:.0} msg/s"),
+        "",
+        None,
+    ));
+    rows.push(row(
+        "`giveConsent` Redis / in-process",
+        format!("{:.0}%", ratio * 100.0),
+        ">= 70%",
+        Some(ratio >= 0.7),
+    ));
+
+    // Memory: what Redis itself holds per buffered message.
+    let (shared, _) = Server::start(&settings.binary, None, &redis_env).await;
+    let url = shared.graphql_url();
+    post_text(&client, &url, fill(1, 0)).await;
+    let before = redis.used_memory().await;
+    let memory_fill = push_many_body(1000, "memory");
+    let batches = settings.memory_messages / 1000;
+    for n in 0..batches as u64 {
+        post_text(&client, &url, memory_fill(0, n)).await;
+    }
+    let after = redis.used_memory().await;
+    let text_bytes = text(0, 0).len() as f64;
+    let per_message = after.saturating_sub(before) as f64 / (batches * 1000) as f64;
+    let ratio = per_message / text_bytes;
+    println!("  Redis: {per_message:.0} bytes per message of {text_bytes} text bytes");
+    rows.push(row(
+        &format!(
+            "Redis memory per buffered message (`INFO memory`, {} messages of {text_bytes} bytes of text)",
+            batches * 1000
+        ),
+        format!(
+            "{per_message:.0} bytes ({ratio:.2}x the text; used_memory {} MiB -> {} MiB)",
+            before >> 20,
+            after >> 20
+        ),
+        "<= 3x",
+        Some(ratio <= 3.0),
+    ));
+}
+
 async fn startup_and_size(settings: &Settings, rows: &mut Vec<Row>) {
     let mut times = Vec::new();
     for _ in 0..5 {
@@ -922,6 +1153,10 @@ async fn main() {
     if run("memory") {
         println!("memory");
         memory_benchmark(&settings, &mut rows).await;
+    }
+    if run("redis") {
+        println!("redis buffer");
+        redis_benchmarks(&settings, &mut rows).await;
     }
     if run("startup") {
         startup_and_size(&settings, &mut rows).await;

@@ -214,7 +214,6 @@ impl DialogService {
 
     /// A decision that was begun and never written: the dialog goes back to waiting for one.
     async fn release_abandoned(&self, dialog_id: &DialogId) -> Result<(), ApiError> {
-        let _gate = self.buffer.enter_decision_gate().await?;
         let _lock = self.locks.lock(dialog_id).await;
         let lease = self.buffer.begin_decision(dialog_id).await?;
         self.buffer.end_decision(lease, true).await;
@@ -471,11 +470,11 @@ impl DialogService {
         value: bool,
         origin: Origin,
     ) -> Result<ConsentOutcome, ApiError> {
-        let _shared = self.buffer.enter_decision_gate().await?;
         let _lock = self.locks.lock(&dialog_id).await;
         // Dropped before the lock, on every way out: after any write of the decision.
         let _written = CountOnDrop(&self.decisions_written);
-        // While the lease is held no other decision of the dialog runs, and the sweeper leaves it alone.
+        // While the lease is held no other decision of the dialog runs, no erasure either, and the sweeper
+        // leaves the dialog alone.
         let mut lease = self.buffer.begin_decision(&dialog_id).await?;
         let outcome = self.decide_leased(&mut lease, value, origin).await;
         // A store that did not answer in time may still have written the decision.

@@ -429,10 +429,11 @@ impl MemoryBuffer {
     }
 }
 
-/// Marks a dialog as being decided for as long as it lives.
+/// Marks a dialog as being decided for as long as it lives, and keeps erasures out meanwhile.
 struct DecidingMark {
     dialogs: Arc<Dialogs>,
     dialog_id: DialogId,
+    _shared: tokio::sync::OwnedRwLockReadGuard<()>,
 }
 
 impl Drop for DecidingMark {
@@ -499,6 +500,7 @@ impl Buffer for MemoryBuffer {
     }
 
     async fn begin_decision(&self, dialog_id: &DialogId) -> Result<DecisionLease, ApiError> {
+        let shared = self.erasure_gate.clone().read_owned().await;
         self.dialogs.set_deciding(dialog_id, true);
         Ok(DecisionLease {
             dialog_id: dialog_id.clone(),
@@ -506,6 +508,7 @@ impl Buffer for MemoryBuffer {
             holder: Box::new(DecidingMark {
                 dialogs: self.dialogs.clone(),
                 dialog_id: dialog_id.clone(),
+                _shared: shared,
             }),
         })
     }
@@ -526,10 +529,6 @@ impl Buffer for MemoryBuffer {
         // In-process, an unsettled decision waits for the client's retry, or for the sweeper at the end of
         // the retention period (which asks the store before dropping anything).
         drop(lease);
-    }
-
-    async fn enter_decision_gate(&self) -> Result<Gate, ApiError> {
-        Ok(Gate(Box::new(self.erasure_gate.clone().read_owned().await)))
     }
 
     async fn enter_erasure_gate(&self) -> Result<Gate, ApiError> {

@@ -155,7 +155,7 @@ pub struct DueDialogs {
 }
 
 /// A decision in progress: while it is held, no other decision of the dialog can begin (on any replica),
-/// and the sweeper leaves the dialog alone. Release it with [`Buffer::end_decision`]; dropped without
+/// no erasure runs, and the sweeper leaves the dialog alone. Release it with [`Buffer::end_decision`]; dropped without
 /// that, it is released in the background (or, for a shared buffer, when its lease runs out).
 pub struct DecisionLease {
     pub dialog_id: DialogId,
@@ -175,7 +175,7 @@ impl std::fmt::Debug for DecisionLease {
     }
 }
 
-/// Shared or exclusive access against erasures, released when dropped.
+/// An erasure's exclusive access, released when dropped.
 pub struct Gate(
     #[allow(dead_code, reason = "held for what its drop releases")] pub(crate) Box<dyn Send + Sync>,
 );
@@ -202,8 +202,8 @@ pub trait Buffer: Send + Sync + 'static {
     /// message was refused is not left behind.
     async fn open(&self, pushes: Vec<DialogPush>) -> BufferResult<Vec<PushOutcome>>;
 
-    /// Begins a decision: waits while another decision of the dialog runs (up to a bound, then
-    /// `BUFFER_UNAVAILABLE`), and copies what the dialog holds.
+    /// Begins a decision: waits while another decision of the dialog runs, or an erasure (up to a bound,
+    /// then `BUFFER_UNAVAILABLE`), and copies what the dialog holds. Until the lease ends, no erasure runs.
     async fn begin_decision(&self, dialog_id: &DialogId) -> Result<DecisionLease, ApiError>;
 
     /// Consent `true` is written with the messages up to and including `seq`: forgets those, and seals the
@@ -224,12 +224,8 @@ pub trait Buffer: Send + Sync + 'static {
     /// retry or the retention period.
     async fn end_decision(&self, lease: DecisionLease, settled: bool);
 
-    /// Shared access for a decision: waits while an erasure runs (up to a bound, then
-    /// `BUFFER_UNAVAILABLE`).
-    async fn enter_decision_gate(&self) -> Result<Gate, ApiError>;
-
     /// Exclusive access for an erasure: waits until the decisions in progress (on every replica) are done,
-    /// and keeps new ones waiting until the gate is dropped.
+    /// and keeps new ones from beginning until the gate is dropped.
     async fn enter_erasure_gate(&self) -> Result<Gate, ApiError>;
 
     /// How many dialogs and messages of a customer are buffered.

@@ -10,11 +10,12 @@
 //! on its node: a replica that dies between two steps leaves nothing half-done.
 //!
 //! What crosses shards: the memory budget (each shard's usage is exact; on a Cluster the other shards'
-//! usage is read every 250 ms, so replicas pushing at once may overshoot by what they add meanwhile), the
-//! erasure gate (one key), and sweeps and erasures (one script per shard, sent concurrently).
+//! usage is read every 250 ms, so replicas pushing at once may overshoot by what they add meanwhile), and
+//! sweeps and erasures (one script per shard, sent concurrently). An erasure closes every shard's part of
+//! the erasure gate before it starts, so that no decision begins anywhere, and waits for those in progress.
 //!
 //! Leases. A decision holds its dialog's lease (no other decision of the dialog begins on any replica) and
-//! a shared place in the erasure gate; an erasure holds the gate exclusively. Leases end by themselves
+//! a place in its shard's erasure gate; an erasure holds every shard's gate exclusively. Leases end by themselves
 //! (`lease`, several times the longest a decision's store and buffer calls may take), so a replica that
 //! dies cannot block the others for longer; the sweeper finishes what it left half-done, from what the
 //! store says was decided.
@@ -114,7 +115,7 @@ struct Scripts {
     due: Script,
     expire: Script,
     customer: Script,
-    gate: Script,
+    erase: Script,
     claim: Script,
 }
 
@@ -140,10 +141,7 @@ impl Scripts {
             due: shard_script!("#!lua flags=no-writes", "due.lua"),
             expire: shard_script!("#!lua flags=allow-oom", "expire.lua"),
             customer: shard_script!("#!lua flags=allow-oom", "customer.lua"),
-            gate: Script::new(concat!(
-                "#!lua flags=allow-oom\n",
-                include_str!("redis/gate.lua")
-            )),
+            erase: shard_script!("#!lua flags=allow-oom", "erase.lua"),
             claim: Script::new(concat!(
                 "#!lua flags=allow-oom\n",
                 include_str!("redis/claim.lua")
@@ -477,24 +475,22 @@ impl Drop for LeaseHolder {
     }
 }
 
-/// A place in the erasure gate, given back when dropped.
-struct GateHolder {
+/// An erasure's hold on every shard's part of the erasure gate, given back when dropped.
+struct ErasureHolder {
     shared: Arc<Shared>,
     token: String,
-    exclusive: bool,
 }
 
-impl Drop for GateHolder {
+impl Drop for ErasureHolder {
     fn drop(&mut self) {
         let shared = self.shared.clone();
         let token = std::mem::take(&mut self.token);
-        let op = if self.exclusive { "erased" } else { "exit" };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            // In the background: the caller's answer does not wait for it, and a holder whose exit is lost
-            // leaves when its lease runs out.
+            // In the background: the caller's answer does not wait for it, and a gate whose opening is lost
+            // opens when the erasure's lease runs out.
             runtime.spawn(async move {
-                if let Err(error) = shared.gate(op, &token).await {
-                    tracing::debug!(%error, "cannot leave the erasure gate; its lease will run out");
+                if let Err(error) = shared.erasure_gate("open", &token).await {
+                    tracing::warn!(%error, "cannot open the erasure gate; it opens when its lease runs out");
                 }
             });
         }
@@ -627,29 +623,24 @@ impl Shared {
             }
             Err(error) => return Err(unavailable("push", error)),
         };
-        let mut answer = items(answer).into_iter();
-        let taken = answer.next().as_ref().and_then(int);
-        let now = answer.next().as_ref().and_then(int);
+        // {0, now}, or {1, now, shard bytes, code, seq, code, seq, ...}: integers all.
+        let answer: Vec<i64> = items(answer).iter().map_while(int).collect();
+        let now = answer.get(1).copied();
         self.saw(now);
-        if taken != Some(1) {
+        if answer.first() != Some(&1) {
             return Ok(PushOutcome::handed_back(push.messages, now.unwrap_or(0)));
         }
-        self.remember_usage(shard, answer.next().as_ref());
-        let results = items(answer.next().ok_or_else(|| malformed("a push"))?);
-        if results.len() != push.messages.len() {
+        let results = answer.get(3..).unwrap_or_default();
+        if results.len() != push.messages.len() * 2 {
             return Err(malformed("a push"));
         }
+        self.shard_bytes[usize::from(shard)].store(answer[2], Ordering::Relaxed);
         let pushed = push
             .messages
             .into_iter()
             .zip(ids)
-            .zip(results)
-            .map(|((incoming, id), result)| {
-                let mut result = items(result).into_iter();
-                let code = result.next().as_ref().and_then(int);
-                let seq = result.next().as_ref().and_then(int).unwrap_or_default();
-                outcome(incoming, id, code, seq, &limits)
-            })
+            .zip(results.chunks(2))
+            .map(|((incoming, id), result)| outcome(incoming, id, result[0], result[1], &limits))
             .collect();
         Ok(PushOutcome {
             pushed,
@@ -658,19 +649,21 @@ impl Shared {
         })
     }
 
-    async fn gate(&self, op: &str, token: &str) -> BufferResult<i64> {
-        let gate = format!("{0}:{{{0}.gate}}:", self.prefix());
-        let mut invocation = self.scripts.gate.key(format!("{gate}erasing"));
-        invocation
-            .arg(&gate)
-            .arg(op)
-            .arg(token)
-            .arg(Self::ms(self.options.lease));
-        let answer = self
-            .call(invocation.invoke_async(&mut self.connection.clone()))
-            .await
-            .map_err(|error| unavailable("the erasure gate", error))?;
-        int(&answer).ok_or_else(|| malformed("the erasure gate"))
+    /// Closes (or opens) every shard's part of the erasure gate; returns the largest answer: the most
+    /// decisions still in progress on a shard, or -1 while another erasure holds one.
+    async fn erasure_gate(&self, op: &str, token: &str) -> BufferResult<i64> {
+        let lease = Self::ms(self.options.lease);
+        let answers = self
+            .on_every_shard("the erasure gate", &self.scripts.erase, |invocation| {
+                invocation.arg(op).arg(token).arg(lease);
+            })
+            .await?;
+        Ok(answers.iter().filter_map(int).fold(
+            0,
+            |most, n| {
+                if most < 0 || n < 0 { -1 } else { most.max(n) }
+            },
+        ))
     }
 
     /// Runs `step` until it says done, waiting a little longer each time, for at most the lease: whoever
@@ -789,7 +782,7 @@ impl Shared {
 fn outcome(
     incoming: IncomingMessage,
     id: uuid::Uuid,
-    code: Option<i64>,
+    code: i64,
     seq: i64,
     limits: &BufferLimits,
 ) -> Result<Buffered, ApiError> {
@@ -804,25 +797,25 @@ fn outcome(
         seq,
     };
     match code {
-        Some(1) => Ok(Buffered::Added(message(incoming))),
-        Some(2) => Ok(Buffered::AlreadyThere(message(incoming))),
-        Some(3) => Err(ApiError::MessageIdConflict {
+        1 => Ok(Buffered::Added(message(incoming))),
+        2 => Ok(Buffered::AlreadyThere(message(incoming))),
+        3 => Err(ApiError::MessageIdConflict {
             dialog_id: incoming.dialog_id.to_string(),
             message_id: incoming
                 .client_id
                 .map(|id| id.to_string())
                 .unwrap_or_default(),
         }),
-        Some(4) => Err(ApiError::BufferFull(format!(
+        4 => Err(ApiError::BufferFull(format!(
             "dialog `{}` already holds {} undecided messages, the most a dialog may buffer: give its \
              consent decision first",
             incoming.dialog_id, limits.max_messages_per_dialog
         ))),
-        Some(5) => Err(ApiError::BufferFull(
+        5 => Err(ApiError::BufferFull(
             "the buffer of undecided messages is full: retry later, once consent decisions have drained it"
                 .to_owned(),
         )),
-        Some(6) => Err(ApiError::CustomerMismatch {
+        6 => Err(ApiError::CustomerMismatch {
             dialog_id: incoming.dialog_id.to_string(),
         }),
         _ => Err(ApiError::BufferUnavailable(malformed("a push"))),
@@ -872,16 +865,19 @@ impl Buffer for RedisBuffer {
         let shard = shared.dialog_shard(dialog_id);
         let lease_ms = Shared::ms(shared.options.lease);
         let answer = shared
-            .wait_for("another decision of this dialog to end", || async {
-                let answer = shared
-                    .run(&shared.scripts.begin, shard, |invocation| {
-                        invocation.arg(dialog_id.as_str()).arg(&token).arg(lease_ms);
-                    })
-                    .await
-                    .map_err(|error| unavailable("a decision", error))?;
-                let answer = items(answer);
-                Ok((answer.first().and_then(int) == Some(1)).then_some(answer))
-            })
+            .wait_for(
+                "another decision of this dialog, or an erasure, to end",
+                || async {
+                    let answer = shared
+                        .run(&shared.scripts.begin, shard, |invocation| {
+                            invocation.arg(dialog_id.as_str()).arg(&token).arg(lease_ms);
+                        })
+                        .await
+                        .map_err(|error| unavailable("a decision", error))?;
+                    let answer = items(answer);
+                    Ok((answer.first().and_then(int) == Some(1)).then_some(answer))
+                },
+            )
             .await?;
         let mut answer = answer.into_iter().skip(1);
         shared.saw(answer.next().as_ref().and_then(int));
@@ -972,33 +968,17 @@ impl Buffer for RedisBuffer {
         }
     }
 
-    async fn enter_decision_gate(&self) -> Result<Gate, ApiError> {
-        let shared = &self.shared;
-        let token = shared.token();
-        shared
-            .wait_for("an erasure to end", || async {
-                Ok((shared.gate("enter", &token).await? == 1).then_some(()))
-            })
-            .await?;
-        Ok(Gate(Box::new(GateHolder {
-            shared: shared.clone(),
-            token,
-            exclusive: false,
-        })))
-    }
-
     async fn enter_erasure_gate(&self) -> Result<Gate, ApiError> {
         let shared = &self.shared;
         let token = shared.token();
-        // From the first call on, no new decision enters; this waits for those inside to leave.
-        let holder = GateHolder {
+        // From the first call on, no new decision begins; this waits for those in progress to end.
+        let holder = ErasureHolder {
             shared: shared.clone(),
             token: token.clone(),
-            exclusive: true,
         };
         shared
             .wait_for("the decisions in progress to end", || async {
-                Ok((shared.gate("erase", &token).await? == 0).then_some(()))
+                Ok((shared.erasure_gate("close", &token).await? == 0).then_some(()))
             })
             .await?;
         Ok(Gate(Box::new(holder)))

@@ -333,9 +333,6 @@ mod delegate {
         async fn end_decision(&self, lease: DecisionLease, settled: bool) {
             self.inner.end_decision(lease, settled).await
         }
-        async fn enter_decision_gate(&self) -> Result<Gate, ApiError> {
-            self.inner.enter_decision_gate().await
-        }
         async fn enter_erasure_gate(&self) -> Result<Gate, ApiError> {
             self.inner.enter_erasure_gate().await
         }

@@ -8,9 +8,12 @@ local P = ARGV[1]
 local USAGE = P .. 'u'            -- hash: b (estimated bytes), n (messages), d (dialogs) of the shard
 local DUE = P .. 'due'            -- zset: dialog -> ms of its first message (the retention index)
 local DECIDING = P .. 'deciding'  -- zset: dialog -> ms when its decision lease ends
-local COUNTS = P .. 'n'           -- hash: dialog -> messages
-local SIZES = P .. 'b'            -- hash: dialog -> estimated bytes
-local function meta(d) return P .. 'd:' .. d end      -- hash: c customer, t first ms, q last seq, s sealed
+-- The shard's part of the erasure gate: the decisions in progress (zset: lease token -> ms when the lease
+-- ends), and the token of an erasure that holds the shard (string, with the erasure's lease as expiry).
+local GATE = P .. 'gate'
+local ERASING = P .. 'erasing'
+-- hash: c customer, t first ms, q last seq, s sealed, n messages, b estimated bytes
+local function meta(d) return P .. 'd:' .. d end
 local function msgs(d) return P .. 'm:' .. d end      -- hash: id -> message
 local function lock(d) return P .. 'l:' .. d end      -- string: the decision lease's token
 local function tomb(d) return P .. 'x:' .. d end      -- string: µs when its decision emptied it
@@ -25,7 +28,9 @@ local function now_us()
 end
 
 -- Integers as decimal text: Lua's numbers are doubles, and tostring would write large ones in exponent form.
-local function num(x) return string.format('%.0f', x) end
+-- '%d' goes through a 64-bit integer (exact below 2^53, where every value here stays), and costs a fraction
+-- of '%.0f', which formats a double digit by digit.
+local function num(x) return string.format('%d', x) end
 
 -- Adds `delta` to a counter field (nothing when it is 0: Redis refuses "-0").
 local function add(key, field, delta)
@@ -36,30 +41,27 @@ local function seq_of(value) return tonumber(string.match(value, '^(%d+)')) end
 
 local function cost_of(id, value) return #id + #value + MESSAGE_OVERHEAD end
 
--- Removes a dialog and its bookkeeping from the shard; returns how many messages it held.
+-- Removes a dialog and its bookkeeping from the shard; returns how many messages it held (as its meta
+-- counted them: Redis may have expired the messages themselves already, see push.lua).
 local function drop_dialog(d)
-  local owner = redis.call('HGET', meta(d), 'c')
-  local n = tonumber(redis.call('HGET', COUNTS, d) or '0')
-  local b = tonumber(redis.call('HGET', SIZES, d) or '0')
-  local counted = redis.call('ZSCORE', DUE, d)
+  local state = redis.call('HMGET', meta(d), 'c', 'n', 'b')
+  if not state[1] then return 0 end
+  local n, b = tonumber(state[2] or '0'), tonumber(state[3] or '0')
   redis.call('DEL', meta(d), msgs(d))
-  if owner then redis.call('SREM', customer(owner), d) end
+  redis.call('SREM', customer(state[1]), d)
   redis.call('ZREM', DUE, d)
   redis.call('ZREM', DECIDING, d)
-  redis.call('HDEL', COUNTS, d)
-  redis.call('HDEL', SIZES, d)
-  if counted then
-    add(USAGE, 'd', -1)
-    add(USAGE, 'n', -n)
-    add(USAGE, 'b', -b)
-  end
+  add(USAGE, 'd', -1)
+  add(USAGE, 'n', -n)
+  add(USAGE, 'b', -b)
   return n
 end
 
 -- The shard's estimated bytes now, returned by every script that frees some (the caller's view of the budget).
 local function used_bytes() return num(tonumber(redis.call('HGET', USAGE, 'b') or '0')) end
 
--- Releases a decision lease if `token` holds it.
-local function release_lock(d, token)
+-- Ends the decision lease `token`: its place in the gate, and the dialog's lease if it still holds it.
+local function release(d, token)
+  redis.call('ZREM', GATE, token)
   if redis.call('GET', lock(d)) == token then redis.call('DEL', lock(d)) end
 end

@@ -4,14 +4,14 @@
 local c, dropping = ARGV[2], ARGV[3] == 'drop'
 local dialogs, messages = 0, 0
 for _, d in ipairs(redis.call('SMEMBERS', customer(c))) do
-  local owner = redis.call('HGET', meta(d), 'c')
-  -- A member whose dialog Redis expired by itself is dropped too; one reused by another customer is not.
-  if owner == c or (not owner and redis.call('ZSCORE', DUE, d)) then
+  local state = redis.call('HMGET', meta(d), 'c', 'n')
+  -- Only the customer's own: a dialog id dropped and reused by another customer is not theirs.
+  if state[1] == c then
     dialogs = dialogs + 1
     if dropping then
       messages = messages + drop_dialog(d)
     else
-      messages = messages + tonumber(redis.call('HGET', COUNTS, d) or '0')
+      messages = messages + tonumber(state[2] or '0')
     end
   end
 end

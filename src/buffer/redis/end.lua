@@ -3,6 +3,7 @@
 -- (unsettled), is left to the sweeper at once: it asks the store.
 -- ARGV: 1 prefix, 2 dialog, 3 token, 4 retention ms, 5 grace ms, 6 '1' if settled.
 local d, token = ARGV[2], ARGV[3]
+redis.call('ZREM', GATE, token)
 if redis.call('GET', lock(d)) ~= token then return 0 end
 redis.call('DEL', lock(d))
 local state = redis.call('HMGET', meta(d), 't', 's')
@@ -13,7 +14,6 @@ end
 redis.call('ZREM', DECIDING, d)
 if state[1] then
   local ends = tonumber(state[1]) + tonumber(ARGV[4]) + tonumber(ARGV[5])
-  redis.call('PEXPIREAT', meta(d), num(ends))
   redis.call('PEXPIREAT', msgs(d), num(ends))
 end
 return 1

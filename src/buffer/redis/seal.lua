@@ -1,35 +1,36 @@
 -- Consent true is written with the messages up to SEQ: forgets those and seals the dialog (no more pushes).
 -- When nothing is left it leaves the buffer, with a mark of when, for pushes that looked the decision up
--- before it was written.
--- ARGV: 1 prefix, 2 dialog, 3 SEQ, 4 token, 5 mark ms. Returns {shard bytes, {id, message, ...} left}.
--- Whenever it returns nothing, the dialog has left the buffer and the lease is released.
-local d, through = ARGV[2], tonumber(ARGV[3])
-if not redis.call('HGET', meta(d), 'c') then
-  release_lock(d, ARGV[4])
-  return {used_bytes(), {}}
-end
-redis.call('HSET', meta(d), 's', '1')
-local all = redis.call('HGETALL', msgs(d))
-local left, removed, freed = {}, 0, 0
-for i = 1, #all, 2 do
-  local id, value = all[i], all[i + 1]
-  if seq_of(value) <= through then
-    redis.call('HDEL', msgs(d), id)
-    removed = removed + 1
-    freed = freed + cost_of(id, value)
-  else
-    left[#left + 1] = id
-    left[#left + 1] = value
+-- before it was written; the decision's lease ends with it.
+-- ARGV: 1 prefix, 2 dialog, 3 SEQ, 4 token, 5 mark ms. Returns {shard bytes, {id, message, ...} left}; when
+-- nothing is left, the lease is released.
+local d, through, token = ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local state = redis.call('HMGET', meta(d), 'c', 'q')
+local left = {}
+if state[1] and tonumber(state[2]) > through then
+  -- Messages arrived while the decision was written: keep those, forget the others.
+  redis.call('HSET', meta(d), 's', '1')
+  local all = redis.call('HGETALL', msgs(d))
+  local done, removed, freed = {}, 0, 0
+  for i = 1, #all, 2 do
+    local id, value = all[i], all[i + 1]
+    if seq_of(value) <= through then
+      done[#done + 1] = id
+      removed = removed + 1
+      freed = freed + cost_of(id, value)
+    else
+      left[#left + 1] = id
+      left[#left + 1] = value
+    end
   end
-end
-if #left == 0 then
-  drop_dialog(d)
-  release_lock(d, ARGV[4])
-  redis.call('SET', tomb(d), num(now_us()), 'PX', ARGV[5])
-else
-  add(COUNTS, d, -removed)
-  add(SIZES, d, -freed)
+  if #done > 0 then redis.call('HDEL', msgs(d), unpack(done)) end
+  add(meta(d), 'n', -removed)
+  add(meta(d), 'b', -freed)
   add(USAGE, 'n', -removed)
   add(USAGE, 'b', -freed)
+  return {used_bytes(), left}
 end
+-- Everything it holds is written (or it was gone already): it leaves the buffer.
+drop_dialog(d)
+release(d, token)
+redis.call('SET', tomb(d), num(now_us()), 'PX', ARGV[5])
 return {used_bytes(), left}
