@@ -286,7 +286,6 @@ impl DialogService {
         incomings: Vec<IncomingMessage>,
     ) -> Vec<Result<Pushed, ApiError>> {
         let count = incomings.len();
-        let mut results: Vec<Option<Result<Pushed, ApiError>>> = (0..count).map(|_| None).collect();
         let (places, pushes): (Vec<Vec<usize>>, Vec<DialogPush>) =
             group_by_dialog(incomings).into_iter().unzip();
         // Hot path: dialogs that are buffered already.
@@ -294,17 +293,24 @@ impl DialogService {
             Ok(outcomes) => outcomes,
             Err(error) => return vec![Err(ApiError::from(error)); count],
         };
+        let mut recorded = Vec::with_capacity(count);
         let slow: Vec<Group> = places
             .into_iter()
             .zip(outcomes)
-            .filter_map(|(places, outcome)| record_pushed(&mut results, places, outcome))
+            .filter_map(|(places, outcome)| record_pushed(&mut recorded, places, outcome))
             .collect();
         if !slow.is_empty() {
             let undecided = self.undecided_among(&slow).await;
-            for group in slow {
-                self.push_slow(group, undecided.as_ref(), &mut results)
-                    .await;
-            }
+            // Dialogs are independent: their slow paths run at once (each under its own lock), so a batch
+            // that opens several dialogs waits for one round trip, not one per dialog.
+            let slow = slow
+                .into_iter()
+                .map(|group| self.push_slow(group, undecided.as_ref()));
+            recorded.extend(futures::future::join_all(slow).await.into_iter().flatten());
+        }
+        let mut results: Vec<Option<Result<Pushed, ApiError>>> = (0..count).map(|_| None).collect();
+        for (place, result) in recorded {
+            results[place] = Some(result);
         }
         results
             .into_iter()
@@ -344,8 +350,8 @@ impl DialogService {
         &self,
         group: Group,
         undecided: Option<&Undecided>,
-        results: &mut [Option<Result<Pushed, ApiError>>],
-    ) {
+    ) -> Vec<(usize, Result<Pushed, ApiError>)> {
+        let mut results = Vec::with_capacity(group.places.len());
         let Group {
             dialog_id,
             mut places,
@@ -371,9 +377,9 @@ impl DialogService {
             };
             if let Some(consent) = consent {
                 for (place, incoming) in places.into_iter().zip(messages) {
-                    results[place] = Some(self.push_decided(incoming, &consent).await);
+                    results.push((place, self.push_decided(incoming, &consent).await));
                 }
-                return;
+                return results;
             }
             let push = DialogPush {
                 dialog_id: dialog_id.clone(),
@@ -384,8 +390,8 @@ impl DialogService {
                 Ok(mut outcomes) => outcomes.pop().unwrap_or_default(),
                 Err(error) => return fill(results, &places, &error.into()),
             };
-            let Some(rest) = record_pushed(results, places, outcome) else {
-                return;
+            let Some(rest) = record_pushed(&mut results, places, outcome) else {
+                return results;
             };
             // Decided meanwhile, by another replica or before this one took the lock: look again.
             (places, messages, looked_up_after) = (rest.places, rest.messages, rest.checked_at);
@@ -394,7 +400,7 @@ impl DialogService {
         let error = ApiError::BufferUnavailable(crate::buffer::BufferError(format!(
             "dialog `{dialog_id}` kept being decided elsewhere while its first message was pushed"
         )));
-        fill(results, &places, &error);
+        fill(results, &places, &error)
     }
 
     /// One message of a dialog whose decision is recorded: stored, or discarded.
@@ -627,17 +633,25 @@ fn group_by_dialog(incomings: Vec<IncomingMessage>) -> Vec<(Vec<usize>, DialogPu
     groups
 }
 
-/// Records the results of a buffer push at the messages' places; returns the messages handed back, with
+/// Records the results of a buffer push with the messages' places; returns the messages handed back, with
 /// their places (the last ones of `places`), if there are any.
 fn record_pushed(
-    results: &mut [Option<Result<Pushed, ApiError>>],
+    results: &mut impl Extend<(usize, Result<Pushed, ApiError>)>,
     mut places: Vec<usize>,
     outcome: PushOutcome,
 ) -> Option<Group> {
     let rest = places.split_off(outcome.pushed.len());
-    for (place, result) in places.into_iter().zip(outcome.pushed) {
-        results[place] = Some(result.map(|buffered| Pushed::buffered(buffered.message())));
-    }
+    results.extend(
+        places
+            .into_iter()
+            .zip(outcome.pushed)
+            .map(|(place, result)| {
+                (
+                    place,
+                    result.map(|buffered| Pushed::buffered(buffered.message())),
+                )
+            }),
+    );
     let dialog_id = outcome.handed_back.first()?.dialog_id.clone();
     Some(Group {
         dialog_id,
@@ -647,11 +661,14 @@ fn record_pushed(
     })
 }
 
-/// The same error for every one of the messages at `places`.
-fn fill(results: &mut [Option<Result<Pushed, ApiError>>], places: &[usize], error: &ApiError) {
-    for &place in places {
-        results[place] = Some(Err(error.clone()));
-    }
+/// The results so far, and the same error for every one of the messages at `places`.
+fn fill(
+    mut results: Vec<(usize, Result<Pushed, ApiError>)>,
+    places: &[usize],
+    error: &ApiError,
+) -> Vec<(usize, Result<Pushed, ApiError>)> {
+    results.extend(places.iter().map(|&place| (place, Err(error.clone()))));
+    results
 }
 
 /// Bumps a counter when dropped.

@@ -248,10 +248,15 @@ enum Kind {
 }
 
 async fn open(options: &RedisOptions) -> BufferResult<(Connection, Kind)> {
+    let tcp = tcp_settings(options.timeout);
     let infos = options
         .urls
         .iter()
-        .map(|url| url.as_str().into_connection_info())
+        .map(|url| {
+            url.as_str()
+                .into_connection_info()
+                .map(|info| info.set_tcp_settings(tcp.clone()))
+        })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|error| BufferError::new("BUFFER_URL", error))?;
     let client = ::redis::Client::open(infos[0].clone())
@@ -276,6 +281,7 @@ async fn open(options: &RedisOptions) -> BufferResult<(Connection, Kind)> {
     };
     if is_cluster {
         let cluster = ClusterClient::builder(infos)
+            .tcp_settings(tcp)
             .connection_timeout(options.timeout)
             .response_timeout(options.timeout)
             .retries(2)
@@ -296,6 +302,16 @@ async fn open(options: &RedisOptions) -> BufferResult<(Connection, Kind)> {
         .await
         .map_err(|error| BufferError::new("cannot connect to Redis", error))?;
     Ok((Connection::Single(manager), Kind::Standalone))
+}
+
+/// Every command is a small write that a request waits for: without `TCP_NODELAY` (off by default in the
+/// redis crate) Nagle's algorithm holds it back until earlier writes are acknowledged, which made pushes
+/// wait for each other. A connection whose writes go unacknowledged for twice the call deadline is
+/// dropped (and made again), so a Redis host that vanished without closing its sockets is noticed.
+fn tcp_settings(timeout: Duration) -> ::redis::io::tcp::TcpSettings {
+    ::redis::io::tcp::TcpSettings::default()
+        .set_nodelay(true)
+        .set_user_timeout(timeout * 2)
 }
 
 /// Host and port of each URL, without credentials.
