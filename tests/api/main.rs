@@ -80,6 +80,7 @@ mod graphiql;
 mod helpers;
 mod load;
 mod protection;
+mod redis_access;
 mod redis_support;
 mod replicas;
 mod roundtrips;

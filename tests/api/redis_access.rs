@@ -1,0 +1,237 @@
+//! Reaching a protected Redis: an ACL user and password in `BUFFER_URL`, and TLS (`rediss://`) with a
+//! private certificate authority. Credentials never appear in errors or logs.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dataapi::config::{BufferBackend, Config};
+use serde_json::json;
+
+use crate::helpers::test_config;
+use crate::redis_support::{RedisProcess, fresh_prefix};
+
+fn with_buffer(url: String) -> Config {
+    let mut config = test_config();
+    config.buffer.backend = BufferBackend::Redis {
+        urls: vec![url],
+        key_prefix: fresh_prefix(),
+    };
+    config.buffer.timeout = Duration::from_secs(2);
+    config
+}
+
+/// An error message of `open_buffer`, or `None` if it connected.
+async fn open_error(config: &Config) -> Option<String> {
+    dataapi::app::open_buffer(config)
+        .await
+        .err()
+        .map(|error| error.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_user_in_the_url_reaches_redis_and_a_wrong_password_stops_startup_unechoed() {
+    // Only the user `dataapi` may do anything; the default user is off.
+    let redis = RedisProcess::start_with(
+        false,
+        &[
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "dataapi",
+            "on",
+            ">s3cret-pass",
+            "~*",
+            "&*",
+            "+@all",
+        ],
+    );
+    let port = redis.port;
+    let right = with_buffer(format!("redis://dataapi:s3cret-pass@127.0.0.1:{port}"));
+    assert_eq!(open_error(&right).await, None);
+    let data = tempfile::tempdir().unwrap();
+    let store = dataapi::store::SqliteStore::open(&data.path().join("t.sqlite3"))
+        .await
+        .unwrap();
+    let app = crate::helpers::TestApp::start_with(std::sync::Arc::new(store), right).await;
+    assert_eq!(
+        app.push("c", "d", "hello", "en", None).await["status"],
+        "BUFFERED"
+    );
+    assert_eq!(app.consent("d", true).await["storedCount"], 1);
+
+    for url in [
+        format!("redis://dataapi:wrong-pass@127.0.0.1:{port}"),
+        format!("redis://127.0.0.1:{port}"),
+    ] {
+        let error = open_error(&with_buffer(url.clone()))
+            .await
+            .unwrap_or_else(|| panic!("{url} must be refused"));
+        assert!(!error.contains("pass"), "no password in: {error}");
+        assert!(
+            error.to_ascii_lowercase().contains("auth")
+                || error.to_ascii_lowercase().contains("noperm")
+                || error.to_ascii_lowercase().contains("password"),
+            "says what is wrong: {error}"
+        );
+    }
+}
+
+/// A certificate authority and a certificate for localhost signed by it, made with openssl.
+fn make_certificates(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let status = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl (apt-get install openssl; scripts/test installs it)");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=dataapi-test-ca",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "redis.key",
+        "-out",
+        "redis.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "redis.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "redis.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+/// The binary on the embedded store with `BUFFER_URL` and the given extra environment; returns whether it
+/// became ready, and what it printed.
+async fn run_binary(buffer_url: &str, extra_env: &[(&str, String)]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dataapi"))
+        .current_dir(dir.path())
+        .env_clear()
+        .env("BIND_ADDR", format!("127.0.0.1:{port}"))
+        .env("LOG", "info")
+        .env("BUFFER_URL", buffer_url)
+        .env("BUFFER_TIMEOUT", "3s")
+        .envs(extra_env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(std::fs::File::create(dir.path().join("out.log")).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("err.log")).unwrap())
+        .spawn()
+        .expect("start dataapi");
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut ready = false;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        if let Ok(response) = client
+            .get(format!("http://127.0.0.1:{port}/ready"))
+            .send()
+            .await
+            && response.status() == 200
+        {
+            // And it buffers through TLS.
+            let push = client
+                .post(format!("http://127.0.0.1:{port}/graphql"))
+                .json(&json!({ "query": "mutation { pushMessage(input: {customerId: \"c\", dialogId: \"d\", text: \"hi\", language: \"en\"}) { status } }" }))
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap();
+            ready = push["data"]["pushMessage"]["status"] == "BUFFERED";
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let output = std::fs::read_to_string(dir.path().join("out.log")).unwrap()
+        + &std::fs::read_to_string(dir.path().join("err.log")).unwrap();
+    (ready, output)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_private_authority_named_by_ssl_cert_file_and_refused_without_it() {
+    let certificates = tempfile::tempdir().unwrap();
+    make_certificates(certificates.path());
+    let path = |name: &str| certificates.path().join(name).display().to_string();
+    let (cert, key, ca) = (path("redis.crt"), path("redis.key"), path("ca.crt"));
+    let redis = RedisProcess::start_with(
+        false,
+        &[
+            "--port",
+            "0",
+            "--tls-port",
+            "{port}",
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+        ],
+    );
+    let url = format!("rediss://localhost:{}", redis.port);
+    let (ready, output) = run_binary(&url, &[("SSL_CERT_FILE", ca.clone())]).await;
+    assert!(ready, "reaches Redis over TLS: {output}");
+    assert!(output.contains("buffer=Redis at localhost"), "{output}");
+
+    // Without the authority, the server's certificate is not trusted: startup fails and says so.
+    let (ready, output) = run_binary(&url, &[("SSL_CERT_FILE", "/dev/null".to_owned())]).await;
+    assert!(!ready, "an untrusted certificate is refused");
+    assert!(
+        output.contains("BUFFER_URL") && output.to_ascii_lowercase().contains("certificate"),
+        "says why: {output}"
+    );
+    // And plain redis:// to a TLS port does not get through either.
+    let (ready, _) = run_binary(&format!("redis://localhost:{}", redis.port), &[]).await;
+    assert!(!ready);
+}
