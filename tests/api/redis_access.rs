@@ -30,7 +30,7 @@ async fn open_error(config: &Config) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acl_user_in_the_url_reaches_redis_and_a_wrong_password_stops_startup_unechoed() {
-    // Only the user `dataapi` may do anything; the default user is off.
+    // The default user is off; `dataapi` has exactly the rights README lists, on the test's keys only.
     let redis = RedisProcess::start_with(
         false,
         &[
@@ -41,9 +41,14 @@ async fn an_acl_user_in_the_url_reaches_redis_and_a_wrong_password_stops_startup
             "dataapi",
             "on",
             ">s3cret-pass",
-            "~*",
-            "&*",
-            "+@all",
+            "~test.*",
+            "+@read",
+            "+@write",
+            "+@scripting",
+            "+@connection",
+            "+info",
+            "+time",
+            "+config|get",
         ],
     );
     let port = redis.port;
@@ -59,6 +64,22 @@ async fn an_acl_user_in_the_url_reaches_redis_and_a_wrong_password_stops_startup
         "BUFFERED"
     );
     assert_eq!(app.consent("d", true).await["storedCount"], 1);
+    app.push("c", "d2", "erase me", "en", None).await;
+    let erased = app
+        .data(
+            "mutation { eraseCustomer(customerId: \"c\") { bufferedMessageCount } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(erased["eraseCustomer"]["bufferedMessageCount"], 1);
+    assert_eq!(
+        app.metrics_text()
+            .await
+            .lines()
+            .find(|line| line.starts_with("dataapi_buffer_messages "))
+            .unwrap(),
+        "dataapi_buffer_messages 0"
+    );
 
     for url in [
         format!("redis://dataapi:wrong-pass@127.0.0.1:{port}"),
