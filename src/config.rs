@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::auth::ApiKeys;
+use crate::buffer::redis::SentinelUrl;
 
 /// Where the embedded store lives when `DATABASE_URL` is unset.
 pub const DEFAULT_SQLITE_PATH: &str = "./data/dataapi.sqlite3";
@@ -279,13 +280,21 @@ impl Config {
         let backend = match get("BUFFER_URL") {
             None => BufferBackend::Memory,
             Some(text) => {
-                let urls: Vec<String> = text
-                    .split(',')
-                    .map(|url| url.trim().to_owned())
-                    .filter(|url| !url.is_empty())
-                    .collect();
+                // A Sentinel URL lists its sentinels with commas; otherwise commas separate the seed nodes
+                // of a Cluster.
+                let urls: Vec<String> = if SentinelUrl::is_sentinel(text.trim()) {
+                    vec![text.trim().to_owned()]
+                } else {
+                    text.split(',')
+                        .map(|url| url.trim().to_owned())
+                        .filter(|url| !url.is_empty())
+                        .collect()
+                };
                 let valid = !urls.is_empty()
                     && urls.iter().all(|url| {
+                        if SentinelUrl::is_sentinel(url) {
+                            return urls.len() == 1 && SentinelUrl::parse(url).is_some();
+                        }
                         (url.starts_with("redis://") || url.starts_with("rediss://"))
                             && redis::IntoConnectionInfo::into_connection_info(url.as_str()).is_ok()
                     });
@@ -294,9 +303,10 @@ impl Config {
                     return Err(error(
                         "BUFFER_URL",
                         "(hidden)",
-                        "use redis://[USER:PASSWORD@]HOST:PORT or rediss://… (TLS), or several of them \
-                         separated by commas (the seed nodes of a Redis Cluster); leave it unset for the \
-                         in-process buffer",
+                        "use redis://[USER:PASSWORD@]HOST:PORT or rediss://… (TLS), several of them \
+                         separated by commas (the seed nodes of a Redis Cluster), or \
+                         redis+sentinel://[USER:PASSWORD@]SENTINEL:PORT[,SENTINEL:PORT…]/PRIMARY_NAME; leave it \
+                         unset for the in-process buffer",
                     ));
                 }
                 let key_prefix = get("BUFFER_KEY_PREFIX").unwrap_or_else(|| "dataapi".to_owned());
@@ -490,7 +500,22 @@ mod tests {
             .unwrap_err();
             assert_eq!(error.name, "BUFFER_KEY_PREFIX");
         }
+        let sentinel = config(&[(
+            "BUFFER_URL",
+            "redis+sentinel://app:secret@s1:26379,s2:26379/mymaster/2",
+        )])
+        .unwrap();
+        assert_eq!(
+            sentinel.buffer.backend,
+            BufferBackend::Redis {
+                urls: vec!["redis+sentinel://app:secret@s1:26379,s2:26379/mymaster/2".into()],
+                key_prefix: "dataapi".into()
+            }
+        );
         for bad in [
+            "redis+sentinel://user:secret@s1:26379",
+            "redis+sentinel://user:secret@/mymaster",
+            "redis+sentinel://s1:26379/mymaster,redis://user:secret@h:1",
             "http://user:secret@host",
             "redis://user:secret@host:notaport",
             ",",

@@ -68,11 +68,13 @@ pub struct RedisOptions {
     pub limits: BufferLimits,
 }
 
-/// A connection to a standalone Redis or to a Cluster; both reconnect by themselves.
+/// A connection to a standalone Redis, a Cluster, or the primary that Sentinel names; all reconnect by
+/// themselves.
 #[derive(Clone)]
 enum Connection {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    Sentinel(Arc<SentinelConnection>),
 }
 
 impl ConnectionLike for Connection {
@@ -80,6 +82,14 @@ impl ConnectionLike for Connection {
         match self {
             Self::Single(connection) => connection.req_packed_command(cmd),
             Self::Cluster(connection) => connection.req_packed_command(cmd),
+            Self::Sentinel(sentinel) => {
+                let sentinel = sentinel.clone();
+                Box::pin(async move {
+                    let result = sentinel.primary().req_packed_command(cmd).await;
+                    sentinel.after(&result);
+                    result
+                })
+            }
         }
     }
 
@@ -92,6 +102,17 @@ impl ConnectionLike for Connection {
         match self {
             Self::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
             Self::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Self::Sentinel(sentinel) => {
+                let sentinel = sentinel.clone();
+                Box::pin(async move {
+                    let result = sentinel
+                        .primary()
+                        .req_packed_commands(pipeline, offset, count)
+                        .await;
+                    sentinel.after(&result);
+                    result
+                })
+            }
         }
     }
 
@@ -99,7 +120,157 @@ impl ConnectionLike for Connection {
         match self {
             Self::Single(connection) => connection.get_db(),
             Self::Cluster(connection) => connection.get_db(),
+            Self::Sentinel(sentinel) => sentinel.primary().get_db(),
         }
+    }
+}
+
+/// `redis+sentinel://[USER:PASSWORD@]HOST:PORT[,HOST:PORT…]/PRIMARY_NAME[/DB]` (`rediss+sentinel://`: TLS
+/// to the sentinels and the Redis nodes): where the sentinels are, which primary to ask them for, and how to
+/// log in to it.
+pub struct SentinelUrl {
+    sentinels: Vec<::redis::ConnectionInfo>,
+    primary_name: String,
+    node: ::redis::RedisConnectionInfo,
+    tls: bool,
+}
+
+impl SentinelUrl {
+    pub fn is_sentinel(url: &str) -> bool {
+        url.starts_with("redis+sentinel://") || url.starts_with("rediss+sentinel://")
+    }
+
+    /// `None` unless `url` is a well-formed Sentinel URL.
+    pub fn parse(url: &str) -> Option<Self> {
+        let (tls, rest) = match url.strip_prefix("rediss+sentinel://") {
+            Some(rest) => (true, rest),
+            None => (false, url.strip_prefix("redis+sentinel://")?),
+        };
+        let scheme = if tls { "rediss" } else { "redis" };
+        let (authority, path) = rest.split_once('/')?;
+        let (user_info, hosts) = match authority.rsplit_once('@') {
+            Some((user_info, hosts)) => (Some(user_info), hosts),
+            None => (None, authority),
+        };
+        let sentinels = hosts
+            .split(',')
+            .map(|host| {
+                let host = host.trim();
+                (!host.is_empty()).then_some(())?;
+                format!("{scheme}://{host}")
+                    .as_str()
+                    .into_connection_info()
+                    .ok()
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let (primary_name, db) = match path.split_once('/') {
+            Some((name, db)) => (name, db),
+            None => (path, "0"),
+        };
+        if primary_name.is_empty() || sentinels.is_empty() {
+            return None;
+        }
+        // The login and database for the Redis nodes, read the way a redis:// URL is.
+        let node = format!(
+            "redis://{}localhost/{db}",
+            user_info.map(|info| format!("{info}@")).unwrap_or_default()
+        )
+        .as_str()
+        .into_connection_info()
+        .ok()?
+        .redis_settings()
+        .clone();
+        Some(Self {
+            sentinels,
+            primary_name: primary_name.to_owned(),
+            node,
+            tls,
+        })
+    }
+}
+
+/// The primary that Sentinel names, found again when it stops answering or turns out to be a replica (a
+/// failover happened).
+struct SentinelConnection {
+    sentinel: tokio::sync::Mutex<::redis::sentinel::SentinelClient>,
+    primary: std::sync::RwLock<ConnectionManager>,
+    config: ConnectionManagerConfig,
+    /// A search for the primary is under way.
+    searching: AtomicBool,
+}
+
+impl SentinelConnection {
+    async fn connect(url: SentinelUrl, config: ConnectionManagerConfig) -> BufferResult<Self> {
+        let mut node = ::redis::sentinel::SentinelNodeConnectionInfo::default()
+            .set_redis_connection_info(url.node);
+        if url.tls {
+            node = node.set_tls_mode(::redis::TlsMode::Secure);
+        }
+        let mut sentinel = ::redis::sentinel::SentinelClient::build(
+            url.sentinels,
+            url.primary_name,
+            Some(node),
+            ::redis::sentinel::SentinelServerType::Master,
+        )
+        .map_err(|error| BufferError::new("BUFFER_URL", error))?;
+        let primary = Self::find(&mut sentinel, &config).await?;
+        Ok(Self {
+            sentinel: tokio::sync::Mutex::new(sentinel),
+            primary: std::sync::RwLock::new(primary),
+            config,
+            searching: AtomicBool::new(false),
+        })
+    }
+
+    async fn find(
+        sentinel: &mut ::redis::sentinel::SentinelClient,
+        config: &ConnectionManagerConfig,
+    ) -> BufferResult<ConnectionManager> {
+        let client = sentinel
+            .async_get_client()
+            .await
+            .map_err(|error| BufferError::new("Sentinel names no reachable primary", error))?;
+        ConnectionManager::new_with_config(client, config.clone())
+            .await
+            .map_err(|error| {
+                BufferError::new("cannot connect to the primary Sentinel names", error)
+            })
+    }
+
+    fn primary(&self) -> ConnectionManager {
+        self.primary
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// After a failover the old primary is gone or a read-only replica: ask Sentinel again, in the
+    /// background (the failed call fails; the next ones use the new primary).
+    fn after<T>(self: &Arc<Self>, result: &Result<T, ::redis::RedisError>) {
+        let Err(error) = result else { return };
+        let moved = error.is_io_error()
+            || error.is_connection_dropped()
+            || error.is_connection_refusal()
+            || error.kind() == ErrorKind::Server(::redis::ServerErrorKind::ReadOnly);
+        if !moved || self.searching.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut sentinel = this.sentinel.lock().await;
+            match Self::find(&mut sentinel, &this.config).await {
+                Ok(primary) => {
+                    *this
+                        .primary
+                        .write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = primary;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "Sentinel: no primary yet; trying again on the next call")
+                }
+            }
+            this.searching.store(false, Ordering::Release);
+        });
     }
 }
 
@@ -194,7 +365,7 @@ impl RedisBuffer {
             })??;
         let shards = match kind {
             Kind::Cluster => CLUSTER_SHARDS,
-            Kind::Standalone => 1,
+            Kind::Standalone | Kind::Sentinel => 1,
         };
         let mut probe = connection.clone();
         let notes = tokio::time::timeout(options.timeout, server_notes(&mut probe))
@@ -205,6 +376,7 @@ impl RedisBuffer {
             match kind {
                 Kind::Cluster => "Redis Cluster",
                 Kind::Standalone => "Redis",
+                Kind::Sentinel => "Redis primary named by Sentinel",
             },
             addresses(&options.urls),
             notes.join("; ")
@@ -245,10 +417,24 @@ async fn refresh_usage(shared: Weak<Shared>) {
 enum Kind {
     Standalone,
     Cluster,
+    Sentinel,
 }
 
 async fn open(options: &RedisOptions) -> BufferResult<(Connection, Kind)> {
     let tcp = tcp_settings(options.timeout);
+    let manager_config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(options.timeout))
+        .set_response_timeout(Some(options.timeout))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(1));
+    if let [url] = &options.urls[..]
+        && SentinelUrl::is_sentinel(url)
+    {
+        let url = SentinelUrl::parse(url)
+            .ok_or_else(|| BufferError("BUFFER_URL: not a Sentinel URL".to_owned()))?;
+        let sentinel = SentinelConnection::connect(url, manager_config).await?;
+        return Ok((Connection::Sentinel(Arc::new(sentinel)), Kind::Sentinel));
+    }
     let infos = options
         .urls
         .iter()
@@ -293,12 +479,7 @@ async fn open(options: &RedisOptions) -> BufferResult<(Connection, Kind)> {
             .map_err(|error| BufferError::new("cannot connect to the Redis Cluster", error))?;
         return Ok((Connection::Cluster(connection), Kind::Cluster));
     }
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(options.timeout))
-        .set_response_timeout(Some(options.timeout))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(1));
-    let manager = ConnectionManager::new_with_config(client, config)
+    let manager = ConnectionManager::new_with_config(client, manager_config)
         .await
         .map_err(|error| BufferError::new("cannot connect to Redis", error))?;
     Ok((Connection::Single(manager), Kind::Standalone))
@@ -314,8 +495,22 @@ fn tcp_settings(timeout: Duration) -> ::redis::io::tcp::TcpSettings {
         .set_user_timeout(timeout * 2)
 }
 
-/// Host and port of each URL, without credentials.
+/// Host and port of each URL (of each sentinel, and the primary's name), without credentials.
 fn addresses(urls: &[String]) -> String {
+    if let [url] = urls
+        && let Some(sentinel) = SentinelUrl::parse(url)
+    {
+        let hosts: Vec<String> = sentinel
+            .sentinels
+            .iter()
+            .map(|info| info.addr().to_string())
+            .collect();
+        return format!(
+            "{} (sentinels), primary `{}`",
+            hosts.join(","),
+            sentinel.primary_name
+        );
+    }
     urls.iter()
         .filter_map(|url| url.as_str().into_connection_info().ok())
         .map(|info| info.addr().to_string())

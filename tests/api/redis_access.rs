@@ -256,3 +256,143 @@ async fn tls_with_a_private_authority_named_by_ssl_cert_file_and_refused_without
     let (ready, _) = run_binary(&format!("redis://localhost:{}", redis.port), &[]).await;
     assert!(!ready);
 }
+
+/// A redis-server in Sentinel mode of the test's own, watching `primary` as `mymaster`.
+struct SentinelProcess {
+    port: u16,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl SentinelProcess {
+    fn start(primary: u16) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor mymaster 127.0.0.1 {primary} 1\n\
+                 sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".to_owned());
+        let child = Command::new(binary)
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server --sentinel");
+        Self {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for SentinelProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Asks a node (or a sentinel) something, until `done` likes the answer or 30 s have passed.
+async fn until_answer<T: redis::FromRedisValue>(
+    port: u16,
+    command: &[&str],
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            && let Ok(mut connection) = client.get_multiplexed_async_connection().await
+        {
+            let mut cmd = redis::cmd(command[0]);
+            for arg in &command[1..] {
+                cmd.arg(*arg);
+            }
+            if let Ok(answer) = cmd.query_async::<T>(&mut connection).await
+                && done(&answer)
+            {
+                return answer;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no answer to {command:?} on {port}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_sentinel_failover_the_buffer_continues_on_the_new_primary() {
+    let primary = RedisProcess::start(false);
+    let replica_of = primary.port.to_string();
+    let replica = RedisProcess::start_with(false, &["--replicaof", "127.0.0.1", &replica_of]);
+    let sentinel = SentinelProcess::start(primary.port);
+    // The sentinel has found the replica (it can fail over to it).
+    until_answer::<Vec<redis::Value>>(
+        sentinel.port,
+        &["SENTINEL", "REPLICAS", "mymaster"],
+        |replicas| !replicas.is_empty(),
+    )
+    .await;
+    let config = with_buffer(format!(
+        "redis+sentinel://127.0.0.1:{}/mymaster",
+        sentinel.port
+    ));
+    let data = tempfile::tempdir().unwrap();
+    let store = dataapi::store::SqliteStore::open(&data.path().join("t.sqlite3"))
+        .await
+        .unwrap();
+    let app = crate::helpers::TestApp::start_with(std::sync::Arc::new(store), config).await;
+    app.push("c", "d", "before", "en", Some("m1")).await;
+    // Replicated before the failover (replication is asynchronous: a failover loses what the replica had
+    // not received yet, see README).
+    until_answer::<i64>(primary.port, &["WAIT", "1", "1000"], |acked| *acked == 1).await;
+
+    until_answer::<String>(sentinel.port, &["SENTINEL", "FAILOVER", "mymaster"], |ok| {
+        ok == "OK"
+    })
+    .await;
+    let new_primary = replica.port.to_string();
+    until_answer::<Vec<String>>(
+        sentinel.port,
+        &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster"],
+        |address| address.get(1) == Some(&new_primary),
+    )
+    .await;
+
+    // The first calls after the failover may fail (BUFFER_UNAVAILABLE, retried as the job would); then
+    // the service works on the new primary, with what the old one had.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = app
+            .graphql(
+                "mutation($i: PushMessageInput!) { pushMessage(input: $i) { status } }",
+                json!({ "i": { "customerId": "c", "dialogId": "d", "text": "after", "language": "en",
+                               "messageId": "m2" } }),
+            )
+            .await;
+        if answer["data"]["pushMessage"]["status"] == "BUFFERED" {
+            break;
+        }
+        assert_eq!(
+            answer["errors"][0]["extensions"]["code"], "BUFFER_UNAVAILABLE",
+            "{answer}"
+        );
+        assert!(Instant::now() < deadline, "never reached the new primary");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.consent("d", true).await["storedCount"], 2);
+}
