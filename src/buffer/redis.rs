@@ -397,6 +397,41 @@ impl RedisBuffer {
         let refresher = (shards > 1).then(|| tokio::spawn(refresh_usage(Arc::downgrade(&shared))));
         Ok(Self { shared, refresher })
     }
+
+    /// A request's pushes: one script call per shard they touch (one on a standalone Redis), all at once.
+    async fn push(&self, pushes: Vec<DialogPush>, open: bool) -> BufferResult<Vec<PushOutcome>> {
+        let count = pushes.len();
+        let mut by_shard: HashMap<u16, (Vec<usize>, ShardPushes)> = HashMap::new();
+        for (place, push) in pushes.into_iter().enumerate() {
+            let ids = push
+                .messages
+                .iter()
+                .map(|incoming| {
+                    Message::server_id(&incoming.dialog_id, incoming.client_id.as_ref())
+                })
+                .collect();
+            let (places, shard_pushes) = by_shard
+                .entry(self.shared.dialog_shard(&push.dialog_id))
+                .or_default();
+            places.push(place);
+            shard_pushes.push((push, ids));
+        }
+        let calls = by_shard
+            .into_iter()
+            .map(|(shard, (places, pushes))| async move {
+                (places, self.shared.push_shard(shard, pushes, open).await)
+            });
+        let mut outcomes: Vec<Option<PushOutcome>> = (0..count).map(|_| None).collect();
+        for (places, answers) in join_all(calls).await {
+            for (place, outcome) in places.into_iter().zip(answers?) {
+                outcomes[place] = Some(outcome);
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|outcome| outcome.ok_or_else(|| malformed("a push")))
+            .collect()
+    }
 }
 
 /// Reads every shard's usage every [`USAGE_REFRESH`] while the buffer lives.
@@ -686,6 +721,9 @@ impl Drop for LeaseHolder {
     }
 }
 
+/// One request's pushes to one shard: each dialog's messages, with their server ids.
+type ShardPushes = Vec<(DialogPush, Vec<uuid::Uuid>)>;
+
 /// An erasure's hold on every shard's part of the erasure gate, given back when dropped.
 struct ErasureHolder {
     shared: Arc<Shared>,
@@ -786,34 +824,37 @@ impl Shared {
             .sum()
     }
 
-    async fn push(&self, push: DialogPush, open: bool) -> BufferResult<PushOutcome> {
-        let shard = self.dialog_shard(&push.dialog_id);
+    /// One script call for a request's pushes to one shard.
+    async fn push_shard(
+        &self,
+        shard: u16,
+        pushes: ShardPushes,
+        open: bool,
+    ) -> BufferResult<Vec<PushOutcome>> {
         let limits = self.options.limits;
-        let ids: Vec<uuid::Uuid> = push
-            .messages
-            .iter()
-            .map(|incoming| Message::server_id(&incoming.dialog_id, incoming.client_id.as_ref()))
-            .collect();
-        let dialog_overhead = DIALOG_OVERHEAD + push.dialog_id.as_str().len() * 6;
         let answer = self
             .run(&self.scripts.push, shard, |invocation| {
                 invocation
-                    .arg(if open { "1" } else { "0" })
-                    .arg(push.dialog_id.as_str())
                     .arg(limits.max_messages_per_dialog.min(i64::MAX as usize) as i64)
                     .arg(limits.max_bytes.min(i64::MAX as usize) as i64)
                     .arg(self.others_bytes(shard))
                     .arg(Self::ms(limits.ttl))
-                    .arg(Self::ms(self.grace()))
-                    .arg(push.looked_up_after)
-                    .arg(dialog_overhead);
-                for (incoming, id) in push.messages.iter().zip(&ids) {
+                    .arg(Self::ms(self.grace()));
+                for (push, ids) in &pushes {
                     invocation
-                        .arg(incoming.customer_id.as_str())
-                        .arg(id.as_bytes().as_slice())
-                        .arg(incoming.language.as_str())
-                        .arg(incoming.client_id.as_ref().map_or("", |id| id.as_str()))
-                        .arg(incoming.text.as_str());
+                        .arg(push.dialog_id.as_str())
+                        .arg(if open { "1" } else { "0" })
+                        .arg(push.looked_up_after)
+                        .arg(DIALOG_OVERHEAD + push.dialog_id.as_str().len() * 6)
+                        .arg(push.messages.len());
+                    for (incoming, id) in push.messages.iter().zip(ids) {
+                        invocation
+                            .arg(incoming.customer_id.as_str())
+                            .arg(id.as_bytes().as_slice())
+                            .arg(incoming.language.as_str())
+                            .arg(incoming.client_id.as_ref().map_or("", |id| id.as_str()))
+                            .arg(incoming.text.as_str());
+                    }
                 }
             })
             .await;
@@ -826,38 +867,48 @@ impl Shared {
                      consent decisions have drained it"
                         .to_owned(),
                 );
-                return Ok(PushOutcome {
-                    pushed: push.messages.iter().map(|_| Err(full.clone())).collect(),
-                    handed_back: Vec::new(),
-                    checked_at: 0,
-                });
+                return Ok(pushes
+                    .iter()
+                    .map(|(push, _)| PushOutcome {
+                        pushed: push.messages.iter().map(|_| Err(full.clone())).collect(),
+                        ..PushOutcome::default()
+                    })
+                    .collect());
             }
             Err(error) => return Err(unavailable("push", error)),
         };
-        // {0, now}, or {1, now, shard bytes, code, seq, code, seq, ...}: integers all.
+        // {now, shard bytes, then per dialog 0, or 1 and a code and a seq per message}: integers all.
         let answer: Vec<i64> = items(answer).iter().map_while(int).collect();
-        let now = answer.get(1).copied();
-        self.saw(now);
-        if answer.first() != Some(&1) {
-            return Ok(PushOutcome::handed_back(push.messages, now.unwrap_or(0)));
-        }
-        let results = answer.get(3..).unwrap_or_default();
-        if results.len() != push.messages.len() * 2 {
-            return Err(malformed("a push"));
-        }
-        self.shard_bytes[usize::from(shard)].store(answer[2], Ordering::Relaxed);
-        let pushed = push
-            .messages
+        let (now, bytes) = match answer[..] {
+            [now, bytes, ..] => (now, bytes),
+            _ => (0, 0),
+        };
+        self.saw(Some(now));
+        self.shard_bytes[usize::from(shard)].store(bytes, Ordering::Relaxed);
+        let mut rest = answer.get(2..).unwrap_or_default().iter().copied();
+        pushes
             .into_iter()
-            .zip(ids)
-            .zip(results.chunks(2))
-            .map(|((incoming, id), result)| outcome(incoming, id, result[0], result[1], &limits))
-            .collect();
-        Ok(PushOutcome {
-            pushed,
-            handed_back: Vec::new(),
-            checked_at: now.unwrap_or(0),
-        })
+            .map(|(push, ids)| match rest.next() {
+                Some(1) => {
+                    let pushed = push
+                        .messages
+                        .into_iter()
+                        .zip(ids)
+                        .map(|(incoming, id)| match (rest.next(), rest.next()) {
+                            (Some(code), Some(seq)) => outcome(incoming, id, code, seq, &limits),
+                            _ => Err(ApiError::BufferUnavailable(malformed("a push"))),
+                        })
+                        .collect();
+                    Ok(PushOutcome {
+                        pushed,
+                        handed_back: Vec::new(),
+                        checked_at: now,
+                    })
+                }
+                Some(0) => Ok(PushOutcome::handed_back(push.messages, now)),
+                _ => Err(malformed("a push")),
+            })
+            .collect()
     }
 
     /// Closes (or opens) every shard's part of the erasure gate; returns the largest answer: the most
@@ -1056,18 +1107,11 @@ impl Buffer for RedisBuffer {
     }
 
     async fn push_if_buffered(&self, pushes: Vec<DialogPush>) -> BufferResult<Vec<PushOutcome>> {
-        // One script per dialog, all sent at once: the connection pipelines them.
-        join_all(pushes.into_iter().map(|push| self.shared.push(push, false)))
-            .await
-            .into_iter()
-            .collect()
+        self.push(pushes, false).await
     }
 
     async fn open(&self, pushes: Vec<DialogPush>) -> BufferResult<Vec<PushOutcome>> {
-        join_all(pushes.into_iter().map(|push| self.shared.push(push, true)))
-            .await
-            .into_iter()
-            .collect()
+        self.push(pushes, true).await
     }
 
     async fn begin_decision(&self, dialog_id: &DialogId) -> Result<DecisionLease, ApiError> {
