@@ -271,9 +271,39 @@ impl DialogService {
     }
 
     pub async fn push(&self, incoming: IncomingMessage) -> Result<Pushed, ApiError> {
-        self.push_many(vec![incoming])
+        // push_many's bookkeeping of places and groups, without the groups.
+        let push = DialogPush {
+            dialog_id: incoming.dialog_id.clone(),
+            messages: vec![incoming],
+            looked_up_after: 0,
+        };
+        let mut outcome = self
+            .buffer
+            .push_if_buffered(vec![push])
+            .await?
+            .pop()
+            .unwrap_or_default();
+        if let Some(result) = outcome.pushed.pop() {
+            return result.map(|buffered| Pushed::buffered(buffered.message()));
+        }
+        let group = Group {
+            dialog_id: outcome
+                .handed_back
+                .first()
+                .map(|incoming| incoming.dialog_id.clone())
+                .ok_or_else(|| {
+                    ApiError::BufferUnavailable(crate::buffer::BufferError(
+                        "the buffer lost a message".to_owned(),
+                    ))
+                })?,
+            places: vec![0],
+            messages: outcome.handed_back,
+            checked_at: outcome.checked_at,
+        };
+        self.push_slow(group, None)
             .await
             .pop()
+            .map(|(_, result)| result)
             .expect("one result per message")
     }
 
@@ -613,20 +643,41 @@ impl Pushed {
 /// The messages of a request grouped by dialog, each group in the request's order, the groups in the order
 /// of their first message; with each message's place in the request.
 fn group_by_dialog(incomings: Vec<IncomingMessage>) -> Vec<(Vec<usize>, DialogPush)> {
+    /// Past this many dialogs a request's groups are found through a map instead of one by one.
+    const FEW: usize = 16;
     let mut groups: Vec<(Vec<usize>, DialogPush)> = Vec::new();
     let mut by_dialog: HashMap<DialogId, usize> = HashMap::new();
     for (place, incoming) in incomings.into_iter().enumerate() {
-        let group = *by_dialog
-            .entry(incoming.dialog_id.clone())
-            .or_insert_with(|| {
-                let push = DialogPush {
-                    dialog_id: incoming.dialog_id.clone(),
+        let dialog_id = &incoming.dialog_id;
+        // A dialog's messages usually come one after another, and requests name few dialogs.
+        let found = match groups.last() {
+            Some((_, last)) if last.dialog_id == *dialog_id => Some(groups.len() - 1),
+            _ if groups.len() <= FEW => groups
+                .iter()
+                .position(|(_, push)| push.dialog_id == *dialog_id),
+            _ => by_dialog.get(dialog_id).copied(),
+        };
+        let group = found.unwrap_or_else(|| {
+            groups.push((
+                Vec::new(),
+                DialogPush {
+                    dialog_id: dialog_id.clone(),
                     messages: Vec::new(),
                     looked_up_after: 0,
-                };
-                groups.push((Vec::new(), push));
-                groups.len() - 1
-            });
+                },
+            ));
+            if groups.len() == FEW + 1 {
+                by_dialog.extend(
+                    groups
+                        .iter()
+                        .enumerate()
+                        .map(|(index, (_, push))| (push.dialog_id.clone(), index)),
+                );
+            } else if groups.len() > FEW + 1 {
+                by_dialog.insert(dialog_id.clone(), groups.len() - 1);
+            }
+            groups.len() - 1
+        });
         groups[group].0.push(place);
         groups[group].1.messages.push(incoming);
     }
@@ -717,6 +768,52 @@ impl Drop for DialogLock<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{Language, MessageText};
+
+    fn incoming(dialog: &str, text: &str) -> IncomingMessage {
+        IncomingMessage {
+            customer_id: CustomerId::parse("customerId", "c").unwrap(),
+            dialog_id: DialogId::parse("dialogId", dialog).unwrap(),
+            text: MessageText::parse("text", text).unwrap(),
+            language: Language::parse("language", "en").unwrap(),
+            client_id: None,
+        }
+    }
+
+    #[test]
+    fn messages_are_grouped_by_dialog_in_order_however_many_dialogs() {
+        // Below, at and above the number of dialogs past which groups are found through a map.
+        for dialogs in [1, 3, 16, 17, 40] {
+            let incomings = (0..dialogs * 3)
+                .map(|i| incoming(&format!("d{}", i % dialogs), &format!("t{i}")))
+                .collect();
+            let groups = group_by_dialog(incomings);
+            assert_eq!(groups.len(), dialogs, "{dialogs} dialogs");
+            for (g, (places, push)) in groups.iter().enumerate() {
+                assert_eq!(push.dialog_id.as_str(), format!("d{g}"));
+                assert_eq!(*places, [g, g + dialogs, g + 2 * dialogs]);
+                let texts: Vec<&str> = push.messages.iter().map(|m| m.text.as_str()).collect();
+                assert_eq!(
+                    texts,
+                    [
+                        format!("t{g}"),
+                        format!("t{}", g + dialogs),
+                        format!("t{}", g + 2 * dialogs)
+                    ]
+                );
+            }
+        }
+        // Consecutive messages of one dialog, then another, then the first again.
+        let groups = group_by_dialog(vec![
+            incoming("a", "1"),
+            incoming("a", "2"),
+            incoming("b", "3"),
+            incoming("a", "4"),
+        ]);
+        assert_eq!(groups.len(), 2);
+        assert_eq!(groups[0].0, [0, 1, 3]);
+        assert_eq!(groups[1].0, [2]);
+    }
 
     #[tokio::test]
     async fn dialog_locks_are_exclusive_and_cleaned_up() {

@@ -133,14 +133,6 @@ fn dialog_overhead(dialog_id: &DialogId, customer_id: &CustomerId) -> usize {
         + heap_block(4 * std::mem::size_of::<Language>())
 }
 
-/// The answer of [`Dialogs::push_if_buffered`].
-#[derive(Debug)]
-enum BufferPush {
-    Done(Buffered),
-    /// The dialog is not in the buffer; the message is handed back untouched.
-    NotBuffered(IncomingMessage),
-}
-
 /// The buffered dialogs: the synchronous core of [`MemoryBuffer`].
 #[derive(Debug, Default)]
 struct Dialogs {
@@ -161,33 +153,85 @@ impl Dialogs {
 
     /// Appends to a dialog that is buffered and still undecided. Refuses a message whose customer differs
     /// from the dialog's, or whose `messageId` was used for a different message, or that does not fit.
-    fn push_if_buffered(&self, incoming: IncomingMessage) -> Result<BufferPush, ApiError> {
-        match self.dialogs.get_mut(&incoming.dialog_id) {
+    /// A dialog's messages, in order, if it is buffered and takes pushes (one look-up of the dialog for
+    /// all of them); otherwise all are handed back.
+    fn push_group_if_buffered(&self, push: DialogPush) -> PushOutcome {
+        match self.dialogs.get_mut(&push.dialog_id) {
             Some(mut entry) if !entry.sealed => {
                 let (dialog_id, pending) = entry.pair_mut();
-                self.append(dialog_id, pending, incoming)
-                    .map(BufferPush::Done)
+                PushOutcome {
+                    pushed: push
+                        .messages
+                        .into_iter()
+                        .map(|incoming| self.append(dialog_id, pending, incoming))
+                        .collect(),
+                    ..PushOutcome::default()
+                }
             }
-            _ => Ok(BufferPush::NotBuffered(incoming)),
+            _ => PushOutcome::handed_back(push.messages, 0),
         }
     }
 
-    /// Appends, starting the dialog's buffer if it has none. Only for dialogs without a decision.
-    fn push(&self, incoming: IncomingMessage) -> Result<Buffered, ApiError> {
+    /// A dialog's messages, in order, opening the dialog if it is not buffered; handed back if a decision
+    /// sealed it. A new dialog whose every message was refused leaves nothing behind.
+    fn open_group(&self, push: DialogPush) -> PushOutcome {
+        let Some(customer_id) = push.messages.first().map(|first| first.customer_id.clone()) else {
+            return PushOutcome::default();
+        };
         let mut entry = self
             .dialogs
-            .entry(incoming.dialog_id.clone())
-            .or_insert_with(|| PendingDialog::new(incoming.customer_id.clone()));
+            .entry(push.dialog_id)
+            .or_insert_with(|| PendingDialog::new(customer_id));
+        if entry.sealed {
+            return PushOutcome::handed_back(push.messages, 0);
+        }
         let (dialog_id, pending) = entry.pair_mut();
-        let result = self.append(dialog_id, pending, incoming);
+        let pushed = push
+            .messages
+            .into_iter()
+            .map(|incoming| {
+                if pending.messages.is_empty() {
+                    // A new dialog belongs to the customer of its first accepted message.
+                    pending.customer_id = incoming.customer_id.clone();
+                }
+                self.append(dialog_id, pending, incoming)
+            })
+            .collect();
         if entry.messages.is_empty() {
-            // A new dialog whose first message was refused leaves nothing behind.
             let dialog_id = entry.key().clone();
             drop(entry);
             self.dialogs
                 .remove_if(&dialog_id, |_, pending| pending.messages.is_empty());
         }
-        result
+        PushOutcome {
+            pushed,
+            ..PushOutcome::default()
+        }
+    }
+
+    /// One message, opening its dialog if need be (for tests).
+    #[cfg(test)]
+    fn push(&self, incoming: IncomingMessage) -> Result<Buffered, ApiError> {
+        let dialog_id = incoming.dialog_id.clone();
+        let mut outcome = self.open_group(DialogPush {
+            dialog_id,
+            messages: vec![incoming],
+            looked_up_after: 0,
+        });
+        outcome.pushed.pop().expect("one result")
+    }
+
+    /// One message if its dialog is buffered and takes pushes; `None` if it was handed back (for tests).
+    #[cfg(test)]
+    fn push_if_buffered(&self, incoming: IncomingMessage) -> Option<Result<Buffered, ApiError>> {
+        let dialog_id = incoming.dialog_id.clone();
+        self.push_group_if_buffered(DialogPush {
+            dialog_id,
+            messages: vec![incoming],
+            looked_up_after: 0,
+        })
+        .pushed
+        .pop()
     }
 
     fn append(
@@ -403,13 +447,6 @@ impl Dialogs {
     fn is_empty(&self) -> bool {
         self.dialogs.is_empty()
     }
-
-    /// Whether the dialog has an entry that a decision has sealed.
-    fn is_sealed(&self, dialog_id: &DialogId) -> bool {
-        self.dialogs
-            .get(dialog_id)
-            .is_some_and(|entry| entry.sealed)
-    }
 }
 
 /// The in-process buffer. Decisions of one dialog are kept apart by the service's own per-dialog lock;
@@ -459,43 +496,14 @@ impl Buffer for MemoryBuffer {
     async fn push_if_buffered(&self, pushes: Vec<DialogPush>) -> BufferResult<Vec<PushOutcome>> {
         Ok(pushes
             .into_iter()
-            .map(|push| {
-                let mut outcome = PushOutcome::default();
-                let mut messages = push.messages.into_iter();
-                while let Some(incoming) = messages.next() {
-                    match self.dialogs.push_if_buffered(incoming) {
-                        Ok(BufferPush::Done(buffered)) => outcome.pushed.push(Ok(buffered)),
-                        Err(error) => outcome.pushed.push(Err(error)),
-                        // Not buffered, or sealed by a decision meanwhile: this one and the rest go back.
-                        Ok(BufferPush::NotBuffered(incoming)) => {
-                            outcome.handed_back.push(incoming);
-                            outcome.handed_back.extend(messages);
-                            break;
-                        }
-                    }
-                }
-                outcome
-            })
+            .map(|push| self.dialogs.push_group_if_buffered(push))
             .collect())
     }
 
     async fn open(&self, pushes: Vec<DialogPush>) -> BufferResult<Vec<PushOutcome>> {
         Ok(pushes
             .into_iter()
-            .map(|push| {
-                if self.dialogs.is_sealed(&push.dialog_id) {
-                    return PushOutcome::handed_back(push.messages, 0);
-                }
-                PushOutcome {
-                    pushed: push
-                        .messages
-                        .into_iter()
-                        .map(|incoming| self.dialogs.push(incoming))
-                        .collect(),
-                    handed_back: Vec::new(),
-                    checked_at: 0,
-                }
-            })
+            .map(|push| self.dialogs.open_group(push))
             .collect())
     }
 
@@ -619,16 +627,12 @@ mod tests {
     #[test]
     fn push_if_buffered_hands_back_messages_of_unknown_dialogs() {
         let buffer = Dialogs::new(BufferLimits::default());
-        let pushed = buffer
-            .push_if_buffered(incoming("d", "c", "hi", None))
-            .unwrap();
-        assert!(matches!(pushed, BufferPush::NotBuffered(_)));
+        let pushed = buffer.push_if_buffered(incoming("d", "c", "hi", None));
+        assert!(pushed.is_none(), "handed back");
         assert!(buffer.is_empty());
         buffer.push(incoming("d", "c", "hi", None)).unwrap();
-        let pushed = buffer
-            .push_if_buffered(incoming("d", "c", "again", None))
-            .unwrap();
-        assert!(matches!(pushed, BufferPush::Done(Buffered::Added(_))));
+        let pushed = buffer.push_if_buffered(incoming("d", "c", "again", None));
+        assert!(matches!(pushed, Some(Ok(Buffered::Added(_)))));
         assert_eq!((buffer.stats().dialogs, buffer.stats().messages), (1, 2));
     }
 
@@ -666,10 +670,8 @@ mod tests {
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].text.as_str(), "late");
         // Sealed: pushes (a retry of a stored messageId too) must go to the store from now on.
-        let pushed = buffer
-            .push_if_buffered(incoming("d", "c", "a", Some("a")))
-            .unwrap();
-        assert!(matches!(pushed, BufferPush::NotBuffered(_)));
+        let pushed = buffer.push_if_buffered(incoming("d", "c", "a", Some("a")));
+        assert!(pushed.is_none(), "handed back");
         assert_eq!(buffer.snapshot(&dialog("d")).unwrap().messages, left);
         assert!(
             buffer
@@ -685,6 +687,89 @@ mod tests {
             max_bytes,
             ..BufferLimits::default()
         })
+    }
+
+    fn group(id: &str, messages: Vec<IncomingMessage>) -> DialogPush {
+        DialogPush {
+            dialog_id: dialog(id),
+            messages,
+            looked_up_after: 0,
+        }
+    }
+
+    #[test]
+    fn groups_are_pushed_in_order_with_one_result_each() {
+        let buffer = limited(3, usize::MAX);
+        let opened = buffer.open_group(group(
+            "d",
+            vec![
+                incoming("d", "c", "a", Some("a")),
+                incoming("d", "c", "b", None),
+                incoming("d", "c", "a", Some("a")),
+                incoming("d", "x", "from someone else", None),
+                incoming("d", "c", "c", None),
+                incoming("d", "c", "one too many", None),
+            ],
+        ));
+        let codes: Vec<&str> = opened
+            .pushed
+            .iter()
+            .map(|result| match result {
+                Ok(Buffered::Added(_)) => "added",
+                Ok(Buffered::AlreadyThere(_)) => "again",
+                Err(error) => error.code(),
+            })
+            .collect();
+        assert_eq!(
+            codes,
+            [
+                "added",
+                "added",
+                "again",
+                "CUSTOMER_MISMATCH",
+                "added",
+                "BUFFER_FULL"
+            ]
+        );
+        let texts: Vec<String> = buffer
+            .snapshot(&dialog("d"))
+            .unwrap()
+            .messages
+            .iter()
+            .map(|m| m.text.as_str().to_owned())
+            .collect();
+        assert_eq!(texts, ["a", "b", "c"]);
+        // Not buffered: everything is handed back, untouched.
+        let missed =
+            buffer.push_group_if_buffered(group("other", vec![incoming("other", "c", "x", None)]));
+        assert!(missed.pushed.is_empty());
+        assert_eq!(missed.handed_back.len(), 1);
+    }
+
+    #[test]
+    fn a_new_dialog_whose_every_message_is_refused_leaves_nothing_behind() {
+        let buffer = limited(usize::MAX, 2_000);
+        let big = "x".repeat(5_000);
+        let refused = buffer.open_group(group("d", vec![incoming("d", "c1", &big, None)]));
+        assert_eq!(
+            refused.pushed[0].as_ref().unwrap_err().code(),
+            "BUFFER_FULL"
+        );
+        assert!(buffer.is_empty());
+        assert_eq!(buffer.stats(), BufferStats::default());
+        // A new dialog belongs to the customer of its first accepted message.
+        let opened = buffer.open_group(group(
+            "d",
+            vec![
+                incoming("d", "c1", &big, None),
+                incoming("d", "c2", "small", None),
+            ],
+        ));
+        assert!(opened.pushed[0].is_err() && opened.pushed[1].is_ok());
+        assert_eq!(
+            buffer.snapshot(&dialog("d")).unwrap().customer_id.as_str(),
+            "c2"
+        );
     }
 
     #[test]
