@@ -368,9 +368,20 @@ impl RedisBuffer {
             Kind::Standalone | Kind::Sentinel => 1,
         };
         let mut probe = connection.clone();
-        let notes = tokio::time::timeout(options.timeout, server_notes(&mut probe))
+        let version = tokio::time::timeout(options.timeout, server_version(&mut probe))
+            .await
+            .map_err(|_| BufferError("Redis did not say its version in time".to_owned()))??;
+        // Script flags (all-or-nothing under maxmemory) and PEXPIRETIME came with Redis 7.0.
+        if version.0 < 7 {
+            return Err(BufferError(format!(
+                "Redis {}.{} is too old: DataAPI's scripts need Redis 7.0 or later",
+                version.0, version.1
+            )));
+        }
+        let mut notes = tokio::time::timeout(options.timeout, server_notes(&mut probe))
             .await
             .unwrap_or_default();
+        notes.insert(0, format!("version {}.{}", version.0, version.1));
         let description = format!(
             "{} at {} ({})",
             match kind {
@@ -551,6 +562,24 @@ fn addresses(urls: &[String]) -> String {
         .map(|info| info.addr().to_string())
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// The server's major and minor version (`INFO server`).
+async fn server_version(connection: &mut Connection) -> BufferResult<(u32, u32)> {
+    let info: String = ::redis::cmd("INFO")
+        .arg("server")
+        .query_async(connection)
+        .await
+        .map_err(|error| unavailable("Redis refused INFO", error))?;
+    parse_version(&info).ok_or_else(|| malformed("INFO server"))
+}
+
+fn parse_version(info: &str) -> Option<(u32, u32)> {
+    let version = info
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("redis_version:"))?;
+    let mut parts = version.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 /// What the server says of its durability and eviction, for the startup log. Managed Redis services often
@@ -1343,6 +1372,17 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_server_version_is_read_from_info() {
+        assert_eq!(
+            parse_version("# Server\r\nredis_version:7.0.15\r\nredis_git_sha1:0\r\n"),
+            Some((7, 0))
+        );
+        assert_eq!(parse_version("redis_version:6.2.6"), Some((6, 2)));
+        assert_eq!(parse_version("redis_version:x"), None);
+        assert_eq!(parse_version(""), None);
+    }
 
     #[test]
     fn shards_never_move() {
