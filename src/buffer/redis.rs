@@ -564,13 +564,26 @@ fn addresses(urls: &[String]) -> String {
         .join(",")
 }
 
+/// A reply as one node gave it: a Cluster connection sends `INFO` and `CONFIG` to every primary and answers
+/// with a map of node to reply; any node's will do.
+fn one_node(reply: Value) -> Value {
+    match reply {
+        Value::Map(mut nodes) if !nodes.is_empty() => nodes.swap_remove(0).1,
+        reply => reply,
+    }
+}
+
 /// The server's major and minor version (`INFO server`).
 async fn server_version(connection: &mut Connection) -> BufferResult<(u32, u32)> {
-    let info: String = ::redis::cmd("INFO")
+    let reply: Value = ::redis::cmd("INFO")
         .arg("server")
         .query_async(connection)
         .await
         .map_err(|error| unavailable("Redis refused INFO", error))?;
+    let info = match one_node(reply) {
+        Value::VerbatimString { text, .. } => text,
+        reply => text(&reply).unwrap_or_default(),
+    };
     parse_version(&info).ok_or_else(|| malformed("INFO server"))
 }
 
@@ -589,13 +602,17 @@ async fn server_notes(connection: &mut Connection) -> Vec<String> {
     let config = |name: &'static str| {
         let mut connection = connection.clone();
         async move {
-            let pair: Vec<String> = ::redis::cmd("CONFIG")
+            let reply: Value = ::redis::cmd("CONFIG")
                 .arg("GET")
                 .arg(name)
                 .query_async(&mut connection)
                 .await
                 .ok()?;
-            pair.get(1).cloned()
+            match one_node(reply) {
+                Value::Array(pair) => pair.get(1).and_then(text),
+                Value::Map(pairs) => pairs.first().and_then(|(_, value)| text(value)),
+                _ => None,
+            }
         }
     };
     match (
