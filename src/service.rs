@@ -155,14 +155,13 @@ impl DialogService {
         let mut undecided = Vec::new();
         for dialog_id in due.expired {
             match decided.as_ref().and_then(|decided| decided.get(&dialog_id)) {
-                Some(&value) => self.recover(dialog_id, Some(value)).await,
+                Some(_) => self.recover(dialog_id).await,
                 None => undecided.push(dialog_id),
             }
         }
-        if let Some(decided) = &decided {
+        if decided.is_some() {
             for dialog_id in due.abandoned {
-                let value = decided.get(&dialog_id).copied();
-                self.recover(dialog_id, value).await;
+                self.recover(dialog_id).await;
             }
         }
         let dropped = match self.buffer.expire(&undecided).await {
@@ -186,20 +185,38 @@ impl DialogService {
         dropped
     }
 
-    /// Finishes what the store says was decided for a dialog still in the buffer: `true` stores what is
-    /// buffered, `false` drops it; no decision at all only releases a decision that was never written.
-    async fn recover(&self, dialog_id: DialogId, value: Option<bool>) {
-        let outcome = match value {
-            Some(value) => self
-                .decide_locked(dialog_id.clone(), value, Origin::Recovery)
-                .await
-                .map(|outcome| (outcome.stored, outcome.discarded)),
-            None => self.release_abandoned(&dialog_id).await.map(|()| (0, 0)),
+    /// Finishes what the store says was decided for a dialog still in the buffer, read under the dialog's
+    /// lease (so that no decision can change it meanwhile): `true` stores what is buffered, `false` drops
+    /// it. No decision at all: one was never written, and the dialog goes back to waiting for one; or, if a
+    /// decision `true` had sealed it, the decision was erased since, and so are its last messages.
+    async fn recover(&self, dialog_id: DialogId) {
+        let outcome = async {
+            let _lock = self.locks.lock(&dialog_id).await;
+            let _written = CountOnDrop(&self.decisions_written);
+            let mut lease = self.buffer.begin_decision(&dialog_id).await?;
+            let outcome = match self.store.consent(&dialog_id).await {
+                Ok(Some(record)) => self
+                    .decide_leased(&mut lease, record.value, Origin::Recovery)
+                    .await
+                    .map(|outcome| (Some(record.value), outcome.stored, outcome.discarded)),
+                Ok(None) if lease.buffered.as_ref().is_some_and(|b| b.sealed) => self
+                    .buffer
+                    .discard(&lease)
+                    .await
+                    .map(|discarded| (None, 0, discarded as u64))
+                    .map_err(ApiError::from),
+                Ok(None) => Ok((None, 0, 0)),
+                Err(error) => Err(error.into()),
+            };
+            self.buffer
+                .end_decision(lease, settled(&outcome.as_ref().map(drop)))
+                .await;
+            outcome
         };
-        match outcome {
-            Ok((stored, discarded)) => tracing::info!(
+        match outcome.await {
+            Ok((decision, stored, discarded)) => tracing::info!(
                 dialog = %dialog_id,
-                decision = ?value,
+                ?decision,
                 stored,
                 discarded,
                 "finished a decision left half-done in the buffer"
@@ -210,14 +227,6 @@ impl DialogService {
                 "could not finish a decision left half-done; the next sweep tries again"
             ),
         }
-    }
-
-    /// A decision that was begun and never written: the dialog goes back to waiting for one.
-    async fn release_abandoned(&self, dialog_id: &DialogId) -> Result<(), ApiError> {
-        let _lock = self.locks.lock(dialog_id).await;
-        let lease = self.buffer.begin_decision(dialog_id).await?;
-        self.buffer.end_decision(lease, true).await;
-        Ok(())
     }
 
     /// Runs [`sweep`](Self::sweep) every `period` until the task is aborted.
@@ -513,9 +522,9 @@ impl DialogService {
         // leaves the dialog alone.
         let mut lease = self.buffer.begin_decision(&dialog_id).await?;
         let outcome = self.decide_leased(&mut lease, value, origin).await;
-        // A store that did not answer in time may still have written the decision.
-        let settled = !matches!(outcome, Err(ApiError::StoreUnavailable(_)));
-        self.buffer.end_decision(lease, settled).await;
+        self.buffer
+            .end_decision(lease, settled(&outcome.as_ref().map(drop)))
+            .await;
         outcome
     }
 
@@ -554,6 +563,7 @@ impl DialogService {
 
         // On failure the messages stay buffered: a retry writes them, and the store skips those that an
         // earlier, partly acknowledged attempt did write.
+        let in_buffer = buffered.is_some();
         let mut pending = buffered
             .map(|buffered| buffered.messages)
             .unwrap_or_default();
@@ -563,10 +573,12 @@ impl DialogService {
             let written = self.store.record_decision(&decision, pending).await?;
             stored += written.inserted;
             // Messages pushed while the write ran are still buffered; sealing the dialog sends later pushes
-            // to the store, so at most one more pass writes these and the dialog leaves the buffer.
-            let more = match last_seq {
-                Some(seq) => self.buffer.seal_and_remove_through(lease, seq).await?,
-                None => Vec::new(),
+            // to the store, so at most one more pass writes these and the dialog leaves the buffer. (A
+            // dialog in the buffer with no messages left, which Redis expired by itself, leaves it too.)
+            let more = match (last_seq, in_buffer) {
+                (Some(seq), _) => self.buffer.seal_and_remove_through(lease, seq).await?,
+                (None, true) => self.buffer.seal_and_remove_through(lease, 0).await?,
+                (None, false) => Vec::new(),
             };
             if more.is_empty() {
                 if origin == Origin::Recovery && stored > 0 {
@@ -638,6 +650,13 @@ impl Pushed {
             fate: MessageFate::Buffered,
         }
     }
+}
+
+/// Whether a decision's outcome is known: it was written, or there was nothing to decide. Any other error
+/// may have come after the store wrote the decision (a timeout, the buffer failing while it was cleaned
+/// up): the sweeper then asks the store soon.
+fn settled(outcome: &Result<(), &ApiError>) -> bool {
+    matches!(outcome, Ok(()) | Err(ApiError::DialogNotFound(_)))
 }
 
 /// The messages of a request grouped by dialog, each group in the request's order, the groups in the order

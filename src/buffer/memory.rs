@@ -347,6 +347,7 @@ impl Dialogs {
         self.dialogs.get(dialog_id).map(|entry| BufferedDialog {
             customer_id: entry.customer_id.clone(),
             messages: entry.expand_all(dialog_id),
+            sealed: entry.sealed,
         })
     }
 

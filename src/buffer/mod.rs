@@ -96,6 +96,8 @@ pub struct BufferedDialog {
     pub customer_id: CustomerId,
     /// Oldest first.
     pub messages: Vec<Message>,
+    /// A decision `true` was written and the dialog takes no more pushes; these are its last messages.
+    pub sealed: bool,
 }
 
 /// The buffer's bounds.

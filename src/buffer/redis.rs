@@ -200,14 +200,24 @@ struct SentinelConnection {
 }
 
 impl SentinelConnection {
-    async fn connect(url: SentinelUrl, config: ConnectionManagerConfig) -> BufferResult<Self> {
+    async fn connect(
+        url: SentinelUrl,
+        config: ConnectionManagerConfig,
+        tcp: ::redis::io::tcp::TcpSettings,
+    ) -> BufferResult<Self> {
         let mut node = ::redis::sentinel::SentinelNodeConnectionInfo::default()
-            .set_redis_connection_info(url.node);
+            .set_redis_connection_info(url.node)
+            .set_tcp_settings(tcp.clone());
         if url.tls {
             node = node.set_tls_mode(::redis::TlsMode::Secure);
         }
+        let sentinels: Vec<_> = url
+            .sentinels
+            .into_iter()
+            .map(|info| info.set_tcp_settings(tcp.clone()))
+            .collect();
         let mut sentinel = ::redis::sentinel::SentinelClient::build(
-            url.sentinels,
+            sentinels,
             url.primary_name,
             Some(node),
             ::redis::sentinel::SentinelServerType::Master,
@@ -251,8 +261,16 @@ impl SentinelConnection {
         let moved = error.is_io_error()
             || error.is_connection_dropped()
             || error.is_connection_refusal()
+            || error.is_timeout()
             || error.kind() == ErrorKind::Server(::redis::ServerErrorKind::ReadOnly);
-        if !moved || self.searching.swap(true, Ordering::AcqRel) {
+        if moved {
+            self.search();
+        }
+    }
+
+    /// Asks the sentinels for the primary, in the background, unless that is under way.
+    fn search(self: &Arc<Self>) {
+        if self.searching.swap(true, Ordering::AcqRel) {
             return;
         }
         let this = self.clone();
@@ -430,11 +448,26 @@ impl RedisBuffer {
         let calls = by_shard
             .into_iter()
             .map(|(shard, (places, pushes))| async move {
-                (places, self.shared.push_shard(shard, pushes, open).await)
+                // Each shard's call stands alone: when one fails, only its messages fail.
+                let sizes: Vec<usize> =
+                    pushes.iter().map(|(push, _)| push.messages.len()).collect();
+                let outcomes = match self.shared.push_shard(shard, pushes, open).await {
+                    Ok(outcomes) => outcomes,
+                    Err(error) => sizes
+                        .into_iter()
+                        .map(|size| PushOutcome {
+                            pushed: (0..size)
+                                .map(|_| Err(ApiError::BufferUnavailable(error.clone())))
+                                .collect(),
+                            ..PushOutcome::default()
+                        })
+                        .collect(),
+                };
+                (places, outcomes)
             });
         let mut outcomes: Vec<Option<PushOutcome>> = (0..count).map(|_| None).collect();
         for (places, answers) in join_all(calls).await {
-            for (place, outcome) in places.into_iter().zip(answers?) {
+            for (place, outcome) in places.into_iter().zip(answers) {
                 outcomes[place] = Some(outcome);
             }
         }
@@ -478,7 +511,7 @@ async fn open(options: &RedisOptions) -> BufferResult<(Connection, Kind)> {
     {
         let url = SentinelUrl::parse(url)
             .ok_or_else(|| BufferError("BUFFER_URL: not a Sentinel URL".to_owned()))?;
-        let sentinel = SentinelConnection::connect(url, manager_config).await?;
+        let sentinel = SentinelConnection::connect(url, manager_config, tcp).await?;
         return Ok((Connection::Sentinel(Arc::new(sentinel)), Kind::Sentinel));
     }
     let infos = options
@@ -516,7 +549,9 @@ async fn open(options: &RedisOptions) -> BufferResult<(Connection, Kind)> {
             .tcp_settings(tcp)
             .connection_timeout(options.timeout)
             .response_timeout(options.timeout)
-            .retries(2)
+            // A call is never sent twice by the client library: a push without messageId would be
+            // recorded twice. The caller's retry (BUFFER_UNAVAILABLE) is the one to make.
+            .retries(0)
             .build()
             .map_err(|error| BufferError::new("BUFFER_URL", error))?;
         let connection = cluster
@@ -654,10 +689,17 @@ fn unavailable(context: &str, error: ::redis::RedisError) -> BufferError {
     BufferError::new(context, error)
 }
 
+/// A decision that held its dialog's lease too long: another took it over, and this one must not touch
+/// the dialog (its store write is done; the other decision finishes the buffer's side).
+fn lost_lease(dialog_id: &DialogId) -> BufferError {
+    BufferError(format!(
+        "the decision of dialog `{dialog_id}` outlived its lease; another replica took the dialog over"
+    ))
+}
+
 /// Whether Redis refused a script because it is over `maxmemory`.
 fn is_out_of_memory(error: &::redis::RedisError) -> bool {
-    error.kind() == ErrorKind::Server(::redis::ServerErrorKind::ReadOnly)
-        || error.code() == Some("OOM")
+    error.code() == Some("OOM")
 }
 
 fn int(value: &Value) -> Option<i64> {
@@ -847,10 +889,16 @@ impl Shared {
     ) -> Result<T, ::redis::RedisError> {
         match tokio::time::timeout(self.options.timeout, call).await {
             Ok(result) => result,
-            Err(_) => Err(::redis::RedisError::from((
-                ErrorKind::Io,
-                "no answer within BUFFER_TIMEOUT",
-            ))),
+            Err(_) => {
+                // A primary that vanished without closing its sockets answers nothing at all.
+                if let Connection::Sentinel(sentinel) = &self.connection {
+                    sentinel.search();
+                }
+                Err(::redis::RedisError::from((
+                    ErrorKind::Io,
+                    "no answer within BUFFER_TIMEOUT",
+                )))
+            }
         }
     }
 
@@ -906,7 +954,16 @@ impl Shared {
             .await;
         let answer = match answer {
             Ok(answer) => answer,
-            // Over Redis's maxmemory: the script was refused whole, nothing was written.
+            // Over Redis's maxmemory the script was refused whole, nothing was written. Messages that only
+            // check whether their dialog is buffered go back to the caller, who sends those of decided
+            // dialogs to the store (they need no room here); opening a dialog is what a full buffer refuses.
+            Err(error) if is_out_of_memory(&error) && !open => {
+                let seen = self.seen.load(Ordering::Acquire);
+                return Ok(pushes
+                    .into_iter()
+                    .map(|(push, _)| PushOutcome::handed_back(push.messages, seen))
+                    .collect());
+            }
             Err(error) if is_out_of_memory(&error) => {
                 let full = ApiError::BufferFull(
                     "the buffer of undecided messages is full (Redis is at its maxmemory): retry later, once \
@@ -984,7 +1041,10 @@ impl Shared {
     where
         Step: Future<Output = BufferResult<Option<T>>>,
     {
-        let deadline = Instant::now() + self.options.lease;
+        // Long enough for any decision that is alive to end; a dead holder's lease may take longer to run
+        // out, and the caller's retry gets through then.
+        let bound = self.options.lease.min(Duration::from_secs(10));
+        let deadline = Instant::now() + bound;
         let mut pause = Duration::from_millis(2);
         loop {
             if let Some(done) = step().await? {
@@ -992,11 +1052,12 @@ impl Shared {
             }
             if Instant::now() + pause > deadline {
                 return Err(ApiError::BufferUnavailable(BufferError(format!(
-                    "waited {:?} for {what}",
-                    self.options.lease
+                    "waited {bound:?} for {what}"
                 ))));
             }
-            tokio::time::sleep(pause).await;
+            // A little jitter, so that two waiters that collided do not keep colliding.
+            let jitter = Duration::from_micros(u64::from(uuid::Uuid::now_v7().as_bytes()[15]) * 8);
+            tokio::time::sleep(pause + jitter).await;
             pause = (pause * 2).min(Duration::from_millis(100));
         }
     }
@@ -1187,9 +1248,11 @@ impl Buffer for RedisBuffer {
                 let customer_id = CustomerId::from_trusted(customer);
                 let messages =
                     decode_messages(dialog_id, &customer_id, answer.next().unwrap_or(Value::Nil))?;
+                let sealed = answer.next().as_ref().and_then(int) == Some(1);
                 Some(BufferedDialog {
                     customer_id,
                     messages,
+                    sealed,
                 })
             }
             None => None,
@@ -1229,6 +1292,9 @@ impl Buffer for RedisBuffer {
         let mut answer = items(left).into_iter();
         shared.remember_usage(shard, answer.next().as_ref());
         let left = answer.next().unwrap_or(Value::Nil);
+        if answer.next().as_ref().and_then(int) != Some(1) {
+            return Err(lost_lease(&lease.dialog_id));
+        }
         let left = match &holder.customer_id {
             Some(customer_id) => decode_messages(&lease.dialog_id, customer_id, left)?,
             None => Vec::new(),
@@ -1252,9 +1318,12 @@ impl Buffer for RedisBuffer {
             })
             .await
             .map_err(|error| unavailable("discarding a dialog", error))?;
-        holder.released.store(true, Ordering::Release);
         let answer = items(answer);
         shared.remember_usage(shard, answer.get(1));
+        if answer.get(2).and_then(int) != Some(1) {
+            return Err(lost_lease(&lease.dialog_id));
+        }
+        holder.released.store(true, Ordering::Release);
         Ok(answer.first().and_then(int).unwrap_or(0).max(0) as usize)
     }
 
@@ -1279,7 +1348,16 @@ impl Buffer for RedisBuffer {
         };
         shared
             .wait_for("the decisions in progress to end", || async {
-                Ok((shared.erasure_gate("close", &token).await? == 0).then_some(()))
+                match shared.erasure_gate("close", &token).await? {
+                    0 => Ok(Some(())),
+                    // Another erasure holds some shards: give this one's back, so that one of them gets
+                    // them all, and try again.
+                    held if held < 0 => {
+                        shared.erasure_gate("open", &token).await?;
+                        Ok(None)
+                    }
+                    _ => Ok(None),
+                }
             })
             .await?;
         Ok(Gate(Box::new(holder)))

@@ -274,6 +274,8 @@ pub struct InstrumentedBuffer {
     /// When set, the next seal (consent `true` is in the store, the buffer not yet cleaned) notifies and
     /// never returns: the replica holds its lease and does nothing more.
     freeze_seal: std::sync::Mutex<Option<std::sync::Arc<tokio::sync::Notify>>>,
+    /// When set, the next seal fails as if Redis had not answered (the store has the decision).
+    fail_seal: std::sync::atomic::AtomicBool,
 }
 
 impl InstrumentedBuffer {
@@ -281,7 +283,14 @@ impl InstrumentedBuffer {
         Self {
             inner,
             freeze_seal: std::sync::Mutex::default(),
+            fail_seal: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The next decision's clean-up of the buffer fails, after its store write.
+    pub fn fail_next_seal(&self) {
+        self.fail_seal
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The next decision stops for good after writing to the store; `stopped` is notified then.
@@ -337,6 +346,14 @@ mod delegate {
             if let Some(stopped) = freeze {
                 stopped.notify_one();
                 std::future::pending::<()>().await;
+            }
+            if self
+                .fail_seal
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(dataapi::buffer::BufferError(
+                    "injected: no answer from Redis".to_owned(),
+                ));
             }
             self.inner.seal_and_remove_through(lease, seq).await
         }

@@ -518,6 +518,77 @@ async fn a_consent_written_without_an_answer_in_time_is_finished_without_a_retry
     );
 }
 
+async fn a_consent_whose_buffer_clean_up_failed_is_finished_by_the_sweeper(replicas: Vec<TestApp>) {
+    let [a, b] = &replicas[..] else {
+        unreachable!()
+    };
+    a.push("c", "d", "one", "en", None).await;
+    b.push("c", "d", "two", "en", None).await;
+    // The store writes the decision; removing the written messages from Redis then fails.
+    a.buffer_hooks.fail_next_seal();
+    let error = a.consent_error("d", true).await;
+    assert_eq!(code(&error), "BUFFER_UNAVAILABLE");
+    // The dialog is decided, so the sweeper finishes it at once rather than leaving it to age.
+    eventually(
+        Duration::from_secs(30),
+        "the consent was never finished",
+        || async {
+            redis_support::buffered_dialog_keys(&b.buffer)
+                .await
+                .is_empty()
+        },
+    )
+    .await;
+    assert_eq!(stored_texts(b, "d").await, ["one", "two"]);
+    assert_eq!(
+        a.push("c", "d", "three", "en", None).await["status"],
+        "STORED"
+    );
+}
+
+async fn two_erasures_at_once_both_complete(replicas: Vec<TestApp>) {
+    let [a, b, c] = &replicas[..] else {
+        unreachable!()
+    };
+    for (i, customer) in ["x", "y"].iter().enumerate() {
+        for d in 0..3 {
+            c.push(customer, &format!("{customer}{d}"), "hi", "en", None)
+                .await;
+        }
+        replicas[i].consent(&format!("{customer}0"), true).await;
+    }
+    let erase = |app: &TestApp, customer: &str| {
+        let url = app.url("/graphql");
+        let client = app.http_client().clone();
+        let customer = customer.to_owned();
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .json(&json!({
+                    "query": "mutation($c: ID!) { eraseCustomer(customerId: $c) { messageCount bufferedMessageCount } }",
+                    "variables": { "c": customer },
+                }))
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        })
+    };
+    let (x, y) = (erase(a, "x"), erase(b, "y"));
+    for erased in [x.await.unwrap(), y.await.unwrap()] {
+        assert_eq!(
+            erased["data"]["eraseCustomer"],
+            json!({ "messageCount": 1, "bufferedMessageCount": 2 }),
+            "{erased}"
+        );
+    }
+    // And decisions go on afterwards.
+    c.push("x", "x9", "new", "en", None).await;
+    assert_eq!(a.consent("x9", true).await["storedCount"], 1);
+}
+
 async fn the_same_consent_on_two_replicas_at_once_is_written_once(replicas: Vec<TestApp>) {
     let [a, b, c] = &replicas[..] else {
         unreachable!()
@@ -623,6 +694,7 @@ mod redis {
         a_consent_on_one_replica_stores_what_the_others_buffered_even_while_it_writes,
         erasure_on_one_replica_removes_what_every_replica_buffered,
         the_same_consent_on_two_replicas_at_once_is_written_once,
+        two_erasures_at_once_both_complete,
     );
     on_replicas!(3, Redis, tight_budget();
         the_dialog_cap_and_the_budget_count_what_every_replica_buffered,
@@ -634,6 +706,7 @@ mod redis {
         a_replica_that_stops_after_writing_a_consent_is_finished_by_another,
         a_replica_that_stops_before_writing_a_consent_leaves_the_dialog_waiting_for_it,
         a_consent_written_without_an_answer_in_time_is_finished_without_a_retry,
+        a_consent_whose_buffer_clean_up_failed_is_finished_by_the_sweeper,
     );
 }
 
@@ -646,6 +719,7 @@ mod redis_cluster {
         a_consent_on_one_replica_stores_what_the_others_buffered_even_while_it_writes,
         erasure_on_one_replica_removes_what_every_replica_buffered,
         the_same_consent_on_two_replicas_at_once_is_written_once,
+        two_erasures_at_once_both_complete,
     );
     on_replicas!(3, RedisCluster, short_retention();
         undecided_dialogs_expire_once_whichever_replica_sweeps,
@@ -717,5 +791,91 @@ async fn a_redis_outage_fails_pushes_with_buffer_unavailable_loses_nothing_and_h
             ["before the outage", "after"]
         );
     })
+    .await;
+}
+
+/// A Redis at its `maxmemory` (with `noeviction`): opening a dialog is refused with `BUFFER_FULL` and
+/// nothing half-written, while what needs no room goes on: messages of consented dialogs, consents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_at_its_maxmemory_refuses_new_dialogs_but_not_decisions_or_consented_dialogs() {
+    let redis = RedisProcess::start_with(
+        false,
+        &["--maxmemory", "3mb", "--maxmemory-policy", "noeviction"],
+    );
+    let mut config = test_config();
+    config.buffer.backend = BufferBackend::Redis {
+        urls: vec![redis.url()],
+        key_prefix: redis_support::fresh_prefix(),
+    };
+    with_replicas_on(1, config, async |replicas: Vec<TestApp>| {
+        let app = &replicas[0];
+        app.push("c", "consented", "before", "en", None).await;
+        app.consent("consented", true).await;
+        app.push("c", "waiting", "before", "en", None).await;
+        // Fill Redis until it refuses.
+        let text = "x".repeat(9_000);
+        let mut refused = None;
+        for i in 0..2_000 {
+            let (status, body) = push_status(app, &format!("filler-{i}"), &text).await;
+            if status != 200 {
+                refused = Some(body);
+                break;
+            }
+        }
+        let refused = refused.expect("Redis must reach its maxmemory");
+        assert_eq!(code(&refused["errors"][0]), "BUFFER_FULL", "{refused}");
+        // It stays full (Redis's own usage moves a little from call to call, so the very next one may fit).
+        let mut statuses = Vec::new();
+        for i in 0..5 {
+            statuses.push(push_status(app, &format!("more-{i}"), &text).await.0);
+        }
+        assert!(statuses.contains(&503), "{statuses:?}");
+        // A consented dialog's messages go to the store: they need no room in Redis.
+        assert_eq!(
+            app.push("c", "consented", "after", "en", None).await["status"],
+            "STORED"
+        );
+        // Decisions still drain the buffer.
+        assert_eq!(app.consent("waiting", true).await["storedCount"], 1);
+        assert_eq!(app.consent("filler-0", false).await["discardedCount"], 1);
+    })
+    .await;
+}
+
+/// More messages in one request, and in one dialog, than Lua's stack holds values (8000): the scripts
+/// work through them in parts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dialog_of_thousands_of_messages_in_one_request_is_buffered_and_stored() {
+    let mut config = test_config();
+    config.limits.max_push_messages = 10_000;
+    config.limits.max_body_bytes = 16 * 1024 * 1024;
+    config.buffer.max_messages_per_dialog = 20_000;
+    with_replicas(
+        1,
+        BufferKind::Redis,
+        config,
+        async |replicas: Vec<TestApp>| {
+            let app = &replicas[0];
+            let inputs: Vec<Value> = (0..9_000)
+                .map(|i| {
+                    json!({ "customerId": "c", "dialogId": "long", "text": format!("m{i}"),
+                              "language": "en", "messageId": format!("k{i}") })
+                })
+                .collect();
+            let push = "mutation($i: [PushMessageInput!]!) { pushMessages(inputs: $i) { status } }";
+            let first = app.data(push, json!({ "i": inputs })).await;
+            assert_eq!(first["pushMessages"].as_array().unwrap().len(), 9_000);
+            // Again: every one is a retry now (its messageId is known), read back in parts too.
+            let again = app.data(push, json!({ "i": inputs })).await;
+            assert!(
+                again["pushMessages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|pushed| pushed["status"] == "BUFFERED")
+            );
+            assert_eq!(app.consent("long", true).await["storedCount"], 9_000);
+        },
+    )
     .await;
 }

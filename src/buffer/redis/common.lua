@@ -37,6 +37,26 @@ local function add(key, field, delta)
   if delta ~= 0 then redis.call('HINCRBY', key, field, num(delta)) end
 end
 
+-- Runs COMMAND KEY ITEMS... in parts, so that no call unpacks more values than Lua's stack holds (8000);
+-- returns the replies of all parts, in order (for HMGET).
+local function in_parts(command, key, items)
+  local replies = {}
+  for first = 1, #items, 4000 do
+    local reply = redis.call(command, key, unpack(items, first, math.min(first + 3999, #items)))
+    if type(reply) == 'table' then
+      for k = 1, #reply do replies[#replies + 1] = reply[k] end
+    end
+  end
+  return replies
+end
+
+-- Whether the decision lease `token` is still the dialog's, or nobody's (ran out, and nobody took it):
+-- a decision that lost its lease to another must not touch the dialog.
+local function holds(d, token)
+  local holder = redis.call('GET', lock(d))
+  return not holder or holder == token
+end
+
 local function seq_of(value) return tonumber(string.match(value, '^(%d+)')) end
 
 local function cost_of(id, value) return #id + #value + MESSAGE_OVERHEAD end

@@ -6,7 +6,7 @@ for i = 3, #ARGV do
   local d = ARGV[i]
   local started = redis.call('ZSCORE', DUE, d)
   if started and tonumber(started) <= limit and redis.call('EXISTS', lock(d)) == 0
-      and not redis.call('HGET', meta(d), 's') then
+      and not redis.call('ZSCORE', DECIDING, d) and not redis.call('HGET', meta(d), 's') then
     messages = messages + drop_dialog(d)
     dialogs = dialogs + 1
   end

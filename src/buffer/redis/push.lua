@@ -22,9 +22,10 @@ local reply = {now, 0}
 -- One dialog's messages, ARGV[first] to ARGV[first + 5 * count - 1].
 local function push_dialog(d, open, observed, dialog_overhead, first, count)
   local state = redis.call('HMGET', meta(d), 'c', 's', 'q', 'n', 'b', 't')
-  -- Past its retention period and the grace after it, Redis has dropped its messages by itself (no sweeper
-  -- ran in time): the dialog is gone, only its bookkeeping is left.
-  if state[1] and tonumber(state[6]) + ttl + grace <= now_ms then
+  -- Past its retention period and the grace after it, and not being decided, Redis has dropped its
+  -- messages by itself (no sweeper ran in time): the dialog is gone, only its bookkeeping is left.
+  if state[1] and tonumber(state[6]) + ttl + grace <= now_ms and not state[2]
+      and redis.call('EXISTS', lock(d), msgs(d)) == 0 then
     drop_dialog(d)
     state = {false, false, false, false, false, false}
     usage = redis.call('HMGET', USAGE, 'b', 'n')
@@ -54,7 +55,7 @@ local function push_dialog(d, open, observed, dialog_overhead, first, count)
   end
   local existing = {}
   if #keyed > 0 and not creating then
-    local values = redis.call('HMGET', msgs(d), unpack(keyed))
+    local values = in_parts('HMGET', msgs(d), keyed)
     for k = 1, #keyed do
       if values[k] then existing[keyed[k]] = values[k] end
     end
@@ -103,19 +104,16 @@ local function push_dialog(d, open, observed, dialog_overhead, first, count)
     reply[#reply + 1] = seq
   end
   if added == 0 then return end
-  redis.call('HSET', msgs(d), unpack(new))
+  in_parts('HSET', msgs(d), new)
   if creating then
     local started = now_ms
     redis.call('HSET', meta(d), 'c', owner, 't', num(started), 'q', num(last), 'n', count_now, 'b', num(bytes))
     redis.call('ZADD', DUE, num(started), d)
     redis.call('SADD', customer(owner), d)
-    -- If no sweeper drops the dialog in time (no replica running), Redis drops its messages, and the
-    -- customer's set, by itself. The meta stays: it is what the budget counts, for the next sweeper.
-    local ends = started + ttl + grace
-    redis.call('PEXPIREAT', msgs(d), num(ends))
-    if redis.call('PEXPIRETIME', customer(owner)) < ends then
-      redis.call('PEXPIREAT', customer(owner), num(ends))
-    end
+    -- If no sweeper drops the dialog in time (no replica running), Redis drops its messages by itself.
+    -- Its meta and its place in the customer's set stay, for the next sweeper: the budget counts the one,
+    -- an erasure finds the dialog through the other.
+    redis.call('PEXPIREAT', msgs(d), num(started + ttl + grace))
     add(USAGE, 'd', 1)
   else
     redis.call('HSET', meta(d), 'q', num(last), 'n', count_now, 'b', num(bytes))
