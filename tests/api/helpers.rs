@@ -414,6 +414,37 @@ impl TestApp {
         (status, response.json().await.expect("a JSON response"))
     }
 
+    /// Sends one GraphQL operation in the background, for a request a test holds up or races against
+    /// another; the task gives the response body (`Null` if none came).
+    pub fn graphql_in_background(
+        &self,
+        query: &str,
+        variables: Value,
+    ) -> tokio::task::JoinHandle<Value> {
+        let request = self
+            .http
+            .post(self.url("/graphql"))
+            .json(&json!({ "query": query, "variables": variables }));
+        tokio::spawn(async move {
+            match request.send().await {
+                Ok(response) => response.json().await.unwrap_or(Value::Null),
+                Err(_) => Value::Null,
+            }
+        })
+    }
+
+    /// Pushes a message of customer `c` without a key, and returns the HTTP status and the body.
+    pub async fn push_status(&self, dialog: &str, text: &str) -> (u16, Value) {
+        self.post_as(
+            None,
+            &json!({
+                "query": "mutation($d: ID!, $t: String!) { pushMessage(input: {customerId: \"c\", dialogId: $d, text: $t, language: \"en\"}) { status } }",
+                "variables": { "d": dialog, "t": text },
+            }),
+        )
+        .await
+    }
+
     /// Posts an operation that must succeed, and returns its `data`.
     pub async fn data(&self, query: &str, variables: Value) -> Value {
         let response = self.graphql(query, variables).await;
@@ -670,6 +701,15 @@ where
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("a free loopback port")
+        .local_addr()
+        .expect("its address")
+        .port()
 }
 
 /// The `extensions.code` of an error.

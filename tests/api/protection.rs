@@ -255,22 +255,11 @@ pub fn tight_buffer() -> Config {
     config
 }
 
-async fn push_status(app: &TestApp, dialog: &str, text: &str) -> (u16, Value) {
-    app.post_as(
-        None,
-        &json!({
-            "query": "mutation($d: ID!, $t: String!) { pushMessage(input: {customerId: \"c\", dialogId: $d, text: $t, language: \"en\"}) { status } }",
-            "variables": { "d": dialog, "t": text },
-        }),
-    )
-    .await
-}
-
 pub async fn a_full_buffer_refuses_with_buffer_full_and_loses_nothing_accepted(app: TestApp) {
     for i in 0..5 {
-        assert_eq!(push_status(&app, "long", &format!("m{i}")).await.0, 200);
+        assert_eq!(app.push_status("long", &format!("m{i}")).await.0, 200);
     }
-    let (status, response) = push_status(&app, "long", "one too many").await;
+    let (status, response) = app.push_status("long", "one too many").await;
     assert_eq!(status, 503, "{response}");
     assert_eq!(code(&response["errors"][0]), "BUFFER_FULL");
     assert!(
@@ -290,7 +279,7 @@ pub async fn a_full_buffer_refuses_with_buffer_full_and_loses_nothing_accepted(a
     let mut refused = None;
     for i in 0..200 {
         let dialog = format!("fill-{i}");
-        let (status, response) = push_status(&app, &dialog, "some text to take room").await;
+        let (status, response) = app.push_status(&dialog, "some text to take room").await;
         if status == 200 {
             accepted.push(dialog);
         } else {
@@ -313,7 +302,7 @@ pub async fn a_full_buffer_refuses_with_buffer_full_and_loses_nothing_accepted(a
     );
     // A decision frees room; nothing accepted was dropped meanwhile.
     app.consent(&accepted[0], false).await;
-    assert_eq!(push_status(&app, &refused, "now it fits").await.0, 200);
+    assert_eq!(app.push_status(&refused, "now it fits").await.0, 200);
     for dialog in &accepted[1..] {
         assert_eq!(app.consent(dialog, true).await["storedCount"], 1);
     }
@@ -556,7 +545,7 @@ async fn a_slow_store_fails_fast_with_store_unavailable() {
     run_with(Backend::Sqlite, config, async |app: TestApp| {
         app.store.set_delay(Duration::from_secs(30));
         let started = Instant::now();
-        let (status, response) = push_status(&app, "slow", "hello").await;
+        let (status, response) = app.push_status("slow", "hello").await;
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "{:?}",
@@ -565,7 +554,7 @@ async fn a_slow_store_fails_fast_with_store_unavailable() {
         assert_eq!(status, 503, "{response}");
         assert_eq!(code(&response["errors"][0]), "STORE_UNAVAILABLE");
         app.store.set_delay(Duration::ZERO);
-        assert_eq!(push_status(&app, "slow", "hello").await.0, 200);
+        assert_eq!(app.push_status("slow", "hello").await.0, 200);
     })
     .await;
 }

@@ -165,11 +165,7 @@ fn make_certificates(dir: &std::path::Path) {
 /// became ready, and what it printed.
 async fn run_binary(buffer_url: &str, extra_env: &[(&str, String)]) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::helpers::free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_dataapi"))
         .current_dir(dir.path())
         .env_clear()
@@ -267,11 +263,7 @@ struct SentinelProcess {
 impl SentinelProcess {
     fn start(primary: u16) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::helpers::free_port();
         let conf = dir.path().join("sentinel.conf");
         std::fs::write(
             &conf,

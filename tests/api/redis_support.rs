@@ -196,11 +196,7 @@ impl RedisProcess {
     /// With more redis-server arguments (`{port}` and `{dir}` are replaced); e.g. ACL users, or TLS on
     /// the port with `--port 0 --tls-port {port}`.
     pub fn start_with(appendonly: bool, extra: &[&str]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::helpers::free_port();
         let mut server = Self {
             port,
             child: None,

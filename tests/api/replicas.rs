@@ -193,21 +193,10 @@ async fn a_consent_on_one_replica_stores_what_the_others_buffered_even_while_it_
     a.push("c", "d", "one", "en", None).await;
     b.push("c", "d", "two", "en", None).await;
     let (entered, release) = a.store.hold_next_decision();
-    let consent = {
-        let url = a.url("/graphql");
-        let client = a.http_client().clone();
-        tokio::spawn(async move {
-            client
-                .post(url)
-                .json(&json!({ "query": "mutation { giveConsent(dialogId: \"d\", value: true) { storedCount } }" }))
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        })
-    };
+    let consent = a.graphql_in_background(
+        "mutation { giveConsent(dialogId: \"d\", value: true) { storedCount } }",
+        json!({}),
+    );
     entered.notified().await;
     // While replica A writes, B and C still take the dialog's messages into the buffer.
     assert_eq!(
@@ -277,28 +266,18 @@ fn tight_budget() -> Config {
     config
 }
 
-async fn push_status(app: &TestApp, dialog: &str, text: &str) -> (u16, Value) {
-    app.post_as(
-        None,
-        &json!({
-            "query": "mutation($d: ID!, $t: String!) { pushMessage(input: {customerId: \"c\", dialogId: $d, text: $t, language: \"en\"}) { status } }",
-            "variables": { "d": dialog, "t": text },
-        }),
-    )
-    .await
-}
-
 async fn the_dialog_cap_and_the_budget_count_what_every_replica_buffered(replicas: Vec<TestApp>) {
     // The cap: four messages in all, from three replicas.
     for i in 0..4 {
         assert_eq!(
-            push_status(&replicas[i % 3], "capped", &format!("m{i}"))
+            replicas[i % 3]
+                .push_status("capped", &format!("m{i}"))
                 .await
                 .0,
             200
         );
     }
-    let (status, body) = push_status(&replicas[1], "capped", "one too many").await;
+    let (status, body) = replicas[1].push_status("capped", "one too many").await;
     assert_eq!((status, code(&body["errors"][0])), (503, "BUFFER_FULL"));
     // The budget: round-robin until one replica refuses; the others refuse too, the buffer is one.
     let mut accepted = Vec::new();
@@ -306,7 +285,7 @@ async fn the_dialog_cap_and_the_budget_count_what_every_replica_buffered(replica
         let n = accepted.len();
         let app = &replicas[n % 3];
         let dialog = format!("fill-{n}");
-        let (status, body) = push_status(app, &dialog, &"x".repeat(200)).await;
+        let (status, body) = app.push_status(&dialog, &"x".repeat(200)).await;
         if status == 503 {
             assert_eq!(code(&body["errors"][0]), "BUFFER_FULL");
             break n % 3;
@@ -321,7 +300,7 @@ async fn the_dialog_cap_and_the_budget_count_what_every_replica_buffered(replica
         accepted.len()
     );
     for app in &replicas {
-        assert_eq!(push_status(app, "one-more", &"x".repeat(200)).await.0, 503);
+        assert_eq!(app.push_status("one-more", &"x".repeat(200)).await.0, 503);
     }
     let bytes = metric(&replicas[refused_by], "dataapi_buffer_bytes").await;
     assert!(
@@ -335,7 +314,8 @@ async fn the_dialog_cap_and_the_budget_count_what_every_replica_buffered(replica
         .await;
     replicas[(refused_by + 1) % 3].consent("capped", true).await;
     assert_eq!(
-        push_status(&replicas[(refused_by + 1) % 3], "now", "fits")
+        replicas[(refused_by + 1) % 3]
+            .push_status("now", "fits")
             .await
             .0,
         200
@@ -405,17 +385,10 @@ async fn a_replica_that_stops_after_writing_a_consent_is_finished_by_another(
     a.push("c", "d", "one", "en", None).await;
     b.push("c", "d", "two", "en", None).await;
     let committed = a.buffer_hooks.freeze_after_next_commit();
-    let hung = {
-        let url = a.url("/graphql");
-        let client = a.http_client().clone();
-        tokio::spawn(async move {
-            let _ = client
-                .post(url)
-                .json(&json!({ "query": "mutation { giveConsent(dialogId: \"d\", value: true) { storedCount } }" }))
-                .send()
-                .await;
-        })
-    };
+    let hung = a.graphql_in_background(
+        "mutation { giveConsent(dialogId: \"d\", value: true) { storedCount } }",
+        json!({}),
+    );
     committed.notified().await;
     // Replica A wrote the decision and stops before cleaning the buffer. Meanwhile a message arrives at B:
     // the dialog is still buffered there, not sealed.
@@ -455,17 +428,10 @@ async fn a_replica_that_stops_before_writing_a_consent_leaves_the_dialog_waiting
     let b = &replicas[0];
     a.push("c", "d", "one", "en", None).await;
     let (entered, _never_released) = a.store.hold_next_decision();
-    let hung = {
-        let url = a.url("/graphql");
-        let client = a.http_client().clone();
-        tokio::spawn(async move {
-            let _ = client
-                .post(url)
-                .json(&json!({ "query": "mutation { giveConsent(dialogId: \"d\", value: true) { storedCount } }" }))
-                .send()
-                .await;
-        })
-    };
+    let hung = a.graphql_in_background(
+        "mutation { giveConsent(dialogId: \"d\", value: true) { storedCount } }",
+        json!({}),
+    );
     entered.notified().await;
     drop(a);
     hung.abort();
@@ -558,23 +524,10 @@ async fn two_erasures_at_once_both_complete(replicas: Vec<TestApp>) {
         replicas[i].consent(&format!("{customer}0"), true).await;
     }
     let erase = |app: &TestApp, customer: &str| {
-        let url = app.url("/graphql");
-        let client = app.http_client().clone();
-        let customer = customer.to_owned();
-        tokio::spawn(async move {
-            client
-                .post(url)
-                .json(&json!({
-                    "query": "mutation($c: ID!) { eraseCustomer(customerId: $c) { messageCount bufferedMessageCount } }",
-                    "variables": { "c": customer },
-                }))
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        })
+        app.graphql_in_background(
+            "mutation($c: ID!) { eraseCustomer(customerId: $c) { messageCount bufferedMessageCount } }",
+            json!({ "c": customer }),
+        )
     };
     let (x, y) = (erase(a, "x"), erase(b, "y"));
     for erased in [x.await.unwrap(), y.await.unwrap()] {
@@ -600,23 +553,10 @@ async fn the_same_consent_on_two_replicas_at_once_is_written_once(replicas: Vec<
     }
     let (entered, release) = a.store.hold_next_decision();
     let consent_on = |app: &TestApp, dialog: &str, value: bool| {
-        let url = app.url("/graphql");
-        let client = app.http_client().clone();
-        let dialog = dialog.to_owned();
-        tokio::spawn(async move {
-            client
-                .post(url)
-                .json(&json!({
-                    "query": "mutation($d: ID!, $v: Boolean!) { giveConsent(dialogId: $d, value: $v) { value storedCount } }",
-                    "variables": { "d": dialog, "v": value },
-                }))
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        })
+        app.graphql_in_background(
+            "mutation($d: ID!, $v: Boolean!) { giveConsent(dialogId: $d, value: $v) { value storedCount } }",
+            json!({ "d": dialog, "v": value }),
+        )
     };
     let first = consent_on(a, "same", true);
     entered.notified().await;
@@ -648,21 +588,10 @@ async fn the_same_consent_on_two_replicas_at_once_is_written_once(replicas: Vec<
     let (entered, release) = b.store.hold_next_decision();
     let yes = consent_on(b, "torn", true);
     entered.notified().await;
-    let no = {
-        let url = c.url("/graphql");
-        let client = c.http_client().clone();
-        tokio::spawn(async move {
-            client
-                .post(url)
-                .json(&json!({ "query": "mutation { giveConsent(dialogId: \"torn\", value: false) { value deletedCount discardedCount } }" }))
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        })
-    };
+    let no = c.graphql_in_background(
+        "mutation { giveConsent(dialogId: \"torn\", value: false) { value deletedCount discardedCount } }",
+        json!({}),
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
     release.notify_one();
     let (yes, no) = (yes.await.unwrap(), no.await.unwrap());
@@ -748,7 +677,7 @@ async fn a_redis_outage_fails_pushes_with_buffer_unavailable_loses_nothing_and_h
         a.push("c", "kept", "before the outage", "en", Some("k1"))
             .await;
         redis.kill();
-        let (status, body) = push_status(b, "kept", "during").await;
+        let (status, body) = b.push_status("kept", "during").await;
         assert_eq!(status, 503, "{body}");
         assert_eq!(code(&body["errors"][0]), "BUFFER_UNAVAILABLE");
         assert!(
@@ -782,7 +711,7 @@ async fn a_redis_outage_fails_pushes_with_buffer_unavailable_loses_nothing_and_h
         eventually(
             Duration::from_secs(20),
             "pushes never worked again",
-            || async { push_status(b, "kept", "after").await.0 == 200 },
+            || async { b.push_status("kept", "after").await.0 == 200 },
         )
         .await;
         assert_eq!(b.consent("kept", true).await["storedCount"], 2);
@@ -816,7 +745,7 @@ async fn a_redis_at_its_maxmemory_refuses_new_dialogs_but_not_decisions_or_conse
         let text = "x".repeat(9_000);
         let mut refused = None;
         for i in 0..2_000 {
-            let (status, body) = push_status(app, &format!("filler-{i}"), &text).await;
+            let (status, body) = app.push_status(&format!("filler-{i}"), &text).await;
             if status != 200 {
                 refused = Some(body);
                 break;
@@ -827,7 +756,7 @@ async fn a_redis_at_its_maxmemory_refuses_new_dialogs_but_not_decisions_or_conse
         // It stays full (Redis's own usage moves a little from call to call, so the very next one may fit).
         let mut statuses = Vec::new();
         for i in 0..5 {
-            statuses.push(push_status(app, &format!("more-{i}"), &text).await.0);
+            statuses.push(app.push_status(&format!("more-{i}"), &text).await.0);
         }
         assert!(statuses.contains(&503), "{statuses:?}");
         // A consented dialog's messages go to the store: they need no room in Redis.

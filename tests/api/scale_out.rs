@@ -39,11 +39,7 @@ struct Replica {
 
 impl Replica {
     fn start(env: Vec<(String, String)>) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::helpers::free_port();
         let mut replica = Self {
             port,
             env,
