@@ -140,6 +140,11 @@ impl Application {
                 api_keys: config.access.api_keys.clone(),
                 max_batch_operations: config.limits.max_batch_operations,
                 max_body_bytes: config.limits.max_body_bytes,
+                keyless_hosts: config
+                    .access
+                    .api_keys
+                    .is_empty()
+                    .then(|| Arc::new(config.access.allowed_hosts.clone())),
             },
             config.access.graphiql,
         )

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::auth::ApiKeys;
 use crate::buffer::redis::SentinelUrl;
+use crate::hosts::AllowedHosts;
 
 /// Where the embedded store lives when `DATABASE_URL` is unset.
 pub const DEFAULT_SQLITE_PATH: &str = "./data/dataapi.sqlite3";
@@ -50,6 +51,8 @@ pub struct AccessConfig {
     pub graphiql: bool,
     /// Answer introspection queries (GraphiQL needs them).
     pub introspection: bool,
+    /// Without keys, the host names served besides loopback ones (see `hosts`).
+    pub allowed_hosts: AllowedHosts,
 }
 
 /// Limits that protect the service from expensive or oversized requests.
@@ -107,6 +110,7 @@ impl Default for Config {
                 allow_unauthenticated: false,
                 graphiql: true,
                 introspection: true,
+                allowed_hosts: AllowedHosts::default(),
             },
             limits: LimitsConfig {
                 max_page_size: DEFAULT_MAX_PAGE_SIZE,
@@ -244,6 +248,11 @@ impl Config {
             allow_unauthenticated: flag("ALLOW_UNAUTHENTICATED", false)?,
             graphiql: flag("GRAPHIQL", defaults.access.graphiql)?,
             introspection: flag("INTROSPECTION", defaults.access.introspection)?,
+            allowed_hosts: match get("ALLOWED_HOSTS") {
+                None => AllowedHosts::default(),
+                Some(text) => AllowedHosts::parse(&text)
+                    .map_err(|reason| error("ALLOWED_HOSTS", &text, &reason))?,
+            },
         };
         if access.api_keys.is_empty()
             && !bind_addr.ip().is_loopback()
@@ -438,6 +447,19 @@ mod tests {
         assert_eq!(
             config(&[("GRAPHIQL", "maybe")]).unwrap_err().name,
             "GRAPHIQL"
+        );
+        assert_eq!(
+            config(&[("ALLOWED_HOSTS", "https://dataapi.internal")])
+                .unwrap_err()
+                .name,
+            "ALLOWED_HOSTS"
+        );
+        assert!(
+            config(&[("ALLOWED_HOSTS", "dataapi.internal, 10.0.0.5")])
+                .unwrap()
+                .access
+                .allowed_hosts
+                .admits("dataapi.internal:8000")
         );
         let keys = config(&[("API_KEYS", "read:secretsecret")]).unwrap_err();
         assert_eq!(keys.name, "API_KEYS");

@@ -32,6 +32,8 @@ pub struct Executor {
     prevalidated: DataApiSchema,
     inputs: InputTypes,
     documents: DocumentCache,
+    /// MAX_QUERY_COMPLEXITY: also the bound on a document's selections with its fragments spread.
+    max_complexity: usize,
     /// Operations run with full validation, and with the document validated before.
     fully_validated: prometheus::IntCounter,
     prevalidated_runs: prometheus::IntCounter,
@@ -62,6 +64,7 @@ impl Executor {
             strict,
             inputs,
             documents: DocumentCache::default(),
+            max_complexity: limits.max_query_complexity,
         }
     }
 
@@ -84,6 +87,28 @@ impl Executor {
                 }
             },
         };
+        // Before anything walks the document with its fragments spread (validation does, at every spread).
+        if known.is_none() {
+            let expanded = crate::expansion::expanded_selections(document);
+            if expanded > self.max_complexity as u64 {
+                return Executed {
+                    label: "invalid".to_owned(),
+                    response: refusal(
+                        ServerError::new(
+                            format!(
+                                "the query stands for {expanded} selections once its fragments are \
+                                 spread where they are used, more than MAX_QUERY_COMPLEXITY ({}) allows \
+                                 (every field, alias and fragment spread counts at every place it \
+                                 expands to): spread fragments fewer times, or split the query",
+                                self.max_complexity
+                            ),
+                            None,
+                        ),
+                        "QUERY_TOO_COMPLEX",
+                    ),
+                };
+            }
+        }
         let operation = match select_operation(document, request.operation_name.as_deref()) {
             Ok(operation) => operation,
             Err(message) => {

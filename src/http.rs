@@ -18,9 +18,11 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use serde_json::json;
+use sha2::Digest;
 
 use crate::auth::{ApiKeys, Caller};
 use crate::execution::{Executed, Executor};
+use crate::hosts::AllowedHosts;
 use crate::schema::{self, Limits};
 use crate::service::DialogService;
 
@@ -32,6 +34,8 @@ pub struct AppState {
     pub api_keys: ApiKeys,
     pub max_batch_operations: usize,
     pub max_body_bytes: usize,
+    /// Keyless: the hosts served (DNS rebinding). None with keys: the key is the protection.
+    pub keyless_hosts: Option<Arc<AllowedHosts>>,
 }
 
 pub fn router(state: AppState, graphiql: bool) -> Router {
@@ -50,7 +54,49 @@ pub fn router(state: AppState, graphiql: bool) -> Router {
             .route("/", get(graphiql_page))
             .route("/graphiql/{file}", get(graphiql_asset));
     }
-    router.with_state(state)
+    router
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            check_host,
+        ))
+        .with_state(state)
+}
+
+/// Without keys, serves only requests that name a loopback host (or an allowed one): see `hosts`. The
+/// probes stay open to any host, as load balancers send their own (or none), and they reveal nothing.
+async fn check_host(
+    State(state): State<AppState>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(allowed) = &state.keyless_hosts else {
+        return next.run(request).await;
+    };
+    if matches!(request.uri().path(), "/health" | "/ready") {
+        return next.run(request).await;
+    }
+    // HTTP/1.1 names it in `Host`, HTTP/2 in the URI's authority.
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|value| value.to_str().ok())
+        .or_else(|| {
+            request
+                .uri()
+                .authority()
+                .map(|authority| authority.as_str())
+        });
+    match host {
+        Some(host) if allowed.admits(host) => next.run(request).await,
+        _ => refuse(
+            &state,
+            StatusCode::FORBIDDEN,
+            "HOST_NOT_ALLOWED",
+            "without API keys this service only answers requests for a loopback host (localhost, \
+             127.0.0.1, [::1]), so that web pages cannot reach it through a browser: open it as \
+             http://localhost:PORT, list this host name in ALLOWED_HOSTS, or configure API_KEYS",
+        ),
+    }
 }
 
 /// Counts an error returned to a client, by its code.
@@ -85,6 +131,18 @@ fn parse_batch(body: &[u8]) -> serde_json::Result<BatchRequest> {
         Some(b'[') => serde_json::from_slice(body).map(BatchRequest::Batch),
         _ => serde_json::from_slice(body).map(BatchRequest::Single),
     }
+}
+
+/// Whether reading a body failed because it passed the size limit (and not because it broke off).
+fn is_over_limit(error: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = source {
+        if error.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// Who is calling: open access when no keys are configured, else the role of a valid bearer key.
@@ -128,18 +186,37 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
             "send the GraphQL request as JSON, with Content-Type: application/json",
         );
     }
+    let too_large = |state: &AppState| {
+        refuse(
+            state,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            &format!(
+                "the request body is larger than {} bytes (MAX_BODY_BYTES): send fewer operations or \
+                 smaller messages per request",
+                state.max_body_bytes
+            ),
+        )
+    };
+    // A declared length over the limit is refused before a byte of the body is read.
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > state.max_body_bytes as u64) {
+        return too_large(&state);
+    }
     let bytes = match axum::body::to_bytes(body, state.max_body_bytes).await {
         Ok(bytes) => bytes,
-        Err(_) => {
+        Err(error) if is_over_limit(&error) => return too_large(&state),
+        // A malformed chunk, or a client that went away mid-body: nothing was read to act on.
+        Err(error) => {
             return refuse(
                 &state,
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "PAYLOAD_TOO_LARGE",
-                &format!(
-                    "the request body is larger than {} bytes (MAX_BODY_BYTES): send fewer operations or \
-                     smaller messages per request",
-                    state.max_body_bytes
-                ),
+                StatusCode::BAD_REQUEST,
+                "BAD_REQUEST",
+                &format!("the request body could not be read ({error}): send the request again"),
             );
         }
     };
@@ -310,8 +387,37 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 const GRAPHIQL_PAGE: &str = include_str!("graphiql.html");
 
-async fn graphiql_page() -> Html<&'static str> {
-    Html(GRAPHIQL_PAGE)
+/// The page's policy: its own inline script (by hash) and the vendored files only, nothing from elsewhere,
+/// no framing (clickjacking), requests to this service only. Styles may be inline: GraphiQL's editor
+/// injects its own.
+static GRAPHIQL_POLICY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let inline_script = GRAPHIQL_PAGE
+        .split_once("<script>")
+        .and_then(|(_, rest)| rest.split_once("</script>"))
+        .map(|(script, _)| script)
+        .expect("the GraphiQL page has one inline script");
+    let hash = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        sha2::Sha256::digest(inline_script.as_bytes()),
+    );
+    format!(
+        "default-src 'none'; script-src 'self' 'sha256-{hash}'; style-src 'self' 'unsafe-inline'; \
+         img-src 'self' data:; font-src 'self' data:; connect-src 'self'; base-uri 'none'; \
+         form-action 'none'; frame-ancestors 'none'"
+    )
+});
+
+async fn graphiql_page() -> Response {
+    (
+        [
+            (header::CONTENT_SECURITY_POLICY, GRAPHIQL_POLICY.as_str()),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        Html(GRAPHIQL_PAGE),
+    )
+        .into_response()
 }
 
 /// The vendored GraphiQL build (see `assets/graphiql/` and `scripts/vendor-graphiql`).
@@ -344,6 +450,7 @@ async fn graphiql_asset(Path(file): Path<String>) -> Response {
             [
                 (header::CONTENT_TYPE, *content_type),
                 (header::CACHE_CONTROL, "public, max-age=86400"),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
             ],
             *body,
         )

@@ -10,6 +10,8 @@ pub mod clock;
 pub mod config;
 pub mod error;
 pub mod execution;
+pub mod expansion;
+pub mod hosts;
 pub mod http;
 pub mod metrics;
 pub mod model;

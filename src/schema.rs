@@ -51,7 +51,8 @@ pub fn build(
         .limit_depth(limits.max_query_depth)
         .limit_complexity(limits.max_query_complexity);
     if !introspection {
-        builder = builder.disable_introspection();
+        // "Did you mean …?" in an error would give the field names away one guess at a time.
+        builder = builder.disable_introspection().disable_suggestions();
     }
     builder.finish()
 }

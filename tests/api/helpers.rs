@@ -718,7 +718,8 @@ pub fn code(error: &Value) -> &str {
 }
 
 /// The `dataapi` binary, started in a directory of its own on a free loopback port, on the embedded store
-/// (`./data` in that directory), with nothing but `BIND_ADDR` and `LOG` set. Killed when dropped.
+/// (`./data` in that directory), with nothing but `BIND_ADDR`, `LOG` and the test's settings set. Killed
+/// when dropped.
 pub struct BinaryService {
     pub child: std::process::Child,
     pub port: u16,
@@ -728,6 +729,11 @@ pub struct BinaryService {
 impl BinaryService {
     /// Starts it (stdout into `stdout.log` in its directory) and waits until `/health` answers.
     pub async fn start(log_level: &str) -> Self {
+        Self::start_with(log_level, &[]).await
+    }
+
+    /// Like [`start`](Self::start), with settings of the test's own.
+    pub async fn start_with(log_level: &str, settings: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -739,6 +745,7 @@ impl BinaryService {
             .env_clear()
             .env("BIND_ADDR", format!("127.0.0.1:{port}"))
             .env("LOG", log_level)
+            .envs(settings.iter().copied())
             .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
             .spawn()
             .expect("start dataapi");
@@ -761,6 +768,22 @@ impl BinaryService {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Its resident memory, from `/proc/PID/status`.
+    pub fn resident_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status");
+        kib * 1024
+    }
+
+    /// Whether the process is still running.
+    pub fn is_alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
     }
 
     /// What it has printed so far.

@@ -73,6 +73,7 @@ macro_rules! for_each_setup {
     };
 }
 
+mod attacks;
 mod behaviour;
 mod documents;
 mod faults;

@@ -15,7 +15,7 @@ fn keys() -> &'static [(Role, String); 3] {
     KEYS.get_or_init(|| [Role::Ingest, Role::Read, Role::Admin].map(|role| (role, generate_key())))
 }
 
-fn key(role: Role) -> &'static str {
+pub fn key(role: Role) -> &'static str {
     &keys().iter().find(|(r, _)| *r == role).unwrap().1
 }
 
@@ -216,6 +216,16 @@ async fn graphiql_and_introspection_can_be_switched_off() {
             .graphql("{ __schema { queryType { name } } }", json!({}))
             .await;
         assert!(response["data"]["__schema"].is_null(), "{response}");
+        // Nor do errors give names away one guess at a time.
+        for query in [
+            "{ dialogz { totalCount } }",
+            "{ dialogs { totalCont } }",
+            "{ dialogs(frist: 1) { totalCount } }",
+        ] {
+            let response = app.graphql(query, json!({})).await;
+            let message = response["errors"][0]["message"].as_str().unwrap();
+            assert!(!message.contains("Did you mean"), "{message}");
+        }
         // The API itself still works.
         assert!(app.graphql("{ dialogs { totalCount } }", json!({})).await["errors"].is_null());
     })

@@ -35,6 +35,10 @@ try {
   });
   const pageErrors = [];
   page.on("pageerror", (error) => pageErrors.push(String(error)));
+  // The page's Content-Security-Policy must not block anything it needs.
+  page.on("console", (message) => {
+    if (/Content Security Policy|Refused to/i.test(message.text())) pageErrors.push(message.text());
+  });
 
   await page.goto(baseUrl, { waitUntil: "load" });
   await page.waitForSelector(".graphiql-execute-button", { timeout: 30_000 });
