@@ -92,6 +92,9 @@ impl Server {
             .env("LOG", "error")
             .env("BUFFER_MAX_BYTES", (8u64 << 30).to_string())
             .env("MAX_QUERY_COMPLEXITY", "10000000")
+            // The load generator is one client on one address, by design as fast as the service goes.
+            .env("CLIENT_REQUESTS_PER_SECOND", "0")
+            .env("CLIENT_CONCURRENT_REQUESTS", "0")
             .stdout(Stdio::null());
         if let Some(database) = database {
             command.env("DATABASE_URL", format!("sqlite://{}", database.display()));

@@ -13,6 +13,7 @@ use tower_http::trace::TraceLayer;
 use crate::buffer::redis::RedisOptions;
 use crate::buffer::{BufferError, BufferLimits, MemoryBuffer, RedisBuffer, SharedBuffer};
 use crate::config::{BufferBackend, Config, DatabaseConfig};
+use crate::connections;
 use crate::execution::Executor;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
@@ -145,6 +146,9 @@ impl Application {
                     .api_keys
                     .is_empty()
                     .then(|| Arc::new(config.access.allowed_hosts.clone())),
+                admission: (config.clients.requests_per_second > 0
+                    || config.clients.concurrent_requests > 0)
+                    .then(|| Arc::new(crate::admission::Admission::new(config.clients))),
             },
             config.access.graphiql,
         )
@@ -188,19 +192,19 @@ impl Application {
         let sweeper = self.service.spawn_sweeper(sweep_period(&self.config));
         let stopping = Arc::new(tokio::sync::Notify::new());
         let signalled = stopping.clone();
-        let server = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
+        let limits = self.config.connections.fitted_to_open_file_limit();
+        let server = connections::serve(self.listener, self.router, limits, async move {
             shutdown.await;
             signalled.notify_one();
         });
         let deadline = self.config.shutdown_timeout;
-        let result = tokio::select! {
-            result = server.into_future() => result,
+        tokio::select! {
+            () = server => {},
             () = async {
                 stopping.notified().await;
                 tokio::time::sleep(deadline).await;
             } => {
                 tracing::warn!(?deadline, "requests still running at the shutdown deadline were cut off");
-                Ok(())
             }
         };
         sweeper.abort();
@@ -218,7 +222,7 @@ impl Application {
         buffer.close().await;
         self.service.store().close().await;
         tracing::info!("stopped");
-        result
+        Ok(())
     }
 
     /// Serves until SIGINT (Ctrl-C) or SIGTERM.

@@ -5,8 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::admission::ClientLimits;
 use crate::auth::ApiKeys;
 use crate::buffer::redis::SentinelUrl;
+use crate::connections::ConnectionLimits;
 use crate::hosts::AllowedHosts;
 
 /// Where the embedded store lives when `DATABASE_URL` is unset.
@@ -39,6 +41,10 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// The longest one HTTP request may take, reading its body included (slow clients are cut off).
     pub request_timeout: Duration,
+    /// Open connections and how long a client may take to send headers (see `connections`).
+    pub connections: ConnectionLimits,
+    /// Requests per client: rate and in flight (see `admission`).
+    pub clients: ClientLimits,
 }
 
 /// Who may call, and what is exposed.
@@ -130,6 +136,15 @@ impl Default for Config {
             store_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
+            connections: ConnectionLimits {
+                header_read_timeout: Duration::from_secs(10),
+                max_connections: 4_096,
+            },
+            clients: ClientLimits {
+                requests_per_second: 1_000,
+                burst: 2_000,
+                concurrent_requests: 64,
+            },
         }
     }
 }
@@ -357,6 +372,38 @@ impl Config {
             store_timeout: duration("STORE_TIMEOUT", defaults.store_timeout)?,
             shutdown_timeout: duration("SHUTDOWN_TIMEOUT", defaults.shutdown_timeout)?,
             request_timeout: duration("REQUEST_TIMEOUT", defaults.request_timeout)?,
+            connections: ConnectionLimits {
+                header_read_timeout: duration(
+                    "HEADER_READ_TIMEOUT",
+                    defaults.connections.header_read_timeout,
+                )?,
+                max_connections: number(
+                    "MAX_CONNECTIONS",
+                    defaults.connections.max_connections,
+                    1..=1_000_000,
+                )?,
+            },
+            clients: {
+                let requests_per_second = number(
+                    "CLIENT_REQUESTS_PER_SECOND",
+                    defaults.clients.requests_per_second as usize,
+                    0..=10_000_000,
+                )? as u32;
+                ClientLimits {
+                    requests_per_second,
+                    // Unset: twice the rate (a second's worth of requests sent at once, and as many again).
+                    burst: number(
+                        "CLIENT_BURST",
+                        (requests_per_second as usize).saturating_mul(2),
+                        0..=20_000_000,
+                    )? as u32,
+                    concurrent_requests: number(
+                        "CLIENT_CONCURRENT_REQUESTS",
+                        defaults.clients.concurrent_requests,
+                        0..=1_000_000,
+                    )?,
+                }
+            },
         })
     }
 
@@ -460,6 +507,24 @@ mod tests {
                 .access
                 .allowed_hosts
                 .admits("dataapi.internal:8000")
+        );
+        let clients = config(&[("CLIENT_REQUESTS_PER_SECOND", "50")])
+            .unwrap()
+            .clients;
+        assert_eq!((clients.requests_per_second, clients.burst), (50, 100));
+        assert_eq!(
+            config(&[("CLIENT_CONCURRENT_REQUESTS", "-1")])
+                .unwrap_err()
+                .name,
+            "CLIENT_CONCURRENT_REQUESTS"
+        );
+        assert_eq!(
+            config(&[("HEADER_READ_TIMEOUT", "0s")]).unwrap_err().name,
+            "HEADER_READ_TIMEOUT"
+        );
+        assert_eq!(
+            config(&[("MAX_CONNECTIONS", "0")]).unwrap_err().name,
+            "MAX_CONNECTIONS"
         );
         let keys = config(&[("API_KEYS", "read:secretsecret")]).unwrap_err();
         assert_eq!(keys.name, "API_KEYS");

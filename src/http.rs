@@ -8,6 +8,7 @@
 //! code, and an HTTP status that matches.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_graphql::{BatchRequest, BatchResponse};
 use async_graphql_axum::GraphQLResponse;
@@ -20,6 +21,7 @@ use axum::routing::get;
 use serde_json::json;
 use sha2::Digest;
 
+use crate::admission::{Admission, ClientId, Refusal};
 use crate::auth::{ApiKeys, Caller};
 use crate::execution::{Executed, Executor};
 use crate::hosts::AllowedHosts;
@@ -36,6 +38,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Keyless: the hosts served (DNS rebinding). None with keys: the key is the protection.
     pub keyless_hosts: Option<Arc<AllowedHosts>>,
+    /// Per-client limits; None when both are off.
+    pub admission: Option<Arc<Admission>>,
 }
 
 pub fn router(state: AppState, graphiql: bool) -> Router {
@@ -54,12 +58,100 @@ pub fn router(state: AppState, graphiql: bool) -> Router {
             .route("/", get(graphiql_page))
             .route("/graphiql/{file}", get(graphiql_asset));
     }
+    // The last layer added runs first: the host is checked before the client counts against its limits.
     router
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admit_client,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             check_host,
         ))
         .with_state(state)
+}
+
+/// The probes answer whatever the host and however busy a client is: load balancers send their own.
+fn is_probe(request: &Request) -> bool {
+    matches!(request.uri().path(), "/health" | "/ready")
+}
+
+/// Applies the per-client limits (see `admission`): 429 with `Retry-After` past them.
+async fn admit_client(
+    State(state): State<AppState>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(admission) = &state.admission else {
+        return next.run(request).await;
+    };
+    if is_probe(&request) {
+        return next.run(request).await;
+    }
+    let valid_key = bearer(request.headers())
+        .filter(|key| state.api_keys.role_of(key).is_some())
+        .map(|key| {
+            let digest = crate::auth::digest(key);
+            ClientId::Key(digest[..8].try_into().expect("8 of 32 bytes"))
+        });
+    let client = valid_key.unwrap_or_else(|| {
+        ClientId::Address(
+            request
+                .extensions()
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |info| info.0.ip()),
+        )
+    });
+    let limits = admission.limits();
+    match admission.admit(client) {
+        Ok(ticket) => {
+            let response = next.run(request).await;
+            drop(ticket);
+            response
+        }
+        Err(refusal) => {
+            let (retry_after, message) = match refusal {
+                Refusal::Rate { retry_after } => (
+                    retry_after,
+                    format!(
+                        "this client sent more than {} requests per second (CLIENT_REQUESTS_PER_SECOND; \
+                         bursts up to {}, CLIENT_BURST): wait {} ms, then send fewer, or more per request \
+                         (pushMessages, batches)",
+                        limits.requests_per_second,
+                        limits.burst,
+                        retry_after.as_millis().max(1)
+                    ),
+                ),
+                Refusal::Concurrency => (
+                    Duration::from_secs(1),
+                    format!(
+                        "this client has {} requests in flight already (CLIENT_CONCURRENT_REQUESTS): wait \
+                         for answers before sending more",
+                        limits.concurrent_requests
+                    ),
+                ),
+            };
+            let mut response = refuse(
+                &state,
+                StatusCode::TOO_MANY_REQUESTS,
+                "RATE_LIMITED",
+                &message,
+            );
+            // Whole seconds, rounded up: a client that waits as told is let in.
+            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+            response
+        }
+    }
+}
+
+/// The key of an `Authorization: Bearer KEY` header.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, key) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
 
 /// Without keys, serves only requests that name a loopback host (or an allowed one): see `hosts`. The
@@ -72,7 +164,7 @@ async fn check_host(
     let Some(allowed) = &state.keyless_hosts else {
         return next.run(request).await;
     };
-    if matches!(request.uri().path(), "/health" | "/ready") {
+    if is_probe(&request) {
         return next.run(request).await;
     }
     // HTTP/1.1 names it in `Host`, HTTP/2 in the URI's authority.
@@ -150,12 +242,7 @@ fn caller(keys: &ApiKeys, headers: &HeaderMap) -> Option<Caller> {
     if keys.is_empty() {
         return Some(Caller::Open);
     }
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, key) = value.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return None;
-    }
-    keys.role_of(key.trim()).map(Caller::Key)
+    keys.role_of(bearer(headers)?).map(Caller::Key)
 }
 
 async fn graphql(State(state): State<AppState>, request: Request) -> Response {
@@ -375,6 +462,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
         metrics.buffer_messages.set(buffer.messages as i64);
         metrics.buffer_bytes.set(buffer.bytes as i64);
     }
+    let scrub = state.service.store().scrub_status();
+    metrics.store_scrub_pending.set(i64::from(scrub.pending));
+    let counted = metrics.store_scrub_failures.get();
+    metrics
+        .store_scrub_failures
+        .inc_by(scrub.failures.saturating_sub(counted));
     (
         [(
             header::CONTENT_TYPE,

@@ -3,11 +3,13 @@
 //! The library holds the whole service; `main.rs` only reads the configuration and runs [`app::Application`],
 //! which tests and benchmarks build the same way.
 
+pub mod admission;
 pub mod app;
 pub mod auth;
 pub mod buffer;
 pub mod clock;
 pub mod config;
+pub mod connections;
 pub mod error;
 pub mod execution;
 pub mod expansion;

@@ -29,6 +29,9 @@ pub struct Metrics {
     /// Undecided dialogs and their messages discarded by the retention sweeper.
     pub expired_dialogs: IntCounter,
     pub expired_messages: IntCounter,
+    /// Removed data that may still be on the store's disk (see `Store::scrub_status`).
+    pub store_scrub_pending: IntGauge,
+    pub store_scrub_failures: IntCounter,
 }
 
 impl Default for Metrics {
@@ -111,6 +114,15 @@ impl Metrics {
             expired_messages: counter(
                 "buffer_expired_messages_total",
                 "Messages of undecided dialogs discarded after BUFFER_TTL",
+            ),
+            store_scrub_pending: gauge(
+                "store_scrub_pending",
+                "1 while removed (withdrawn or erased) data may still be in SQLite's write-ahead log: \
+                 truncating it is being retried",
+            ),
+            store_scrub_failures: counter(
+                "store_scrub_failures_total",
+                "Attempts to truncate SQLite's write-ahead log after a removal that did not finish",
             ),
             registry,
         }

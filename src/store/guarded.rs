@@ -60,6 +60,10 @@ impl Store for GuardedStore {
         self.inner.describe()
     }
 
+    fn scrub_status(&self) -> super::ScrubStatus {
+        self.inner.scrub_status()
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         self.call("ping", self.inner.ping()).await
     }

@@ -99,6 +99,15 @@ pub fn message_key(message: &Message) -> SortKey {
     }
 }
 
+/// See [`Store::scrub_status`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScrubStatus {
+    /// Removed data may still be on disk: truncating the log is being retried.
+    pub pending: bool,
+    /// Attempts to truncate the log that did not finish, since the start.
+    pub failures: u64,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// A short description for the startup log (never includes credentials).
@@ -109,6 +118,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Releases connections at shutdown. Calls after this may fail.
     async fn close(&self) {}
+
+    /// Whether removed data may still sit on the store's disk, for `/metrics` (SQLite: its write-ahead
+    /// log, until it is truncated after a withdrawal or an erasure).
+    fn scrub_status(&self) -> ScrubStatus {
+        ScrubStatus::default()
+    }
 
     /// The recorded decision for a dialog, if any.
     async fn consent(&self, dialog_id: &DialogId) -> StoreResult<Option<ConsentRecord>>;

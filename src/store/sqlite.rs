@@ -5,6 +5,8 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -145,6 +147,93 @@ impl managed::Manager for ReadConnections {
 
 type ReadPool = managed::Pool<ReadConnections>;
 
+/// Makes deleted rows leave the disk. `secure_delete` overwrites them in the database file, but the
+/// write-ahead log still holds the pages as they were before the delete until it is checkpointed and
+/// truncated. After every withdrawal and erasure the log is truncated (`wal_checkpoint(TRUNCATE)`, its
+/// result checked): the call waits for that for up to `WAIT`, and if readers keep it from finishing, it is
+/// retried in the background until it does (logged, and counted in `/metrics`).
+struct LogScrubber {
+    pool: ReadPool,
+    /// A removal whose old pages may still be in the log.
+    pending: AtomicBool,
+    failures: AtomicU64,
+}
+
+impl LogScrubber {
+    /// How long a withdrawal or an erasure waits for the log to be truncated before it answers anyway.
+    const WAIT: Duration = Duration::from_secs(3);
+    const RETRY: Duration = Duration::from_millis(50);
+    const BACKGROUND_RETRY: Duration = Duration::from_secs(1);
+
+    /// One attempt: whether the whole log was copied into the database and the file truncated.
+    async fn truncate(&self) -> StoreResult<bool> {
+        let connection = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| StoreError::new("sqlite connection", e))?;
+        connection
+            .interact(|c| {
+                // Short: the checkpoint holds the write lock while it waits for readers. Then the pool's
+                // usual patience again.
+                c.busy_timeout(Duration::from_millis(500))?;
+                let outcome = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+                    Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?))
+                });
+                c.busy_timeout(Duration::from_secs(10))?;
+                // (busy, frames left in the log): 0 and 0 once it is empty.
+                outcome.map(|(busy, frames)| busy == 0 && frames <= 0)
+            })
+            .await
+            .map_err(|e| StoreError::new("sqlite call", e))?
+            .map_err(sqlite_error("truncate the write-ahead log"))
+    }
+
+    /// Truncates the log after a removal; see the type's comment.
+    async fn scrub(self: &Arc<Self>) {
+        let deadline = Instant::now() + Self::WAIT;
+        loop {
+            if self.attempt().await {
+                return;
+            }
+            if Instant::now() + Self::RETRY > deadline {
+                break;
+            }
+            tokio::time::sleep(Self::RETRY).await;
+        }
+        if self.pending.swap(true, Ordering::AcqRel) {
+            return; // a background retry is already on it
+        }
+        tracing::warn!(
+            "the write-ahead log still holds removed data: readers kept it from being truncated; retrying \
+             in the background"
+        );
+        let scrubber = self.clone();
+        tokio::spawn(async move {
+            while !scrubber.attempt().await {
+                tokio::time::sleep(Self::BACKGROUND_RETRY).await;
+            }
+            scrubber.pending.store(false, Ordering::Release);
+            tracing::info!("the write-ahead log is truncated: removed data has left the disk");
+        });
+    }
+
+    async fn attempt(&self) -> bool {
+        match self.truncate().await {
+            Ok(true) => true,
+            Ok(false) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            Err(error) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%error, "cannot truncate the write-ahead log");
+                false
+            }
+        }
+    }
+}
+
 pub struct SqliteStore {
     /// Connections for reads; in WAL mode they never wait for the writer.
     pool: ReadPool,
@@ -154,6 +243,7 @@ pub struct SqliteStore {
     /// A write not started this long after it was asked for is abandoned: its caller has given up (see
     /// `STORE_TIMEOUT`), and a late commit could land after an erasure it should have preceded.
     write_deadline: Duration,
+    scrubber: Arc<LogScrubber>,
 }
 
 fn sqlite_error(context: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
@@ -195,12 +285,19 @@ impl SqliteStore {
             .build()
             .map_err(|e| StoreError::new("sqlite pool", e))?;
         let store = Self {
+            scrubber: Arc::new(LogScrubber {
+                pool: pool.clone(),
+                pending: AtomicBool::new(false),
+                failures: AtomicU64::new(0),
+            }),
             pool,
             writer: Writer::start(path)?,
             path: path.to_owned(),
             write_deadline: Duration::from_secs(8),
         };
         store.with_connection(create_or_migrate_schema).await?;
+        // A removal the previous run could not scrub from the log (it stopped first) leaves it now.
+        store.scrubber.scrub().await;
         Ok(store)
     }
 
@@ -856,6 +953,13 @@ impl Store for SqliteStore {
         format!("embedded SQLite at {}", self.path.display())
     }
 
+    fn scrub_status(&self) -> super::ScrubStatus {
+        super::ScrubStatus {
+            pending: self.scrubber.pending.load(Ordering::Acquire),
+            failures: self.scrubber.failures.load(Ordering::Relaxed),
+        }
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         self.with_connection(|c| {
             c.query_row("SELECT 1", [], |_| Ok(()))
@@ -924,16 +1028,8 @@ impl Store for SqliteStore {
             Ok(erased)
         })
         .await?;
-        // Deleted rows are overwritten (secure_delete); checkpointing also drops the old copies of those
-        // pages from the write-ahead log. Best effort: the erasure itself has committed.
-        let _ = self
-            .with_connection(|c| {
-                // Short: the checkpoint waits for readers while it holds the write lock.
-                c.busy_timeout(Duration::from_secs(1))
-                    .and_then(|_| c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);"))
-                    .map_err(sqlite_error("checkpoint"))
-            })
-            .await;
+        // Deleted rows are overwritten (secure_delete); truncating the log drops their old copies.
+        self.scrubber.scrub().await;
         Ok(erased)
     }
 
@@ -972,37 +1068,42 @@ impl Store for SqliteStore {
     ) -> StoreResult<DecisionWritten> {
         let decision = decision.clone();
         let messages = if decision.value { messages } else { Vec::new() };
-        self.write(move |tx| {
-            let record = write_consent(tx, &decision).map_err(sqlite_error("write consent"))?;
-            if decision.value {
-                let inserted = insert_messages(tx, &messages, record.decided_at)
-                    .map_err(sqlite_error("insert messages"))?;
-                Ok(DecisionWritten {
-                    record,
-                    inserted,
-                    deleted: 0,
-                })
-            } else {
-                let dialog_id = decision.dialog_id.as_str();
-                let deleted = tx
-                    .execute("DELETE FROM messages WHERE dialog_id = ?1", [dialog_id])
-                    .and_then(|deleted| {
-                        tx.execute(
-                            "DELETE FROM dialog_languages WHERE dialog_id = ?1",
-                            [dialog_id],
-                        )?;
-                        tx.execute("DELETE FROM dialogs WHERE id = ?1", [dialog_id])?;
-                        Ok(deleted)
+        let written = self
+            .write(move |tx| {
+                let record = write_consent(tx, &decision).map_err(sqlite_error("write consent"))?;
+                if decision.value {
+                    let inserted = insert_messages(tx, &messages, record.decided_at)
+                        .map_err(sqlite_error("insert messages"))?;
+                    Ok(DecisionWritten {
+                        record,
+                        inserted,
+                        deleted: 0,
                     })
-                    .map_err(sqlite_error("delete withdrawn dialog"))?;
-                Ok(DecisionWritten {
-                    record,
-                    inserted: 0,
-                    deleted: deleted as u64,
-                })
-            }
-        })
-        .await
+                } else {
+                    let dialog_id = decision.dialog_id.as_str();
+                    let deleted = tx
+                        .execute("DELETE FROM messages WHERE dialog_id = ?1", [dialog_id])
+                        .and_then(|deleted| {
+                            tx.execute(
+                                "DELETE FROM dialog_languages WHERE dialog_id = ?1",
+                                [dialog_id],
+                            )?;
+                            tx.execute("DELETE FROM dialogs WHERE id = ?1", [dialog_id])?;
+                            Ok(deleted)
+                        })
+                        .map_err(sqlite_error("delete withdrawn dialog"))?;
+                    Ok(DecisionWritten {
+                        record,
+                        inserted: 0,
+                        deleted: deleted as u64,
+                    })
+                }
+            })
+            .await?;
+        if written.deleted > 0 {
+            self.scrubber.scrub().await;
+        }
+        Ok(written)
     }
 
     async fn append_consented(&self, message: &Message) -> StoreResult<Appended> {
@@ -1452,5 +1553,34 @@ mod tests {
             .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
             .unwrap();
         assert_eq!(tables, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_log_a_reader_keeps_from_truncation_is_truncated_once_it_can() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.sqlite3");
+        let store = scratch_store(&dir).await;
+        let runs = Arc::new(AtomicUsize::new(0));
+        store.write(insert(1, &runs, "ok")).await.unwrap();
+        let log = || std::fs::metadata(dir.path().join("store.sqlite3-wal")).map_or(0, |m| m.len());
+        // A reader outside the store holds a snapshot: the log cannot be emptied under it.
+        let reader = Connection::open(&path).unwrap();
+        reader
+            .execute_batch("BEGIN; SELECT count(*) FROM scratch;")
+            .unwrap();
+        store.write(insert(2, &runs, "ok")).await.unwrap();
+        store.scrubber.scrub().await;
+        assert!(store.scrub_status().pending, "{:?}", store.scrub_status());
+        assert!(store.scrub_status().failures > 0);
+        assert!(log() > 0);
+        // Once the reader is done, the background retry empties it.
+        reader.execute_batch("COMMIT;").unwrap();
+        drop(reader);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.scrub_status().pending {
+            assert!(Instant::now() < deadline, "the log was never truncated");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(log(), 0);
     }
 }

@@ -104,7 +104,16 @@ fn assert_refused(responses: &[Value], expected: &str, mentions: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fragment_bombs_are_refused_before_anything_walks_them_and_the_service_keeps_serving() {
-    let mut service = BinaryService::start("warn").await;
+    // The attack and the bystander share this machine's address: the limits per client are off here
+    // (they have tests of their own), so that what is measured is the bombs' cost.
+    let mut service = BinaryService::start_with(
+        "warn",
+        &[
+            ("CLIENT_REQUESTS_PER_SECOND", "0"),
+            ("CLIENT_CONCURRENT_REQUESTS", "0"),
+        ],
+    )
+    .await;
     let on_dialog = fragment_bomb(4, 20, "Dialog", "id");
     let attacks = [
         // (what, request)
@@ -274,7 +283,7 @@ async fn keyless_hosts(app: TestApp) {
     app.consent("kept", true).await;
     let client = app.http_client();
     let erase =
-        json!({ "query": "mutation { eraseCustomer(customerId: \"ada\") { erasedMessages } }" });
+        json!({ "query": "mutation { eraseCustomer(customerId: \"ada\") { dialogCount } }" });
     // A page on another site made its name resolve to 127.0.0.1: the browser sends its host name.
     for host in [
         "evil.example",
@@ -446,4 +455,465 @@ async fn the_graphiql_page_forbids_framing_sniffing_and_foreign_scripts() {
         graphiql_page_security_headers,
     )
     .await;
+}
+
+/// The "Max open files" soft limit of a process, from `/proc/PID/limits`.
+fn open_file_limit(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .unwrap();
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+/// Whether the server closed `stream` (read gives end of file or a reset) within `wait`.
+async fn closed_by_server(stream: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    let mut buffer = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            // A response (hyper may answer 408 before closing): keep reading until the close.
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+async fn health_answers(service: &BinaryService) {
+    // A bound for failure only: /health waits for a free connection slot at worst.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let response = client
+        .get(service.url("/health"))
+        .send()
+        .await
+        .expect("/health answers");
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_connections_are_closed_and_their_number_is_capped() {
+    // This test opens over a thousand sockets itself.
+    rlimit::increase_nofile_limit(u64::MAX).unwrap();
+    // The usual limit of a shell: 1024 open files. Before, a thousand idle connections stopped accepting.
+    let mut service = BinaryService::start_with_open_files(
+        "warn",
+        &[("HEADER_READ_TIMEOUT", "1s")],
+        Some((1024, 1024)),
+    )
+    .await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", service.port).parse().unwrap();
+    for (idle, slow) in [(100, 10), (1_200, 30)] {
+        let mut idle_connections = Vec::new();
+        for _ in 0..idle {
+            idle_connections.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // Slowloris: headers a byte at a time, never finished.
+        let trickling: Vec<_> = (0..slow)
+            .map(|_| {
+                tokio::spawn(async move {
+                    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                    let head = b"POST /graphql HTTP/1.1\r\nHost: localhost\r\nX-Slow: ";
+                    for byte in head.iter().chain(b"a".repeat(200).iter()) {
+                        if stream.write_all(&[*byte]).await.is_err() {
+                            return true;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    false
+                })
+            })
+            .collect();
+        health_answers(&service).await;
+        // Every idle connection is closed by the server (some may still wait in the accept queue).
+        let mut closed = 0;
+        for stream in &mut idle_connections {
+            if closed_by_server(stream, Duration::from_secs(15)).await {
+                closed += 1;
+            }
+        }
+        assert_eq!(closed, idle, "idle connections closed by the server");
+        for slow in trickling {
+            assert!(slow.await.unwrap(), "a trickling client is cut off");
+        }
+        health_answers(&service).await;
+        assert!(service.is_alive());
+    }
+    // The cap followed the open-file limit: it says so.
+    assert!(
+        service
+            .output()
+            .contains("open-file limit allows fewer connections"),
+        "{}",
+        service.output()
+    );
+    let resident = service.resident_bytes();
+    assert!(resident < MEMORY_BOUND, "resident memory {resident} bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_idle_past_the_header_timeout_is_closed() {
+    let service = BinaryService::start_with("warn", &[("HEADER_READ_TIMEOUT", "1s")]).await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", service.port).parse().unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buffer = [0u8; 1024];
+    let read = stream.read(&mut buffer).await.unwrap();
+    assert!(String::from_utf8_lossy(&buffer[..read]).starts_with("HTTP/1.1 200"));
+    assert!(closed_by_server(&mut stream, Duration::from_secs(10)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_file_limit_is_raised_at_startup_as_far_as_allowed() {
+    let service = BinaryService::start_with_open_files(
+        "warn",
+        &[("MAX_CONNECTIONS", "1000")],
+        Some((256, 4096)),
+    )
+    .await;
+    assert_eq!(open_file_limit(service.child.id()), 4096);
+    assert!(
+        !service
+            .output()
+            .contains("open-file limit allows fewer connections")
+    );
+}
+
+/// Every byte of the SQLite files (database, write-ahead log, shared memory) under `dir`.
+fn sqlite_bytes(dir: &std::path::Path) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.to_string_lossy().contains("sqlite3") {
+            bytes.extend(std::fs::read(&path).unwrap());
+        }
+    }
+    bytes
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle.as_bytes())
+}
+
+/// How the texts are removed, in each scenario.
+#[derive(Clone, Copy, Debug)]
+enum Removal {
+    Withdrawals,
+    Erasures,
+    Both,
+    /// Both, while readers page through the store (a reader's snapshot keeps a checkpoint from finishing).
+    BothUnderReads,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erased_and_withdrawn_texts_leave_the_sqlite_files() {
+    for (removal, dialogs) in [
+        (Removal::Withdrawals, 60),
+        (Removal::Erasures, 60),
+        (Removal::Both, 120),
+        (Removal::BothUnderReads, 120),
+    ] {
+        removed_texts_leave_the_disk(removal, dialogs).await;
+    }
+}
+
+async fn removed_texts_leave_the_disk(removal: Removal, dialogs: usize) {
+    let service = BinaryService::start("warn").await;
+    let client = reqwest::Client::new();
+    let graphql = |query: &'static str, variables: Value| {
+        let request = client
+            .post(service.url("/graphql"))
+            .json(&json!({ "query": query, "variables": variables }));
+        async move {
+            let response: Value = request.send().await.unwrap().json().await.unwrap();
+            assert!(response["errors"].is_null(), "{response}");
+            response["data"].clone()
+        }
+    };
+    let push = "mutation($m: [PushMessageInput!]!) { pushMessages(inputs: $m) { status } }";
+    let consent =
+        "mutation($d: ID!, $v: Boolean!) { giveConsent(dialogId: $d, value: $v) { value } }";
+    // Sizes: short texts, texts that fill pages, and texts past a page (overflow pages); enough dialogs
+    // that pages split and merge as rows come and go.
+    let text = |dialog: usize, message: usize| {
+        let marker = format!("secret-{dialog:04}-{message:02}-");
+        let length = [40, 900, 6_000][(dialog + message) % 3];
+        let mut text = marker.repeat(length / marker.len() + 1);
+        text.truncate(length);
+        text
+    };
+    for dialog in 0..dialogs {
+        let messages: Vec<Value> = (0..8)
+            .map(|message| {
+                json!({
+                    "customerId": format!("customer-{}", dialog % 12),
+                    "dialogId": format!("dialog-{dialog}"),
+                    "text": text(dialog, message),
+                    "language": "en",
+                })
+            })
+            .collect();
+        graphql(push, json!({ "m": messages })).await;
+        graphql(
+            consent,
+            json!({ "d": format!("dialog-{dialog}"), "v": true }),
+        )
+        .await;
+    }
+    // Readers run until the last removal has answered.
+    let removals_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..matches!(removal, Removal::BothUnderReads) as usize * 3)
+        .map(|_| {
+            let (client, url) = (client.clone(), service.url("/graphql"));
+            let done = removals_done.clone();
+            tokio::spawn(async move {
+                let page =
+                    json!({ "query": "{ messages(first: 100) { edges { node { text } } } }" });
+                let mut reads = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    client.post(&url).json(&page).send().await.unwrap();
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    // Withdraw every fifth dialog, erase customers 3 and 7 (dialogs 3, 15, 27… and 7, 19, 31…).
+    let withdrawn =
+        |dialog: usize| !matches!(removal, Removal::Erasures) && dialog.is_multiple_of(5);
+    let erased = |dialog: usize| {
+        !matches!(removal, Removal::Withdrawals) && (dialog % 12 == 3 || dialog % 12 == 7)
+    };
+    for dialog in (0..dialogs).filter(|dialog| withdrawn(*dialog)) {
+        graphql(
+            consent,
+            json!({ "d": format!("dialog-{dialog}"), "v": false }),
+        )
+        .await;
+    }
+    if !matches!(removal, Removal::Withdrawals) {
+        for customer in ["customer-3", "customer-7"] {
+            graphql(
+                "mutation($c: ID!) { eraseCustomer(customerId: $c) { dialogCount } }",
+                json!({ "c": customer }),
+            )
+            .await;
+        }
+    }
+    // Looked at as soon as the last call answered, readers still running.
+    let bytes = sqlite_bytes(&service.dir.path().join("data"));
+    removals_done.store(true, std::sync::atomic::Ordering::Relaxed);
+    for reader in readers {
+        assert!(
+            reader.await.unwrap() > 0,
+            "the readers overlapped the removals"
+        );
+    }
+    let mut found = Vec::new();
+    for dialog in 0..dialogs {
+        let removed = withdrawn(dialog) || erased(dialog);
+        let present = contains(&bytes, &format!("secret-{dialog:04}-"));
+        if removed && present {
+            found.push(dialog);
+        }
+        if !removed {
+            assert!(
+                present,
+                "{removal:?}: kept dialog {dialog} is on disk (the search works)"
+            );
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "{removal:?}: removed dialogs still on disk: {found:?}"
+    );
+    // An erased customer's id is gone too (the audit record keeps a digest).
+    if !matches!(removal, Removal::Withdrawals) {
+        for customer in ["customer-3", "customer-7"] {
+            assert!(
+                !contains(&bytes, customer),
+                "{removal:?}: {customer} still on disk"
+            );
+        }
+        assert!(contains(&bytes, "customer-4"));
+    }
+    // Nothing left to retry.
+    let metrics = client
+        .get(service.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("dataapi_store_scrub_pending 0"),
+        "{metrics}"
+    );
+}
+
+fn limited(
+    requests_per_second: u32,
+    burst: u32,
+    concurrent_requests: usize,
+) -> dataapi::config::Config {
+    let mut config = crate::security::keyed_config();
+    config.clients = dataapi::admission::ClientLimits {
+        requests_per_second,
+        burst,
+        concurrent_requests,
+    };
+    config
+}
+
+async fn status_and_retry_after(response: reqwest::Response) -> (u16, Option<u64>, Value) {
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|value| value.to_str().unwrap().parse().unwrap());
+    (
+        status,
+        retry_after,
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
+async fn rate_per_client(app: TestApp) {
+    use dataapi::auth::Role;
+    let client = app.http_client();
+    let query = json!({ "query": "{ dialogs { totalCount } }" });
+    let send = |key: Option<&'static str>| {
+        let mut request = client.post(app.url("/graphql")).json(&query);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        async move { status_and_retry_after(request.send().await.unwrap()).await }
+    };
+    let reader = crate::security::key(Role::Read);
+    let admin = crate::security::key(Role::Admin);
+    // Sizes: the burst (20) is served, then the key is held to its rate (5 per second).
+    let mut refused = 0;
+    let started = std::time::Instant::now();
+    for _ in 0..60 {
+        let (status, retry_after, body) = send(Some(reader)).await;
+        match status {
+            200 => {}
+            429 => {
+                refused += 1;
+                assert_eq!(code(&body["errors"][0]), "RATE_LIMITED", "{body}");
+                let message = body["errors"][0]["message"].as_str().unwrap();
+                assert!(message.contains("CLIENT_REQUESTS_PER_SECOND") && message.contains('5'));
+                assert!(retry_after.is_some_and(|seconds| (1..=2).contains(&seconds)));
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    // Served: the burst, plus the rate over the time the loop took (however slow this machine is).
+    let allowed = 20 + (5.0 * started.elapsed().as_secs_f64()).ceil() as usize;
+    assert!(
+        60 - refused <= allowed,
+        "held to its rate: {} served, {allowed} allowed",
+        60 - refused
+    );
+    assert!(refused > 0);
+    // Another key is another client, and the probes answer.
+    assert_eq!(send(Some(admin)).await.0, 200);
+    assert_eq!(
+        client
+            .get(app.url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // Made-up keys count against the address, not a fresh allowance each: they end in 429, not 401.
+    let mut statuses = std::collections::BTreeSet::new();
+    for n in 0..60 {
+        let response = client
+            .post(app.url("/graphql"))
+            .bearer_auth(format!("dak_made_up_{n}"))
+            .json(&query)
+            .send()
+            .await
+            .unwrap();
+        statuses.insert(response.status().as_u16());
+    }
+    assert_eq!(statuses, [401, 429].into(), "{statuses:?}");
+    // After waiting as told, the key is served again.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert_eq!(send(Some(reader)).await.0, 200);
+}
+
+async fn concurrency_per_client(app: TestApp) {
+    use dataapi::auth::Role;
+    // Every store call takes 800 ms: requests stay in flight.
+    app.store.set_delay(Duration::from_millis(800));
+    let reader = crate::security::key(Role::Read);
+    let requests: Vec<_> = (0..8)
+        .map(|_| {
+            let request = app
+                .http_client()
+                .post(app.url("/graphql"))
+                .bearer_auth(reader)
+                .json(&json!({ "query": "{ dialogs { totalCount } }" }))
+                .send();
+            tokio::spawn(async move { status_and_retry_after(request.await.unwrap()).await })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for request in requests {
+        let (status, retry_after, body) = request.await.unwrap();
+        if status == 429 {
+            assert_eq!(code(&body["errors"][0]), "RATE_LIMITED");
+            assert!(
+                body["errors"][0]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("CLIENT_CONCURRENT_REQUESTS")
+            );
+            assert_eq!(retry_after, Some(1));
+        }
+        statuses.push(status);
+    }
+    statuses.sort_unstable();
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 429, 429, 429, 429, 429],
+        "3 in flight at most"
+    );
+    // Once answered, the slots are free again.
+    app.store.set_delay(Duration::ZERO);
+    let (status, _, _) = status_and_retry_after(
+        app.http_client()
+            .post(app.url("/graphql"))
+            .bearer_auth(reader)
+            .json(&json!({ "query": "{ dialogs { totalCount } }" }))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_its_rate_gets_429_with_retry_after_and_others_are_served() {
+    run_with(Backend::Sqlite, limited(5, 20, 0), rate_per_client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_its_requests_in_flight_gets_429_and_others_are_served() {
+    run_with(Backend::Sqlite, limited(0, 0, 3), concurrency_per_client).await;
 }

@@ -152,6 +152,10 @@ impl Store for InstrumentedStore {
         format!("instrumented {}", self.inner.describe())
     }
 
+    fn scrub_status(&self) -> dataapi::store::ScrubStatus {
+        self.inner.scrub_status()
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         self.enter("ping").await?;
         self.inner.ping().await
@@ -338,6 +342,13 @@ pub fn test_config() -> Config {
     Config {
         bind_addr: "127.0.0.1:0".parse().unwrap(),
         log: "warn".into(),
+        // Every test drives its service from one address, as fast as it can; the limits per client have
+        // tests of their own (attacks.rs).
+        clients: dataapi::admission::ClientLimits {
+            requests_per_second: 0,
+            burst: 0,
+            concurrent_requests: 0,
+        },
         ..Config::default()
     }
 }
@@ -734,21 +745,39 @@ impl BinaryService {
 
     /// Like [`start`](Self::start), with settings of the test's own.
     pub async fn start_with(log_level: &str, settings: &[(&str, &str)]) -> Self {
+        Self::start_with_open_files(log_level, settings, None).await
+    }
+
+    /// Like [`start_with`](Self::start_with), with the process's open-file limit (soft, hard) set before
+    /// it starts.
+    pub async fn start_with_open_files(
+        log_level: &str,
+        settings: &[(&str, &str)],
+        open_files: Option<(u64, u64)>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_dataapi"))
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_dataapi"));
+        command
             .current_dir(dir.path())
             .env_clear()
             .env("BIND_ADDR", format!("127.0.0.1:{port}"))
             .env("LOG", log_level)
             .envs(settings.iter().copied())
-            .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
-            .spawn()
-            .expect("start dataapi");
+            .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap());
+        if let Some((soft, hard)) = open_files {
+            // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                    rlimit::setrlimit(rlimit::Resource::NOFILE, soft, hard)
+                });
+            }
+        }
+        let child = command.spawn().expect("start dataapi");
         let service = Self { child, port, dir };
         let health = service.url("/health");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

@@ -267,6 +267,9 @@ async fn three_replicas_lose_nothing_acknowledged_through_a_killed_replica_and_a
         ("BUFFER_KEY_PREFIX", redis_support::fresh_prefix()),
         ("BUFFER_TIMEOUT", "500ms".to_owned()),
         ("STORE_TIMEOUT", "2s".to_owned()),
+        // The jobs drive the replicas from one address as fast as they can.
+        ("CLIENT_REQUESTS_PER_SECOND", "0".to_owned()),
+        ("CLIENT_CONCURRENT_REQUESTS", "0".to_owned()),
         ("LOG", "warn".to_owned()),
     ]
     .into_iter()
