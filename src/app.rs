@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::auth::KeyRing;
 use crate::buffer::redis::RedisOptions;
 use crate::buffer::{BufferError, BufferLimits, MemoryBuffer, RedisBuffer, SharedBuffer};
 use crate::config::{BufferBackend, Config, DatabaseConfig};
@@ -93,6 +94,7 @@ pub struct Application {
     listener: TcpListener,
     router: axum::Router,
     service: Arc<DialogService>,
+    keys: KeyRing,
     config: Config,
 }
 
@@ -127,20 +129,27 @@ impl Application {
             max_push_messages: config.limits.max_push_messages,
             max_query_depth: config.limits.max_query_depth,
             max_query_complexity: config.limits.max_query_complexity,
+            max_store_calls: config.limits.max_store_calls,
+            max_loaded_messages: config.limits.max_loaded_messages,
         };
         let executor = Arc::new(Executor::new(
             service.clone(),
             limits,
             config.access.introspection,
         ));
+        let keys = KeyRing::new(
+            config.access.api_keys.clone(),
+            config.access.api_keys_file.clone(),
+        );
         let router = http::router(
             AppState {
                 executor,
                 service: service.clone(),
                 limits,
-                api_keys: config.access.api_keys.clone(),
+                api_keys: keys.clone(),
                 max_batch_operations: config.limits.max_batch_operations,
                 max_body_bytes: config.limits.max_body_bytes,
+                max_response_bytes: config.limits.max_response_bytes,
                 keyless_hosts: config
                     .access
                     .api_keys
@@ -168,6 +177,7 @@ impl Application {
             listener,
             router,
             service,
+            keys,
             config: config.clone(),
         })
     }
@@ -190,6 +200,7 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let sweeper = self.service.spawn_sweeper(sweep_period(&self.config));
+        let key_reloader = spawn_key_reloader(self.keys.clone());
         let stopping = Arc::new(tokio::sync::Notify::new());
         let signalled = stopping.clone();
         let limits = self.config.connections.fitted_to_open_file_limit();
@@ -208,6 +219,9 @@ impl Application {
             }
         };
         sweeper.abort();
+        if let Some(reloader) = key_reloader {
+            reloader.abort();
+        }
         let buffer = self.service.buffer();
         if !buffer.is_shared()
             && let Ok(buffered) = buffer.stats().await
@@ -229,6 +243,35 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.run_until(shutdown_signal()).await
     }
+}
+
+/// With `API_KEYS_FILE`, reads the keys again on every SIGHUP (see `KeyRing`).
+fn spawn_key_reloader(keys: KeyRing) -> Option<tokio::task::JoinHandle<()>> {
+    keys.file()?;
+    #[cfg(unix)]
+    {
+        let mut hangups = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::hangup(),
+        ) {
+            Ok(hangups) => hangups,
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGHUP: API_KEYS_FILE is read only at startup");
+                return None;
+            }
+        };
+        Some(tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                match keys.reload() {
+                    Ok(count) => tracing::info!(keys = count, "API_KEYS_FILE reloaded"),
+                    Err(reason) => tracing::error!(
+                        "API_KEYS_FILE not reloaded, the keys in force stay as they were: {reason}"
+                    ),
+                }
+            }
+        }))
+    }
+    #[cfg(not(unix))]
+    None
 }
 
 async fn shutdown_signal() {

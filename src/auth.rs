@@ -3,6 +3,8 @@
 //! never logs or echoes a key.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use sha2::{Digest, Sha256};
@@ -144,6 +146,75 @@ impl ApiKeys {
     }
 }
 
+impl ApiKeys {
+    /// Reads a key file (`API_KEYS_FILE`): the entries of `API_KEYS`, separated by commas, spaces or
+    /// lines; lines starting with `#` are comments. A file with no key is refused: it would open the
+    /// service to everyone.
+    pub fn read_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+        let entries: String = text
+            .lines()
+            .filter(|line| !line.trim_start().starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let keys = Self::parse(&entries)?;
+        if keys.is_empty() {
+            return Err(format!(
+                "{} holds no key (a keyed service never becomes keyless while it runs)",
+                path.display()
+            ));
+        }
+        Ok(keys)
+    }
+}
+
+/// The keys in force, shared by every request. With `API_KEYS_FILE` they can be replaced while the service
+/// runs (on SIGHUP): keys listed in the file before and after a reload stay valid throughout, so a key is
+/// rotated by adding the new one, moving clients over, then removing the old one.
+#[derive(Clone, Debug, Default)]
+pub struct KeyRing {
+    keys: Arc<RwLock<Arc<ApiKeys>>>,
+    file: Option<PathBuf>,
+}
+
+impl KeyRing {
+    pub fn new(keys: ApiKeys, file: Option<PathBuf>) -> Self {
+        Self {
+            keys: Arc::new(RwLock::new(Arc::new(keys))),
+            file,
+        }
+    }
+
+    /// The keys in force now.
+    pub fn current(&self) -> Arc<ApiKeys> {
+        self.keys
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// The file the keys are reloaded from, if any.
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_deref()
+    }
+
+    /// Reads the file again. The keys in force change only if it holds a valid list of at least one key;
+    /// otherwise they stay as they were, and the error says why. Returns how many keys are in force.
+    pub fn reload(&self) -> Result<usize, String> {
+        let Some(file) = &self.file else {
+            return Err("no API_KEYS_FILE is configured".to_owned());
+        };
+        let keys = ApiKeys::read_file(file)?;
+        let count = keys.len();
+        *self
+            .keys
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(keys);
+        Ok(count)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +237,42 @@ mod tests {
         assert_eq!(keys.role_of("dak_wrong"), None);
         assert_eq!(keys.role_of(""), None);
         assert!(!format!("{keys:?}").contains(&hex::encode(digest(&read_key))));
+    }
+
+    #[test]
+    fn a_key_ring_reloads_only_a_valid_non_empty_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys");
+        let (old, new) = (generate_key(), generate_key());
+        let entry = |role: &str, key: &str| format!("{role}:{}", hex::encode(digest(key)));
+        std::fs::write(
+            &file,
+            format!("# rotated monthly\n{}\n", entry("read", &old)),
+        )
+        .unwrap();
+        let ring = KeyRing::new(ApiKeys::read_file(&file).unwrap(), Some(file.clone()));
+        assert_eq!(ring.current().role_of(&old), Some(Role::Read));
+        // Both during the rotation, then the new one alone.
+        std::fs::write(
+            &file,
+            format!("{}\n{}", entry("read", &old), entry("admin", &new)),
+        )
+        .unwrap();
+        assert_eq!(ring.reload(), Ok(2));
+        assert_eq!(ring.current().role_of(&old), Some(Role::Read));
+        assert_eq!(ring.current().role_of(&new), Some(Role::Admin));
+        std::fs::write(&file, entry("admin", &new)).unwrap();
+        assert_eq!(ring.reload(), Ok(1));
+        assert_eq!(ring.current().role_of(&old), None);
+        // An empty, malformed or missing file changes nothing.
+        for bad in ["", "# nothing\n", "read:nothex", "owner:00"] {
+            std::fs::write(&file, bad).unwrap();
+            assert!(ring.reload().is_err(), "{bad:?}");
+            assert_eq!(ring.current().role_of(&new), Some(Role::Admin), "{bad:?}");
+        }
+        std::fs::remove_file(&file).unwrap();
+        assert!(ring.reload().is_err());
+        assert_eq!(ring.current().len(), 1);
     }
 
     #[test]

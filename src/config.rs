@@ -51,6 +51,8 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AccessConfig {
     pub api_keys: ApiKeys,
+    /// Where the keys were read from (`API_KEYS_FILE`), to read them again on SIGHUP.
+    pub api_keys_file: Option<PathBuf>,
     /// Without keys, serve a non-loopback address anyway (everyone is admin).
     pub allow_unauthenticated: bool,
     /// Serve GraphiQL at `/` and `GET /graphql`.
@@ -74,6 +76,12 @@ pub struct LimitsConfig {
     pub max_body_bytes: usize,
     pub max_query_depth: usize,
     pub max_query_complexity: usize,
+    /// Store calls one request's queries may make.
+    pub max_store_calls: usize,
+    /// Messages one request's `Dialog.messages` fields may load together.
+    pub max_loaded_messages: usize,
+    /// Bytes of one operation's answer.
+    pub max_response_bytes: usize,
 }
 
 /// Where undecided messages wait.
@@ -113,6 +121,7 @@ impl Default for Config {
             log: "info".to_owned(),
             access: AccessConfig {
                 api_keys: ApiKeys::default(),
+                api_keys_file: None,
                 allow_unauthenticated: false,
                 graphiql: true,
                 introspection: true,
@@ -125,6 +134,9 @@ impl Default for Config {
                 max_body_bytes: 2 * 1024 * 1024,
                 max_query_depth: 16,
                 max_query_complexity: 50_000,
+                max_store_calls: 50,
+                max_loaded_messages: 20_000,
+                max_response_bytes: 16 * 1024 * 1024,
             },
             buffer: BufferConfig {
                 backend: BufferBackend::Memory,
@@ -251,15 +263,26 @@ impl Config {
             },
         };
 
-        let api_keys = match var("API_KEYS") {
-            None => ApiKeys::default(),
+        let api_keys_file = get("API_KEYS_FILE").map(PathBuf::from);
+        let api_keys = match (var("API_KEYS"), &api_keys_file) {
+            (Some(_), Some(_)) => {
+                return Err(error(
+                    "API_KEYS_FILE",
+                    "(hidden)",
+                    "set either API_KEYS or API_KEYS_FILE, not both",
+                ));
+            }
+            (None, None) => ApiKeys::default(),
             // Never echo the value: it is a list of key digests.
-            Some(text) => {
+            (Some(text), None) => {
                 ApiKeys::parse(&text).map_err(|reason| error("API_KEYS", "(hidden)", &reason))?
             }
+            (None, Some(file)) => ApiKeys::read_file(file)
+                .map_err(|reason| error("API_KEYS_FILE", &file.display().to_string(), &reason))?,
         };
         let access = AccessConfig {
             api_keys,
+            api_keys_file,
             allow_unauthenticated: flag("ALLOW_UNAUTHENTICATED", false)?,
             graphiql: flag("GRAPHIQL", defaults.access.graphiql)?,
             introspection: flag("INTROSPECTION", defaults.access.introspection)?,
@@ -299,6 +322,17 @@ impl Config {
                 "MAX_QUERY_COMPLEXITY",
                 d.max_query_complexity,
                 10..=10_000_000,
+            )?,
+            max_store_calls: number("MAX_STORE_CALLS", d.max_store_calls, 1..=100_000)?,
+            max_loaded_messages: number(
+                "MAX_LOADED_MESSAGES",
+                d.max_loaded_messages,
+                1..=10_000_000,
+            )?,
+            max_response_bytes: number(
+                "MAX_RESPONSE_BYTES",
+                d.max_response_bytes,
+                1_024..=1_073_741_824,
             )?,
         };
         let backend = match get("BUFFER_URL") {
@@ -526,6 +560,25 @@ mod tests {
             config(&[("MAX_CONNECTIONS", "0")]).unwrap_err().name,
             "MAX_CONNECTIONS"
         );
+        assert_eq!(
+            config(&[("MAX_STORE_CALLS", "0")]).unwrap_err().name,
+            "MAX_STORE_CALLS"
+        );
+        assert_eq!(
+            config(&[("MAX_RESPONSE_BYTES", "10")]).unwrap_err().name,
+            "MAX_RESPONSE_BYTES"
+        );
+        let limits = config(&[("MAX_LOADED_MESSAGES", "500"), ("MAX_STORE_CALLS", "7")])
+            .unwrap()
+            .limits;
+        assert_eq!(
+            (limits.max_loaded_messages, limits.max_store_calls),
+            (500, 7)
+        );
+        let missing = config(&[("API_KEYS_FILE", "/nonexistent/keys")]).unwrap_err();
+        assert_eq!(missing.name, "API_KEYS_FILE");
+        let both = config(&[("API_KEYS_FILE", "/x"), ("API_KEYS", "")]).unwrap_err();
+        assert_eq!(both.name, "API_KEYS_FILE");
         let keys = config(&[("API_KEYS", "read:secretsecret")]).unwrap_err();
         assert_eq!(keys.name, "API_KEYS");
         assert!(!keys.to_string().contains("secretsecret"));

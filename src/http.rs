@@ -10,8 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_graphql::{BatchRequest, BatchResponse};
-use async_graphql_axum::GraphQLResponse;
+use async_graphql::BatchRequest;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
@@ -22,7 +21,7 @@ use serde_json::json;
 use sha2::Digest;
 
 use crate::admission::{Admission, ClientId, Refusal};
-use crate::auth::{ApiKeys, Caller};
+use crate::auth::{ApiKeys, Caller, KeyRing};
 use crate::execution::{Executed, Executor};
 use crate::hosts::AllowedHosts;
 use crate::schema::{self, Limits};
@@ -33,9 +32,11 @@ pub struct AppState {
     pub executor: Arc<Executor>,
     pub service: Arc<DialogService>,
     pub limits: Limits,
-    pub api_keys: ApiKeys,
+    pub api_keys: KeyRing,
     pub max_batch_operations: usize,
     pub max_body_bytes: usize,
+    /// Bytes of all the answers of one request together.
+    pub max_response_bytes: usize,
     /// Keyless: the hosts served (DNS rebinding). None with keys: the key is the protection.
     pub keyless_hosts: Option<Arc<AllowedHosts>>,
     /// Per-client limits; None when both are off.
@@ -89,7 +90,7 @@ async fn admit_client(
         return next.run(request).await;
     }
     let valid_key = bearer(request.headers())
-        .filter(|key| state.api_keys.role_of(key).is_some())
+        .filter(|key| state.api_keys.current().role_of(key).is_some())
         .map(|key| {
             let digest = crate::auth::digest(key);
             ClientId::Key(digest[..8].try_into().expect("8 of 32 bytes"))
@@ -247,7 +248,7 @@ fn caller(keys: &ApiKeys, headers: &HeaderMap) -> Option<Caller> {
 
 async fn graphql(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let Some(caller) = caller(&state.api_keys, &parts.headers) else {
+    let Some(caller) = caller(&state.api_keys.current(), &parts.headers) else {
         return refuse(
             &state,
             StatusCode::UNAUTHORIZED,
@@ -274,7 +275,7 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
         );
     }
     let too_large = |state: &AppState| {
-        refuse(
+        let mut response = refuse(
             state,
             StatusCode::PAYLOAD_TOO_LARGE,
             "PAYLOAD_TOO_LARGE",
@@ -283,7 +284,13 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
                  smaller messages per request",
                 state.max_body_bytes
             ),
-        )
+        );
+        // The rest of the body is never read, so the connection cannot carry another request: say so,
+        // or the client may send its next one on it as it closes.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response
     };
     // A declared length over the limit is refused before a byte of the body is read.
     let declared = parts
@@ -351,11 +358,16 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
     // messages and then gives consent must see its own pushes.
     let mut responses = Vec::with_capacity(operations.len());
     let metrics = state.service.metrics();
+    // One allowance for the whole request, batch or not.
+    let allowance = schema::RequestAllowance::new(state.limits);
     for mut operation in operations {
         operation.data.insert(caller);
-        operation
-            .data
-            .insert(schema::request_loader(state.service.clone(), state.limits));
+        operation.data.insert(schema::request_loader(
+            state.service.clone(),
+            state.limits,
+            allowance.clone(),
+        ));
+        operation.data.insert(allowance.clone());
         let started = std::time::Instant::now();
         let Executed { label, response } = state.executor.execute(operation).await;
         responses.push(response);
@@ -390,12 +402,43 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
     } else {
         None
     };
-    let batch = if is_batch {
-        BatchResponse::Batch(responses)
-    } else {
-        BatchResponse::Single(responses.pop().expect("one response"))
-    };
-    let mut response = GraphQLResponse::from(batch).into_response();
+    // Each operation's answer is written once, here; one that would pass MAX_RESPONSE_BYTES (all the
+    // batch's answers together) is replaced by an error saying so, the others are kept: a batch's
+    // mutations that succeeded must be reported as such.
+    let mut body = Vec::new();
+    if is_batch {
+        body.push(b'[');
+    }
+    for (index, response) in responses.iter().enumerate() {
+        if index > 0 {
+            body.push(b',');
+        }
+        let start = body.len();
+        serde_json::to_writer(&mut body, response).expect("a GraphQL response serializes");
+        let written = body.len() - start;
+        if body.len() > state.max_response_bytes {
+            body.truncate(start);
+            count_error(&state, "RESPONSE_TOO_LARGE");
+            let refusal = json!({ "errors": [{
+                "message": format!(
+                    "the answer is {written} bytes, more than MAX_RESPONSE_BYTES ({}) allows: ask for \
+                     fewer items (first), fewer fields, or page through one dialog's messages with \
+                     messages(filter: {{dialogId: …}}, first: …)",
+                    state.max_response_bytes
+                ),
+                "extensions": { "code": "RESPONSE_TOO_LARGE" },
+            }] });
+            serde_json::to_writer(&mut body, &refusal).expect("JSON serializes");
+        }
+    }
+    if is_batch {
+        body.push(b']');
+    }
+    let mut response = (
+        [(header::CONTENT_TYPE, "application/graphql-response+json")],
+        body,
+    )
+        .into_response();
     if let Some(status) = status {
         *response.status_mut() = status;
         if status == StatusCode::SERVICE_UNAVAILABLE {

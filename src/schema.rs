@@ -34,6 +34,84 @@ pub struct Limits {
     pub max_push_messages: usize,
     pub max_query_depth: usize,
     pub max_query_complexity: usize,
+    /// Store calls one request's queries may make (see [`RequestAllowance`]).
+    pub max_store_calls: usize,
+    /// Messages one request's `Dialog.messages` fields may load together.
+    pub max_loaded_messages: usize,
+}
+
+/// What a request's queries may still ask of the database, shared by every operation of a batch:
+/// - store calls: each listing, `totalCount`, `dialog`, `consent`, and batch of dialogs' messages is one.
+///   Complexity bounds what one query selects, not how often it asks the database: thousands of aliased
+///   counts are cheap to select and each is a scan;
+/// - messages loaded for `Dialog.messages`: a dialog holds as many messages as its customer wrote, so the
+///   page's dialogs are loaded with a limit, and past it the field is refused instead of loaded.
+#[derive(Clone, Debug)]
+pub struct RequestAllowance {
+    store_calls: Arc<std::sync::atomic::AtomicUsize>,
+    messages: Arc<std::sync::atomic::AtomicUsize>,
+    limits: Limits,
+}
+
+impl RequestAllowance {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            store_calls: Arc::new(std::sync::atomic::AtomicUsize::new(limits.max_store_calls)),
+            messages: Arc::new(std::sync::atomic::AtomicUsize::new(
+                limits.max_loaded_messages,
+            )),
+            limits,
+        }
+    }
+
+    /// Takes one call from the allowance, or refuses the field.
+    fn spend(&self) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        self.store_calls
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| left.checked_sub(1))
+            .map(|_| ())
+            .map_err(|_| {
+                async_graphql::Error::new(format!(
+                    "this request asks the database more than {} times (MAX_STORE_CALLS: every listing, \
+                     totalCount, dialog, consent and page of dialogs' messages counts once): ask for fewer \
+                     counts and listings per request, or split it",
+                    self.limits.max_store_calls
+                ))
+                .extend_with(|_, extensions| extensions.set("code", "STORE_CALLS_EXCEEDED"))
+            })
+    }
+
+    /// How many more messages this request may load.
+    fn messages_left(&self) -> usize {
+        self.messages.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Takes `shown` messages from the allowance, or refuses them all if they are more than what is left.
+    /// Counted where they are shown, once per field: aliases of one dialog's messages each count.
+    fn take_messages(&self, shown: usize) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        self.messages
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                left.checked_sub(shown)
+            })
+            .map(|_| ())
+            .map_err(|_| self.messages_refused())
+    }
+
+    fn messages_refused(&self) -> async_graphql::Error {
+        async_graphql::Error::new(format!(
+            "the dialogs' messages asked for in this request are more than {} (MAX_LOADED_MESSAGES, \
+             every alias counted): ask for fewer dialogs (first), or page through one dialog's messages \
+             with messages(filter: {{dialogId: …}}, first: …)",
+            self.limits.max_loaded_messages
+        ))
+        .extend_with(|_, extensions| extensions.set("code", "RESPONSE_TOO_LARGE"))
+    }
+}
+
+/// Spends one of the request's store calls (see [`RequestAllowance`]).
+fn spend_store_call(ctx: &Context<'_>) -> Result<()> {
+    data::<RequestAllowance>(ctx)?.spend()
 }
 
 /// The schema with the service attached, ready to execute requests; `validation` is async-graphql's
@@ -107,9 +185,13 @@ pub type MessagesLoader = DataLoader<MessagesByDialog, HashMapCache>;
 
 /// Per-request data: a fresh DataLoader, so that its cache never outlives the request. A batch may hold a
 /// whole page of dialogs, so one page is always one query.
-pub fn request_loader(service: Arc<DialogService>, limits: Limits) -> MessagesLoader {
+pub fn request_loader(
+    service: Arc<DialogService>,
+    limits: Limits,
+    allowance: RequestAllowance,
+) -> MessagesLoader {
     DataLoader::with_cache(
-        MessagesByDialog(service),
+        MessagesByDialog(service, allowance),
         tokio::spawn,
         HashMapCache::default(),
     )
@@ -255,40 +337,52 @@ impl Dialog {
     }
 
     /// Its messages, oldest first. Loaded in one batch for all dialogs of a page. For query complexity a
-    /// dialog counts as 20 messages.
+    /// dialog counts as 20 messages; one request shows at most MAX_LOADED_MESSAGES of them in all (every
+    /// alias counted), past which this field fails with RESPONSE_TOO_LARGE: page through a long dialog with
+    /// `messages(filter: {dialogId: …})`.
     #[graphql(complexity = "DIALOG_MESSAGES_COMPLEXITY * child_complexity + 1")]
     async fn messages(&self, ctx: &Context<'_>) -> Result<Vec<Message>> {
         let loader = data::<MessagesLoader>(ctx)?;
-        let messages = loader.load_one(self.0.id.clone()).await?;
-        Ok(messages
-            .unwrap_or_default()
-            .into_iter()
-            .map(Message)
-            .collect())
+        // Shared, not copied, until the allowance says they may be shown (aliases get the same list).
+        let Some(messages) = loader.load_one(self.0.id.clone()).await? else {
+            return Ok(Vec::new());
+        };
+        data::<RequestAllowance>(ctx)?.take_messages(messages.len())?;
+        Ok(messages.iter().cloned().map(Message).collect())
     }
 }
 
-/// Loads the messages of many dialogs with one store query.
-pub struct MessagesByDialog(Arc<DialogService>);
+/// Loads the messages of many dialogs with one store query (one of the request's store calls).
+pub struct MessagesByDialog(Arc<DialogService>, RequestAllowance);
 
 impl Loader<DialogId> for MessagesByDialog {
-    type Value = Vec<crate::model::Message>;
+    type Value = Arc<Vec<crate::model::Message>>;
     type Error = async_graphql::Error;
 
     async fn load(&self, keys: &[DialogId]) -> Result<HashMap<DialogId, Self::Value>, Self::Error> {
+        self.1.spend()?;
+        // Never more than the request may still show (one more, to tell): a page of long dialogs is not
+        // loaded whole to be refused afterwards.
+        let left = self.1.messages_left();
         let messages = self
             .0
-            .messages_of_dialogs(keys)
+            .messages_of_dialogs(keys, left.saturating_add(1))
             .await
             .map_err(|e| e.extend())?;
-        let mut by_dialog: HashMap<DialogId, Self::Value> = HashMap::new();
+        if messages.len() > left {
+            return Err(self.1.messages_refused());
+        }
+        let mut by_dialog: HashMap<DialogId, Vec<crate::model::Message>> = HashMap::new();
         for message in messages {
             by_dialog
                 .entry(message.dialog_id.clone())
                 .or_default()
                 .push(message);
         }
-        Ok(by_dialog)
+        Ok(by_dialog
+            .into_iter()
+            .map(|(dialog, messages)| (dialog, Arc::new(messages)))
+            .collect())
     }
 }
 
@@ -430,6 +524,7 @@ pub struct DialogListTotals(store::DialogFilter);
 impl DialogListTotals {
     /// How many dialogs match the filter, ignoring paging. Costs a count query: ask only when needed.
     async fn total_count(&self, ctx: &Context<'_>) -> Result<u64> {
+        spend_store_call(ctx)?;
         Ok(service(ctx)?.count_dialogs(&self.0).await?)
     }
 }
@@ -441,6 +536,7 @@ pub struct MessageListTotals(store::MessageFilter);
 impl MessageListTotals {
     /// How many messages match the filter, ignoring paging. Costs a count query: ask only when needed.
     async fn total_count(&self, ctx: &Context<'_>) -> Result<u64> {
+        spend_store_call(ctx)?;
         Ok(service(ctx)?.count_messages(&self.0).await?)
     }
 }
@@ -494,6 +590,7 @@ impl QueryRoot {
             before,
         }
         .parse(ListKind::Dialogs, limits.max_page_size)?;
+        spend_store_call(ctx)?;
         let page = service(ctx)?.dialogs(&filter, &request).await?;
         // The loader batches the `messages` of the page's dialogs by waiting a moment for their resolvers;
         // loading them all up front makes the page one query however long resolving takes.
@@ -521,6 +618,7 @@ impl QueryRoot {
     #[graphql(guard = "require(Permission::Read)")]
     async fn dialog(&self, ctx: &Context<'_>, id: ID) -> Result<Option<Dialog>> {
         let id = DialogId::parse("id", id.0)?;
+        spend_store_call(ctx)?;
         Ok(service(ctx)?.dialog(&id).await?.map(Dialog))
     }
 
@@ -529,6 +627,7 @@ impl QueryRoot {
     #[graphql(guard = "require(Permission::Read)")]
     async fn consent(&self, ctx: &Context<'_>, dialog_id: ID) -> Result<Option<ConsentRecord>> {
         let dialog_id = DialogId::parse("dialogId", dialog_id.0)?;
+        spend_store_call(ctx)?;
         Ok(service(ctx)?
             .consent_history(&dialog_id)
             .await?
@@ -558,6 +657,7 @@ impl QueryRoot {
             before,
         }
         .parse(ListKind::Messages, limits.max_page_size)?;
+        spend_store_call(ctx)?;
         let page = service(ctx)?.messages(&filter, &request).await?;
         Ok(connection(
             page,

@@ -638,8 +638,9 @@ impl DialogService {
     pub async fn messages_of_dialogs(
         &self,
         dialog_ids: &[DialogId],
+        limit: usize,
     ) -> Result<Vec<Message>, ApiError> {
-        Ok(self.store.messages_of_dialogs(dialog_ids).await?)
+        Ok(self.store.messages_of_dialogs(dialog_ids, limit).await?)
     }
 }
 

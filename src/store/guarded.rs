@@ -159,10 +159,14 @@ impl Store for GuardedStore {
             .await
     }
 
-    async fn messages_of_dialogs(&self, dialog_ids: &[DialogId]) -> StoreResult<Vec<Message>> {
+    async fn messages_of_dialogs(
+        &self,
+        dialog_ids: &[DialogId],
+        limit: usize,
+    ) -> StoreResult<Vec<Message>> {
         self.call(
             "messages_of_dialogs",
-            self.inner.messages_of_dialogs(dialog_ids),
+            self.inner.messages_of_dialogs(dialog_ids, limit),
         )
         .await
     }

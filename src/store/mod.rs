@@ -182,8 +182,13 @@ pub trait Store: Send + Sync + 'static {
 
     async fn count_messages(&self, filter: &MessageFilter) -> StoreResult<u64>;
 
-    /// The messages of many dialogs at once (one round trip), each dialog's oldest first.
-    async fn messages_of_dialogs(&self, dialog_ids: &[DialogId]) -> StoreResult<Vec<Message>>;
+    /// The messages of many dialogs at once (one round trip), each dialog's oldest first; at most `limit`
+    /// of them (callers ask for one more than they accept, to tell that there were more).
+    async fn messages_of_dialogs(
+        &self,
+        dialog_ids: &[DialogId],
+        limit: usize,
+    ) -> StoreResult<Vec<Message>>;
 }
 
 pub type SharedStore = Arc<dyn Store>;

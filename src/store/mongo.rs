@@ -782,8 +782,12 @@ impl Store for MongoStore {
             .map_err(mongo_error("count messages"))
     }
 
-    async fn messages_of_dialogs(&self, dialog_ids: &[DialogId]) -> StoreResult<Vec<Message>> {
-        if dialog_ids.is_empty() {
+    async fn messages_of_dialogs(
+        &self,
+        dialog_ids: &[DialogId],
+        limit: usize,
+    ) -> StoreResult<Vec<Message>> {
+        if dialog_ids.is_empty() || limit == 0 {
             return Ok(Vec::new());
         }
         let ids: Vec<&str> = dialog_ids.iter().map(DialogId::as_str).collect();
@@ -791,6 +795,7 @@ impl Store for MongoStore {
             .messages
             .find(doc! { "dialogId": { "$in": ids } })
             .sort(doc! { "dialogId": 1, "seq": 1 })
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
             // One reply (up to the server's 16 MB) instead of the default first batch of 101 documents.
             .batch_size(LOAD_BATCH_SIZE)
             .await

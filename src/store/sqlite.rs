@@ -1211,15 +1211,23 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn messages_of_dialogs(&self, dialog_ids: &[DialogId]) -> StoreResult<Vec<Message>> {
+    async fn messages_of_dialogs(
+        &self,
+        dialog_ids: &[DialogId],
+        limit: usize,
+    ) -> StoreResult<Vec<Message>> {
         let dialog_ids: Vec<String> = dialog_ids.iter().map(ToString::to_string).collect();
         self.with_connection(move |c| {
             let mut messages = Vec::new();
             for chunk in dialog_ids.chunks(IDS_PER_STATEMENT) {
+                let left = limit.saturating_sub(messages.len());
+                if left == 0 {
+                    break;
+                }
                 let placeholders = vec!["?"; chunk.len()].join(", ");
                 let sql = format!(
                     "SELECT {MESSAGE_COLUMNS} FROM messages WHERE dialog_id IN ({placeholders}) \
-                     ORDER BY dialog_id, seq"
+                     ORDER BY dialog_id, seq LIMIT {left}"
                 );
                 messages.extend(select(c, "load messages", &sql, chunk, message_from_row)?);
             }

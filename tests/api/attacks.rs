@@ -245,6 +245,11 @@ async fn body_reading(app: TestApp) {
         let response = raw_exchange(addr, request.as_bytes(), Duration::from_secs(10)).await;
         assert!(response.starts_with("HTTP/1.1 413"), "{length}: {response}");
         assert!(response.contains("PAYLOAD_TOO_LARGE"), "{response}");
+        // The unread body makes the connection unusable: the client is told not to reuse it.
+        assert!(
+            response.to_ascii_lowercase().contains("connection: close"),
+            "{response}"
+        );
     }
     // A chunked body that breaks off with a malformed chunk is a bad request, not a large one.
     for broken in [
@@ -916,4 +921,318 @@ async fn a_client_over_its_rate_gets_429_with_retry_after_and_others_are_served(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_over_its_requests_in_flight_gets_429_and_others_are_served() {
     run_with(Backend::Sqlite, limited(0, 0, 3), concurrency_per_client).await;
+}
+
+/// The store calls a response of `aliases` listings, each with its `totalCount`, was allowed: a refused
+/// listing (an error at `[alias]`) never asks for its count; a refused count is an error at
+/// `[alias, totalCount]`.
+fn calls_used(response: &Value, aliases: usize) -> usize {
+    let errors = response["errors"].as_array().map_or(&[][..], Vec::as_slice);
+    let refused = |depth: usize| {
+        errors
+            .iter()
+            .filter(|error| error["path"].as_array().map_or(0, Vec::len) == depth)
+            .count()
+    };
+    let listed = aliases - refused(1);
+    listed + (listed - refused(2))
+}
+
+async fn count_storms(app: TestApp) {
+    for i in 0..5 {
+        let dialog = format!("storm-{i}");
+        app.push("ada", &dialog, "counted text", "en", None).await;
+        app.consent(&dialog, true).await;
+    }
+    let store_calls = |app: &TestApp| {
+        let calls = app.store.calls();
+        [
+            "count_messages",
+            "scan_messages",
+            "count_dialogs",
+            "scan_dialogs",
+        ]
+        .iter()
+        .map(|call| calls.get(call).copied().unwrap_or(0))
+        .sum::<usize>()
+    };
+    // Sizes: just over the allowance (50), ten times it, and a storm.
+    for aliases in [30usize, 250, 3_000] {
+        app.store.reset_calls();
+        let query = format!(
+            "{{ {} }}",
+            (0..aliases)
+                .map(|i| format!("c{i}: messages(first: 0) {{ totalCount }} "))
+                .collect::<String>()
+        );
+        let bystander = format!("bystander-{aliases}");
+        let (response, push, health) = tokio::join!(
+            app.graphql(&query, json!({})),
+            app.push_status(&bystander, "still served"),
+            app.http_client().get(app.url("/health")).send(),
+        );
+        assert_eq!(push.0, 200, "{}", push.1);
+        assert_eq!(health.unwrap().status(), 200);
+        let errors = response["errors"].as_array().unwrap();
+        // Each alias is two calls (the listing, then its count): 50 of them run, the rest are refused.
+        assert!(
+            errors.len() >= aliases.saturating_sub(50),
+            "{aliases} aliases"
+        );
+        for error in errors {
+            assert_eq!(code(error), "STORE_CALLS_EXCEEDED", "{error}");
+            let message = error["message"].as_str().unwrap();
+            assert!(
+                message.contains("MAX_STORE_CALLS") && message.contains("50"),
+                "{message}"
+            );
+        }
+        assert!(store_calls(&app) <= 50, "{} store calls", store_calls(&app));
+        assert_eq!(
+            calls_used(&response, aliases),
+            50,
+            "the whole allowance, no more: {response}"
+        );
+    }
+    // A batch shares one allowance: 10 operations of 10 counts each.
+    app.store.reset_calls();
+    let operation = json!({ "query": format!(
+        "{{ {} }}",
+        (0..10).map(|i| format!("d{i}: dialogs(first: 1) {{ totalCount }} ")).collect::<String>()
+    ) });
+    let batch = app.post_json(&Value::Array(vec![operation; 10])).await;
+    let mut used = 0;
+    for response in batch.as_array().unwrap() {
+        for error in response["errors"].as_array().into_iter().flatten() {
+            assert_eq!(code(error), "STORE_CALLS_EXCEEDED", "{error}");
+        }
+        used += calls_used(response, 10);
+    }
+    assert_eq!(used, 50, "the operations of a batch share one allowance");
+    assert!(store_calls(&app) <= 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn count_storms_are_held_to_the_store_call_allowance_and_others_are_served() {
+    run_with(Backend::Sqlite, test_config(), count_storms).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alias_amplification_of_long_dialogs_is_refused_before_it_is_built() {
+    let mut service = BinaryService::start_with(
+        "warn",
+        &[
+            ("CLIENT_REQUESTS_PER_SECOND", "0"),
+            ("CLIENT_CONCURRENT_REQUESTS", "0"),
+            ("MAX_LOADED_MESSAGES", "1000"),
+            ("MAX_RESPONSE_BYTES", "4194304"),
+        ],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let url = service.url("/graphql");
+    let post = |body: Value| {
+        let request = client.post(&url).json(&body);
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    // Three dialogs of 300 messages of 5,000 characters: 4.5 MB of text.
+    let text = "long text ".repeat(500);
+    for dialog in 0..3 {
+        for part in 0..3 {
+            let messages: Vec<Value> = (0..100)
+                .map(|n| {
+                    json!({ "customerId": "ada", "dialogId": format!("long-{dialog}"),
+                            "text": format!("{part}-{n} {text}"), "language": "en" })
+                })
+                .collect();
+            let pushed = post(json!({
+                "query": "mutation($m: [PushMessageInput!]!) { pushMessages(inputs: $m) { status } }",
+                "variables": { "m": messages },
+            }))
+            .await;
+            assert!(pushed["errors"].is_null(), "{pushed}");
+        }
+        let consent = post(json!({ "query": format!(
+            "mutation {{ giveConsent(dialogId: \"long-{dialog}\", value: true) {{ storedCount }} }}"
+        ) }))
+        .await;
+        assert_eq!(
+            consent["data"]["giveConsent"]["storedCount"], 300,
+            "{consent}"
+        );
+    }
+    let aliases = |count: usize| {
+        let fields: String = (0..count)
+            .map(|i| {
+                format!(
+                    "a{i}: dialog(id: \"long-{}\") {{ messages {{ text }} }} ",
+                    i % 3
+                )
+            })
+            .collect();
+        json!({ "query": format!("{{ {fields} }}") })
+    };
+    // Sizes: 4 aliases (1,200 messages), 40, and 400 (the attack: 600 MB of answer, once).
+    for count in [4, 40, 400] {
+        let responses =
+            attack_while_serving(&service, aliases(count), Duration::from_millis(500)).await;
+        for response in &responses {
+            let errors = response["errors"].as_array().unwrap();
+            assert!(!errors.is_empty());
+            for error in errors {
+                // Past 50 aliases, each `dialog` is one store call too many.
+                if code(error) == "STORE_CALLS_EXCEEDED" {
+                    continue;
+                }
+                assert_eq!(code(error), "RESPONSE_TOO_LARGE", "{error}");
+                // The messages allowance, or (when what it let through is still too long) the bytes.
+                let message = error["message"].as_str().unwrap();
+                assert!(
+                    message.contains("1000 (MAX_LOADED_MESSAGES")
+                        || message.contains("MAX_RESPONSE_BYTES (4194304)"),
+                    "{message}"
+                );
+            }
+            // What was shown fits the allowance.
+            let shown: usize = (0..count)
+                .filter_map(|i| response["data"][format!("a{i}")]["messages"].as_array())
+                .map(Vec::len)
+                .sum();
+            assert!(shown <= 1000, "{shown} messages shown");
+        }
+        assert!(service.is_alive());
+    }
+    // A page of every dialog with all its messages: more than the allowance in one load.
+    let page =
+        post(json!({ "query": "{ dialogs(first: 10) { edges { node { messages { text } } } } }" }))
+            .await;
+    assert_eq!(code(&page["errors"][0]), "RESPONSE_TOO_LARGE", "{page}");
+    // The answer's bytes: 900 messages of 5 KB listed flat pass MAX_RESPONSE_BYTES (4 MiB).
+    let flat =
+        post(json!({ "query": "{ messages(first: 1000) { edges { node { text } } } }" })).await;
+    assert!(flat["data"].is_null(), "refused whole");
+    let error = &flat["errors"][0];
+    assert_eq!(code(error), "RESPONSE_TOO_LARGE", "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("MAX_RESPONSE_BYTES (4194304)")
+    );
+    // Within the limits, the same data is served.
+    let one = post(json!({ "query": "{ dialog(id: \"long-1\") { messages { text } } }" })).await;
+    assert_eq!(
+        one["data"]["dialog"]["messages"].as_array().unwrap().len(),
+        300
+    );
+    let resident = service.resident_bytes();
+    assert!(resident < MEMORY_BOUND, "resident memory {resident} bytes");
+}
+
+/// Sends SIGHUP to a process (the shell's own `kill`: no extra tool needed).
+fn hang_up(pid: u32) {
+    let status = std::process::Command::new("sh")
+        .args(["-c", &format!("kill -HUP {pid}")])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_rotate_from_a_file_on_sighup_and_a_bad_file_changes_nothing() {
+    use dataapi::auth::{digest, generate_key};
+    let keys_dir = tempfile::tempdir().unwrap();
+    let file = keys_dir.path().join("api-keys");
+    let (old, new) = (generate_key(), generate_key());
+    let entry = |role: &str, key: &str| format!("{role}:{}", hex::encode(digest(key)));
+    std::fs::write(
+        &file,
+        format!("# the reader's key\n{}\n", entry("read", &old)),
+    )
+    .unwrap();
+    let service =
+        BinaryService::start_with("info", &[("API_KEYS_FILE", file.to_str().unwrap())]).await;
+    let pid = service.child.id();
+    let client = reqwest::Client::new();
+    let status = |key: &str| {
+        let request = client
+            .post(service.url("/graphql"))
+            .bearer_auth(key)
+            .json(&json!({ "query": "{ dialogs { totalCount } }" }));
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    // Waits (a bound for failure only) until `key` gets `expected`.
+    let eventually = |key: String, expected: u16| {
+        let status = &status;
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while status(&key).await != expected {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "never got {expected}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(status(&old).await, 200);
+    assert_eq!(status(&new).await, 401);
+    // Rotation: both keys, then the new one alone.
+    std::fs::write(
+        &file,
+        format!("{}\n{}\n", entry("read", &old), entry("admin", &new)),
+    )
+    .unwrap();
+    hang_up(pid);
+    eventually(new.clone(), 200).await;
+    assert_eq!(
+        status(&old).await,
+        200,
+        "the old key stays valid until it is removed"
+    );
+    std::fs::write(&file, entry("admin", &new)).unwrap();
+    hang_up(pid);
+    eventually(old.clone(), 401).await;
+    assert_eq!(status(&new).await, 200);
+    // A file emptied, garbled or removed by mistake (or by an attacker) opens nothing and closes nothing.
+    for (n, bad) in [
+        "",
+        "# all keys commented out\n",
+        "admin:not-a-digest",
+        "root:00",
+    ]
+    .iter()
+    .enumerate()
+    {
+        std::fs::write(&file, bad).unwrap();
+        hang_up(pid);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while service.output().matches("not reloaded").count() < n + 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{bad:?} was not reported"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(status(&new).await, 200, "{bad:?}");
+        // Never keyless: a request without a key is still refused.
+        let anonymous = client
+            .post(service.url("/graphql"))
+            .json(&json!({ "query": "{ dialogs { totalCount } }" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(anonymous.status(), 401, "{bad:?}");
+    }
+    std::fs::remove_file(&file).unwrap();
+    for _ in 0..50 {
+        hang_up(pid);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        status(&new).await,
+        200,
+        "a storm of SIGHUPs with the file gone changes nothing"
+    );
+    assert!(!service.output().contains(&new), "keys are never logged");
 }

@@ -264,9 +264,13 @@ impl Store for InstrumentedStore {
         self.inner.count_messages(filter).await
     }
 
-    async fn messages_of_dialogs(&self, dialog_ids: &[DialogId]) -> StoreResult<Vec<Message>> {
+    async fn messages_of_dialogs(
+        &self,
+        dialog_ids: &[DialogId],
+        limit: usize,
+    ) -> StoreResult<Vec<Message>> {
         self.enter("messages_of_dialogs").await?;
-        self.inner.messages_of_dialogs(dialog_ids).await
+        self.inner.messages_of_dialogs(dialog_ids, limit).await
     }
 }
 
@@ -301,6 +305,23 @@ pub struct TestApp {
     /// Sent as `Authorization: Bearer <key>` by the request helpers, when set.
     pub key: Option<String>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    /// True once the service has stopped (its in-flight requests answered, its store closed).
+    stopped: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Waits for a [`TestApp`] to stop after it was dropped: a test database dropped under a service that is
+/// still finishing a transaction in it can stall the MongoDB-compatible test server.
+pub struct Stopped(tokio::sync::watch::Receiver<bool>);
+
+impl Stopped {
+    /// Bounded: a test may have left a request held up on purpose.
+    pub async fn wait(mut self) {
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            self.0.wait_for(|stopped| *stopped),
+        )
+        .await;
+    }
 }
 
 /// Opens a fresh, empty store of `backend` and what to clean up after it.
@@ -370,10 +391,16 @@ impl TestApp {
             .await
             .expect("the service starts");
         let addr = app.local_addr();
-        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(app.run_until(async {
-            let _ = stopped.await;
-        }));
+        let (shutdown, shutdown_received) = tokio::sync::oneshot::channel::<()>();
+        let (stopped_sender, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let _ = app
+                .run_until(async {
+                    let _ = shutdown_received.await;
+                })
+                .await;
+            let _ = stopped_sender.send(true);
+        });
         Self {
             addr,
             database: None,
@@ -383,7 +410,13 @@ impl TestApp {
             http: reqwest::Client::new(),
             key: None,
             shutdown: Some(shutdown),
+            stopped,
         }
+    }
+
+    /// Something to wait on, after the app is dropped, until it has stopped.
+    pub fn stopped(&self) -> Stopped {
+        Stopped(self.stopped.clone())
     }
 
     pub fn http_client(&self) -> &reqwest::Client {
@@ -697,7 +730,9 @@ where
     let (store, cleanup, database) = fresh_store(backend).await;
     let mut app = TestApp::start_with(store, config).await;
     app.database = Some(database);
+    let stopped = app.stopped();
     let outcome = AssertUnwindSafe(test(app)).catch_unwind().await;
+    stopped.wait().await;
     crate::redis_support::drop_keys(&buffer_backend).await;
     if let Cleanup::MongoDatabase { url, name } = &cleanup {
         mongodb::Client::with_uri_str(url)

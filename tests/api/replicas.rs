@@ -40,7 +40,11 @@ where
     for _ in 0..count {
         replicas.push(start_replica(&name, config.clone()).await);
     }
+    let stopped: Vec<_> = replicas.iter().map(TestApp::stopped).collect();
     let outcome = AssertUnwindSafe(test(replicas)).catch_unwind().await;
+    for replica in stopped {
+        replica.wait().await;
+    }
     redis_support::drop_keys(&backend).await;
     mongodb::Client::with_uri_str(mongodb_url())
         .await
