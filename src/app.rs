@@ -18,6 +18,7 @@ use crate::connections;
 use crate::execution::Executor;
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
+use crate::model::AuditKey;
 use crate::schema::Limits;
 use crate::service::DialogService;
 use crate::store::{GuardedStore, MongoStore, SharedStore, SqliteStore, StoreError};
@@ -123,7 +124,15 @@ impl Application {
             config.store_timeout,
             metrics.clone(),
         ));
-        let service = Arc::new(DialogService::new(store, buffer, metrics));
+        let audit_key = match &config.audit_secret {
+            Some(key) => key.clone(),
+            None => {
+                let mut proposed = [0u8; 32];
+                getrandom::fill(&mut proposed).expect("the operating system's random source");
+                AuditKey::from_bytes(store.audit_secret(proposed).await?)
+            }
+        };
+        let service = Arc::new(DialogService::new(store, buffer, metrics, audit_key));
         let limits = Limits {
             max_page_size: config.limits.max_page_size,
             max_push_messages: config.limits.max_push_messages,

@@ -10,6 +10,7 @@ use crate::auth::ApiKeys;
 use crate::buffer::redis::SentinelUrl;
 use crate::connections::ConnectionLimits;
 use crate::hosts::AllowedHosts;
+use crate::model::AuditKey;
 
 /// Where the embedded store lives when `DATABASE_URL` is unset.
 pub const DEFAULT_SQLITE_PATH: &str = "./data/dataapi.sqlite3";
@@ -45,6 +46,8 @@ pub struct Config {
     pub connections: ConnectionLimits,
     /// Requests per client: rate and in flight (see `admission`).
     pub clients: ClientLimits,
+    /// `AUDIT_SECRET`: keys the digests of erasure records; unset, a secret kept in the database.
+    pub audit_secret: Option<AuditKey>,
 }
 
 /// Who may call, and what is exposed.
@@ -157,6 +160,7 @@ impl Default for Config {
                 burst: 2_000,
                 concurrent_requests: 64,
             },
+            audit_secret: None,
         }
     }
 }
@@ -437,6 +441,19 @@ impl Config {
                         0..=1_000_000,
                     )?,
                 }
+            },
+            audit_secret: match get("AUDIT_SECRET") {
+                None => None,
+                // Never echo it.
+                Some(text) if text.trim().chars().count() < 32 => {
+                    return Err(error(
+                        "AUDIT_SECRET",
+                        "(hidden)",
+                        "expected at least 32 characters (e.g. `openssl rand -hex 32`); keep it outside the \
+                         database and never change it, or earlier erasure records can no longer be checked",
+                    ));
+                }
+                Some(text) => Some(AuditKey::from_text(text.trim())),
             },
         })
     }

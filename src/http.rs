@@ -360,6 +360,13 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
     let metrics = state.service.metrics();
     // One allowance for the whole request, batch or not.
     let allowance = schema::RequestAllowance::new(state.limits);
+    let caller_name = schema::CallerName(match caller {
+        Caller::Open => "open".to_owned(),
+        Caller::Key(role) => {
+            let key = bearer(&parts.headers).unwrap_or_default();
+            format!("{role}:{}", hex::encode(&crate::auth::digest(key)[..8]))
+        }
+    });
     for mut operation in operations {
         operation.data.insert(caller);
         operation.data.insert(schema::request_loader(
@@ -368,6 +375,7 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
             allowance.clone(),
         ));
         operation.data.insert(allowance.clone());
+        operation.data.insert(caller_name.clone());
         let started = std::time::Instant::now();
         let Executed { label, response } = state.executor.execute(operation).await;
         responses.push(response);

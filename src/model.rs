@@ -308,11 +308,61 @@ pub struct Erased {
     pub buffered_messages: u64,
 }
 
-/// The digest under which an erasure is audited: it proves that a given customer id was erased without
-/// keeping the id itself.
+/// The plain SHA-256 digest under which erasures were audited before audit digests were keyed (records
+/// say which scheme they use): anyone can compute it for a guessed id.
 pub fn customer_digest(customer_id: &CustomerId) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(customer_id.as_str().as_bytes()))
+}
+
+/// The server secret erasures are audited with: the record keeps HMAC-SHA256(secret, customer id), which
+/// proves that a given id was erased to whoever holds the secret, and tells nobody else anything (a plain
+/// hash of an id can be checked against guesses by anyone who reads the records).
+#[derive(Clone, PartialEq, Eq)]
+pub struct AuditKey([u8; 32]);
+
+impl std::fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditKey(hidden)")
+    }
+}
+
+impl AuditKey {
+    /// The scheme name kept with every record.
+    pub const SCHEME: &'static str = "hmac-sha256";
+
+    pub fn from_bytes(secret: [u8; 32]) -> Self {
+        Self(secret)
+    }
+
+    /// From `AUDIT_SECRET`: any text of at least 32 characters, hashed down to 32 bytes.
+    pub fn from_text(text: &str) -> Self {
+        use sha2::{Digest, Sha256};
+        Self(Sha256::digest(text.as_bytes()).into())
+    }
+
+    pub fn digest(&self, customer_id: &CustomerId) -> String {
+        use hmac::{Hmac, Mac};
+        let mut mac =
+            Hmac::<sha2::Sha256>::new_from_slice(&self.0).expect("HMAC takes a key of any length");
+        mac.update(customer_id.as_str().as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+}
+
+/// What the audit record of an erasure holds besides the counts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ErasureAudit {
+    /// When, in milliseconds since the epoch.
+    pub at: i64,
+    /// Messages dropped from the buffer (never stored).
+    pub buffered_messages: u64,
+    /// The customer id's digest, by `digest_scheme`.
+    pub customer_digest: String,
+    pub digest_scheme: &'static str,
+    /// Who erased: `open` without keys, else the key's role and id (the first 16 hex digits of its
+    /// configured SHA-256 digest; never the key).
+    pub erased_by: String,
 }
 
 /// A stored (consented) dialog, as summarised by the store.

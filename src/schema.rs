@@ -109,6 +109,11 @@ impl RequestAllowance {
     }
 }
 
+/// Who is calling, as audit records name them: `open` without keys, else `ROLE:KEYID` (the first 16 hex
+/// digits of the key's configured digest, never the key).
+#[derive(Clone, Debug)]
+pub struct CallerName(pub String);
+
 /// Spends one of the request's store calls (see [`RequestAllowance`]).
 fn spend_store_call(ctx: &Context<'_>) -> Result<()> {
     data::<RequestAllowance>(ctx)?.spend()
@@ -768,12 +773,16 @@ impl IngestMutation {
 #[Object]
 impl ErasureMutation {
     /// Erases everything held about a customer: stored dialogs and messages, consent records, and messages
-    /// still waiting in the buffer. Records that the erasure happened (when, how much, and a SHA-256 digest
-    /// of the customer id; no content). Messages pushed afterwards are new data. Admin only.
+    /// still waiting in the buffer. Records that the erasure happened (when, how much, a keyed digest of the
+    /// customer id, and the id of the key that erased; no content). Messages pushed afterwards are new
+    /// data. Admin only.
     #[graphql(guard = "require(Permission::Admin)")]
     async fn erase_customer(&self, ctx: &Context<'_>, customer_id: ID) -> Result<ErasurePayload> {
         let customer_id = CustomerId::parse("customerId", customer_id.0)?;
-        let erased = service(ctx)?.erase_customer(customer_id.clone()).await?;
+        let erased_by = data::<CallerName>(ctx)?.0.clone();
+        let erased = service(ctx)?
+            .erase_customer(customer_id.clone(), erased_by)
+            .await?;
         Ok(ErasurePayload {
             customer_id,
             erased,

@@ -26,8 +26,8 @@ use crate::clock::now_millis;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::model::{
-    ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Erased, IncomingMessage, Message,
-    MessageFate,
+    AuditKey, ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Erased, ErasureAudit,
+    IncomingMessage, Message, MessageFate,
 };
 use crate::paging::{Page, PageRequest, fetch_page};
 use crate::store::{
@@ -65,6 +65,8 @@ pub struct DialogService {
     /// is released: a "no decision" read before a bump may be stale (see [`Undecided`]).
     decisions_written: AtomicU64,
     metrics: Arc<Metrics>,
+    /// Keys the customer digests of erasure audit records.
+    audit_key: AuditKey,
 }
 
 /// Dialogs that one look-up for a whole batch found without a decision, and the decision count when it
@@ -97,13 +99,19 @@ enum Origin {
 }
 
 impl DialogService {
-    pub fn new(store: SharedStore, buffer: SharedBuffer, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        store: SharedStore,
+        buffer: SharedBuffer,
+        metrics: Arc<Metrics>,
+        audit_key: AuditKey,
+    ) -> Self {
         Self {
             store,
             buffer,
             locks: DialogLocks::default(),
             decisions_written: AtomicU64::new(0),
             metrics,
+            audit_key,
         }
     }
 
@@ -249,16 +257,25 @@ impl DialogService {
 
     /// Erases everything of a customer: buffered messages, stored dialogs and messages, consent records.
     /// Leaves an audit record of the erasure (counts and the customer's digest, no content).
-    pub async fn erase_customer(&self, customer_id: CustomerId) -> Result<Erased, ApiError> {
+    /// `erased_by` names the caller in the audit record (see [`ErasureAudit`]).
+    pub async fn erase_customer(
+        &self,
+        customer_id: CustomerId,
+        erased_by: String,
+    ) -> Result<Erased, ApiError> {
         // No decision runs meanwhile, on any replica: none can write the customer's data after it.
         let _exclusive = self.buffer.enter_erasure_gate().await?;
         // The buffer is emptied only once the store has erased: if the store fails, the caller retries an
         // erasure that has not started.
         let buffered = self.buffer.count_customer(&customer_id).await?;
-        let mut erased = self
-            .store
-            .erase_customer(&customer_id, now_millis(), buffered.messages as u64)
-            .await?;
+        let audit = ErasureAudit {
+            at: now_millis(),
+            buffered_messages: buffered.messages as u64,
+            customer_digest: self.audit_key.digest(&customer_id),
+            digest_scheme: AuditKey::SCHEME,
+            erased_by,
+        };
+        let mut erased = self.store.erase_customer(&customer_id, &audit).await?;
         erased.buffered_messages =
             self.buffer.discard_customer(&customer_id).await?.messages as u64;
         tracing::info!(

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{
-    Appended, Decision, DecisionWritten, DialogFilter, Erased, MessageFilter, SharedStore, Store,
-    StoreError, StoreResult,
+    Appended, Decision, DecisionWritten, DialogFilter, Erased, ErasureAudit, MessageFilter,
+    SharedStore, Store, StoreError, StoreResult,
 };
 use crate::metrics::Metrics;
 use crate::model::{ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Message};
@@ -106,15 +106,18 @@ impl Store for GuardedStore {
     async fn erase_customer(
         &self,
         customer_id: &CustomerId,
-        at: i64,
-        buffered_messages: u64,
+        audit: &ErasureAudit,
     ) -> StoreResult<Erased> {
         self.call(
             "erase_customer",
-            self.inner
-                .erase_customer(customer_id, at, buffered_messages),
+            self.inner.erase_customer(customer_id, audit),
         )
         .await
+    }
+
+    async fn audit_secret(&self, proposed: [u8; 32]) -> StoreResult<[u8; 32]> {
+        self.call("audit_secret", self.inner.audit_secret(proposed))
+            .await
     }
 
     async fn dialog(&self, dialog_id: &DialogId) -> StoreResult<Option<Dialog>> {

@@ -10,10 +10,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use crate::model::Erased;
 use crate::model::{
     ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Language, Message,
 };
+pub use crate::model::{Erased, ErasureAudit};
 use crate::paging::{KeyRange, ScanOrder, SortKey};
 
 pub mod guarded;
@@ -153,9 +153,12 @@ pub trait Store: Send + Sync + 'static {
     async fn erase_customer(
         &self,
         customer_id: &CustomerId,
-        at: i64,
-        buffered_messages: u64,
+        audit: &ErasureAudit,
     ) -> StoreResult<Erased>;
+
+    /// The secret erasures are audited with when `AUDIT_SECRET` is unset, the same for every replica: the
+    /// one stored, or `proposed`, stored now if there was none.
+    async fn audit_secret(&self, proposed: [u8; 32]) -> StoreResult<[u8; 32]>;
 
     /// One stored dialog.
     async fn dialog(&self, dialog_id: &DialogId) -> StoreResult<Option<Dialog>>;

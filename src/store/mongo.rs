@@ -20,12 +20,12 @@ use mongodb::{Client, ClientSession, Collection, IndexModel};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Appended, Decision, DecisionWritten, DialogFilter, Erased, MessageFilter, Store, StoreError,
-    StoreResult,
+    Appended, Decision, DecisionWritten, DialogFilter, Erased, ErasureAudit, MessageFilter, Store,
+    StoreError, StoreResult,
 };
 use crate::model::{
     ClientMessageId, ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Language,
-    Message, MessageText, customer_digest,
+    Message, MessageText,
 };
 use crate::paging::{KeyRange, ScanOrder};
 
@@ -155,6 +155,8 @@ pub struct MongoStore {
     consents: Collection<ConsentDoc>,
     /// Proof that erasures happened: counts and the customer's digest, no content.
     erasures: Collection<Document>,
+    /// Values the service keeps for itself (the audit secret when AUDIT_SECRET is unset).
+    settings: Collection<Document>,
 }
 
 fn mongo_error(context: &'static str) -> impl Fn(mongodb::error::Error) -> StoreError {
@@ -339,6 +341,7 @@ impl MongoStore {
             dialogs: db.collection("dialogs"),
             consents: db.collection("consents"),
             erasures: db.collection("erasures"),
+            settings: db.collection("settings"),
             database: database.to_owned(),
             hosts,
             client,
@@ -533,9 +536,9 @@ impl MongoStore {
         &self,
         session: &mut ClientSession,
         customer_id: &str,
-        at: i64,
-        buffered_messages: u64,
+        audit: &ErasureAudit,
     ) -> mongodb::error::Result<Erased> {
+        let buffered_messages = audit.buffered_messages;
         let filter = doc! { "customerId": customer_id };
         let messages = self
             .messages
@@ -555,11 +558,12 @@ impl MongoStore {
             .session(&mut *session)
             .await?
             .deleted_count;
-        let digest = customer_digest(&CustomerId::from_trusted(customer_id.to_owned()));
         self.erasures
             .insert_one(doc! {
-                "customerDigest": digest,
-                "erasedAt": BsonDateTime::from_millis(at),
+                "customerDigest": &audit.customer_digest,
+                "digestScheme": audit.digest_scheme,
+                "erasedBy": &audit.erased_by,
+                "erasedAt": BsonDateTime::from_millis(audit.at),
                 "dialogs": dialogs as i64,
                 "messages": messages as i64,
                 "consents": consents as i64,
@@ -655,14 +659,43 @@ impl Store for MongoStore {
     async fn erase_customer(
         &self,
         customer_id: &CustomerId,
-        at: i64,
-        buffered_messages: u64,
+        audit: &ErasureAudit,
     ) -> StoreResult<Erased> {
         in_transaction!(
             self,
             session,
-            self.erase_in(&mut session, customer_id.as_str(), at, buffered_messages)
+            self.erase_in(&mut session, customer_id.as_str(), audit)
         )
+    }
+
+    async fn audit_secret(&self, proposed: [u8; 32]) -> StoreResult<[u8; 32]> {
+        // Inserted only if absent ($setOnInsert), then read: replicas starting together agree on the first.
+        let id = "auditSecret";
+        let secret = mongodb::bson::Binary {
+            subtype: mongodb::bson::spec::BinarySubtype::Generic,
+            bytes: proposed.to_vec(),
+        };
+        self.settings
+            .update_one(
+                doc! { "_id": id },
+                doc! { "$setOnInsert": { "value": secret } },
+            )
+            .upsert(true)
+            .await
+            .map_err(mongo_error("store the audit secret"))?;
+        let stored = self
+            .settings
+            .find_one(doc! { "_id": id })
+            .await
+            .map_err(mongo_error("read the audit secret"))?
+            .ok_or_else(|| {
+                StoreError("the audit secret vanished after it was stored".to_owned())
+            })?;
+        stored
+            .get_binary_generic("value")
+            .ok()
+            .and_then(|bytes| <[u8; 32]>::try_from(bytes.as_slice()).ok())
+            .ok_or_else(|| StoreError("the stored audit secret is not 32 bytes".to_owned()))
     }
 
     async fn consent(&self, dialog_id: &DialogId) -> StoreResult<Option<ConsentRecord>> {

@@ -17,12 +17,12 @@ use deadpool_sqlite::rusqlite::{
 };
 
 use super::{
-    Appended, Decision, DecisionWritten, DialogFilter, Erased, MessageFilter, Store, StoreError,
-    StoreResult,
+    Appended, Decision, DecisionWritten, DialogFilter, Erased, ErasureAudit, MessageFilter, Store,
+    StoreError, StoreResult,
 };
 use crate::model::{
     ClientMessageId, ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Language,
-    Message, MessageText, customer_digest,
+    Message, MessageText,
 };
 use crate::paging::{KeyRange, ScanOrder};
 
@@ -78,7 +78,8 @@ CREATE INDEX IF NOT EXISTS messages_recent ON messages (seq, id);
 CREATE INDEX IF NOT EXISTS messages_language_recent ON messages (language, seq, id);
 CREATE INDEX IF NOT EXISTS messages_customer_recent ON messages (customer_id, seq, id);
 CREATE INDEX IF NOT EXISTS consents_customer ON consents (customer_id);
--- Proof that an erasure happened: when, how much, and whose (as a SHA-256 digest of the customer id).
+-- Proof that an erasure happened: when, how much, whose (a digest of the customer id, by digest_scheme:
+-- hmac-sha256 with the audit secret; sha256 in records written before version 2), and by whom.
 CREATE TABLE IF NOT EXISTS erasures (
     id                INTEGER PRIMARY KEY,
     customer_digest   TEXT NOT NULL,
@@ -86,12 +87,25 @@ CREATE TABLE IF NOT EXISTS erasures (
     dialogs           INTEGER NOT NULL,
     messages          INTEGER NOT NULL,
     consents          INTEGER NOT NULL,
-    buffered_messages INTEGER NOT NULL
+    buffered_messages INTEGER NOT NULL,
+    digest_scheme     TEXT NOT NULL DEFAULT 'sha256',
+    erased_by         TEXT
+);
+-- Values the service keeps for itself, such as the audit secret when AUDIT_SECRET is unset.
+CREATE TABLE IF NOT EXISTS settings (
+    name  TEXT PRIMARY KEY,
+    value BLOB NOT NULL
 );
 "#;
 
+/// Version 1 to 2: erasure records say which digest they hold and who erased.
+const MIGRATE_ERASURES_TO_2: &str = "
+ALTER TABLE erasures ADD COLUMN digest_scheme TEXT NOT NULL DEFAULT 'sha256';
+ALTER TABLE erasures ADD COLUMN erased_by TEXT;
+";
+
 /// The layout `SCHEMA` creates, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// From the first layout (version 0, `messages` keyed by `id` alone) to version 1: the table is rebuilt
 /// under its new key, in the same transaction as the rest of `SCHEMA`.
@@ -390,6 +404,20 @@ fn create_or_migrate_schema(connection: &mut Connection) -> StoreResult<()> {
         tx.execute_batch(MIGRATE_FROM_0)
             .map_err(sqlite_error("migrate the schema"))?;
     }
+    // An erasures table of version 0 or 1 (SCHEMA below leaves an existing table as it is).
+    let old_erasures = tx
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'erasures'",
+            [],
+            |row| row.get::<_, i64>(0),
+        )
+        .map_err(sqlite_error("read the schema"))?
+        > 0
+        && version < 2;
+    if old_erasures {
+        tx.execute_batch(MIGRATE_ERASURES_TO_2)
+            .map_err(sqlite_error("migrate the erasure records"))?;
+    }
     tx.execute_batch(SCHEMA)
         .map_err(sqlite_error("create schema"))?;
     if migrate {
@@ -399,7 +427,7 @@ fn create_or_migrate_schema(connection: &mut Connection) -> StoreResult<()> {
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(sqlite_error("write the schema version"))?;
     tx.commit().map_err(sqlite_error("commit the schema"))?;
-    if migrate {
+    if migrate || old_erasures {
         tracing::info!(
             from = version,
             to = SCHEMA_VERSION,
@@ -994,11 +1022,11 @@ impl Store for SqliteStore {
     async fn erase_customer(
         &self,
         customer_id: &CustomerId,
-        at: i64,
-        buffered_messages: u64,
+        audit: &ErasureAudit,
     ) -> StoreResult<Erased> {
         let customer = customer_id.to_string();
-        let digest = customer_digest(customer_id);
+        let audit = audit.clone();
+        let buffered_messages = audit.buffered_messages;
         let erased = self.write(move |tx| {
             let run = |sql: &str| tx.execute(sql, [&customer]).map(|n| n as u64);
             let erased = (|| {
@@ -1013,15 +1041,18 @@ impl Store for SqliteStore {
             })()
             .map_err(sqlite_error("erase customer"))?;
             tx.execute(
-                "INSERT INTO erasures (customer_digest, erased_at, dialogs, messages, consents, buffered_messages)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO erasures (customer_digest, erased_at, dialogs, messages, consents, buffered_messages,
+                                       digest_scheme, erased_by)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
-                    digest,
-                    at,
+                    audit.customer_digest,
+                    audit.at,
                     erased.dialogs as i64,
                     erased.messages as i64,
                     erased.consents as i64,
-                    buffered_messages as i64
+                    buffered_messages as i64,
+                    audit.digest_scheme,
+                    audit.erased_by,
                 ],
             )
             .map_err(sqlite_error("record erasure"))?;
@@ -1031,6 +1062,26 @@ impl Store for SqliteStore {
         // Deleted rows are overwritten (secure_delete); truncating the log drops their old copies.
         self.scrubber.scrub().await;
         Ok(erased)
+    }
+
+    async fn audit_secret(&self, proposed: [u8; 32]) -> StoreResult<[u8; 32]> {
+        self.write(move |tx| {
+            tx.execute(
+                "INSERT OR IGNORE INTO settings (name, value) VALUES ('audit_secret', ?1)",
+                [&proposed[..]],
+            )
+            .and_then(|_| {
+                tx.query_row(
+                    "SELECT value FROM settings WHERE name = 'audit_secret'",
+                    [],
+                    |row| row.get::<_, Vec<u8>>(0),
+                )
+            })
+            .map_err(sqlite_error("read the audit secret"))?
+            .try_into()
+            .map_err(|_| StoreError("the stored audit secret is not 32 bytes".to_owned()))
+        })
+        .await
     }
 
     async fn consent(&self, dialog_id: &DialogId) -> StoreResult<Option<ConsentRecord>> {
@@ -1502,6 +1553,51 @@ mod tests {
         CREATE INDEX messages_recent ON messages (seq, id);
         INSERT INTO messages VALUES ('m-1', 'd-1', 'c-1', 'a', 'hello', 'en', 1, 10);
         INSERT INTO messages VALUES ('m-2', 'd-1', 'c-1', NULL, 'again', 'en', 2, 20);";
+
+    #[tokio::test]
+    async fn erasure_records_of_version_1_keep_their_plain_digest_and_the_secret_is_stored_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.sqlite3");
+        drop(SqliteStore::open(&path).await.unwrap());
+        // Back to version 1's erasures table, with one record.
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "DROP TABLE erasures; DROP TABLE settings;
+                 CREATE TABLE erasures (id INTEGER PRIMARY KEY, customer_digest TEXT NOT NULL,
+                     erased_at INTEGER NOT NULL, dialogs INTEGER NOT NULL, messages INTEGER NOT NULL,
+                     consents INTEGER NOT NULL, buffered_messages INTEGER NOT NULL);
+                 INSERT INTO erasures VALUES (1, 'abc', 5, 1, 2, 1, 0);
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        let store = SqliteStore::open(&path).await.unwrap();
+        let (version, scheme, by) = store
+            .with_connection(|c| {
+                let version: i64 = c
+                    .query_row("PRAGMA user_version", [], |r| r.get(0))
+                    .unwrap();
+                let (scheme, by) = c
+                    .query_row("SELECT digest_scheme, erased_by FROM erasures", [], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+                    })
+                    .unwrap();
+                Ok((version, scheme, by))
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            (version, scheme.as_str(), by),
+            (SCHEMA_VERSION, "sha256", None)
+        );
+        // The first secret proposed is kept; later proposals get it back.
+        let first = store.audit_secret([1; 32]).await.unwrap();
+        assert_eq!(first, [1; 32]);
+        assert_eq!(store.audit_secret([2; 32]).await.unwrap(), [1; 32]);
+        drop(store);
+        let reopened = SqliteStore::open(&path).await.unwrap();
+        assert_eq!(reopened.audit_secret([3; 32]).await.unwrap(), [1; 32]);
+    }
 
     #[tokio::test]
     async fn a_database_of_the_first_layout_is_migrated_with_its_messages() {

@@ -1236,3 +1236,72 @@ async fn keys_rotate_from_a_file_on_sighup_and_a_bad_file_changes_nothing() {
     );
     assert!(!service.output().contains(&new), "keys are never logged");
 }
+
+async fn erasure_audit_names_the_key(app: TestApp) {
+    use dataapi::auth::{Role, digest};
+    let admin = crate::security::key(Role::Admin);
+    let ingest = crate::security::key(Role::Ingest);
+    let push = json!({ "query": "mutation { pushMessage(input: {customerId: \"zoe\", dialogId: \"z1\", text: \"bye\", language: \"en\"}) { status } }" });
+    assert_eq!(app.post_as(Some(ingest), &push).await.0, 200);
+    let erase = json!({ "query": "mutation { eraseCustomer(customerId: \"zoe\") { bufferedMessageCount } }" });
+    let (status, body) = app.post_as(Some(admin), &erase).await;
+    assert_eq!(status, 200, "{body}");
+    let records = app.erasure_records().await;
+    assert_eq!(records.len(), 1);
+    let record = &records[0];
+    // The key's id is the start of its configured digest, so an operator can tell which entry it was.
+    let id = hex::encode(&digest(admin)[..8]);
+    assert_eq!(
+        record["erasedBy"],
+        format!("admin:{id}").as_str(),
+        "{record}"
+    );
+    assert!(!record.to_string().contains(admin), "never the key");
+    assert_eq!(record["digestScheme"], "hmac-sha256");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_record_names_the_key_that_erased_never_the_key_itself() {
+    run_with(
+        Backend::Sqlite,
+        crate::security::keyed_config(),
+        erasure_audit_names_the_key,
+    )
+    .await;
+    run_with(
+        Backend::Mongo,
+        crate::security::keyed_config(),
+        erasure_audit_names_the_key,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_audit_secret_replicas_share_one_kept_in_the_database() {
+    // Two services on one MongoDB database, no AUDIT_SECRET: the same customer's erasures get the same
+    // digest on both, and it is not the plain hash anyone could compute.
+    let mut config = test_config();
+    config.audit_secret = None;
+    let kind = crate::helpers::BufferKind::Redis;
+    crate::replicas::with_replicas(2, kind, config, async |replicas: Vec<TestApp>| {
+        for (n, replica) in replicas.iter().enumerate() {
+            replica
+                .push("yan", &format!("y{n}"), "text", "en", None)
+                .await;
+            replica
+                .graphql(
+                    "mutation { eraseCustomer(customerId: \"yan\") { dialogCount } }",
+                    json!({}),
+                )
+                .await;
+        }
+        let records = replicas[0].erasure_records().await;
+        assert_eq!(records.len(), 2, "{records:?}");
+        assert_eq!(records[0]["customerDigest"], records[1]["customerDigest"]);
+        let plain = dataapi::model::customer_digest(
+            &dataapi::model::CustomerId::parse("customerId", "yan").unwrap(),
+        );
+        assert_ne!(records[0]["customerDigest"], plain.as_str());
+    })
+    .await;
+}

@@ -185,15 +185,15 @@ impl Store for InstrumentedStore {
     async fn erase_customer(
         &self,
         customer_id: &CustomerId,
-        at: i64,
-        buffered_messages: u64,
+        audit: &dataapi::store::ErasureAudit,
     ) -> StoreResult<Erased> {
         self.enter("erase_customer").await?;
-        let result = self
-            .inner
-            .erase_customer(customer_id, at, buffered_messages)
-            .await;
+        let result = self.inner.erase_customer(customer_id, audit).await;
         self.acknowledge("erase_customer", result)
+    }
+
+    async fn audit_secret(&self, proposed: [u8; 32]) -> StoreResult<[u8; 32]> {
+        self.inner.audit_secret(proposed).await
     }
 
     async fn close(&self) {
@@ -359,8 +359,12 @@ async fn fresh_store(backend: Backend) -> (SharedStore, Cleanup, TestDatabase) {
 
 /// The settings of a test service: defaults, on a free loopback port. Its store is given to it directly,
 /// so the database setting is unused.
+/// The audit secret of the test services (`AUDIT_SECRET`), to check erasure records against.
+pub const TEST_AUDIT_SECRET: &str = "test-audit-secret-of-at-least-32-characters";
+
 pub fn test_config() -> Config {
     Config {
+        audit_secret: Some(dataapi::model::AuditKey::from_text(TEST_AUDIT_SECRET)),
         bind_addr: "127.0.0.1:0".parse().unwrap(),
         log: "warn".into(),
         // Every test drives its service from one address, as fast as it can; the limits per client have
@@ -609,7 +613,7 @@ impl TestApp {
             TestDatabase::Sqlite(path) => {
                 let connection = deadpool_sqlite::rusqlite::Connection::open(path).unwrap();
                 let mut statement = connection
-                    .prepare("SELECT customer_digest, erased_at, dialogs, messages, consents, buffered_messages FROM erasures")
+                    .prepare("SELECT customer_digest, erased_at, dialogs, messages, consents, buffered_messages, digest_scheme, erased_by FROM erasures")
                     .unwrap();
                 statement
                     .query_map([], |row| {
@@ -620,6 +624,8 @@ impl TestApp {
                             "messages": row.get::<_, i64>(3)?,
                             "consents": row.get::<_, i64>(4)?,
                             "bufferedMessages": row.get::<_, i64>(5)?,
+                            "digestScheme": row.get::<_, String>(6)?,
+                            "erasedBy": row.get::<_, Option<String>>(7)?,
                         }))
                     })
                     .unwrap()

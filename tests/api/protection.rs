@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use dataapi::config::Config;
-use dataapi::model::{CustomerId, customer_digest};
+use dataapi::model::{AuditKey, CustomerId, customer_digest};
 use serde_json::{Value, json};
 
 use crate::helpers::{Backend, BinaryService, TestApp, code, run_with, test_config};
@@ -425,8 +425,14 @@ pub async fn erasure_removes_a_customers_data_everywhere_and_leaves_an_audit_rec
     let audit = app.erasure_records().await;
     assert_eq!(audit.len(), 1, "{audit:?}");
     let record = audit[0].to_string();
-    let digest = customer_digest(&CustomerId::parse("customerId", "erin").unwrap());
-    assert!(record.contains(&digest), "{record}");
+    let erin = CustomerId::parse("customerId", "erin").unwrap();
+    // Keyed with the server's secret: the plain hash of the id, which anyone can check guesses against,
+    // is not in the record.
+    let digest = AuditKey::from_text(crate::helpers::TEST_AUDIT_SECRET).digest(&erin);
+    assert_eq!(audit[0]["customerDigest"], digest.as_str(), "{record}");
+    assert_eq!(audit[0]["digestScheme"], "hmac-sha256");
+    assert_eq!(audit[0]["erasedBy"], "open", "a keyless service");
+    assert!(!record.contains(&customer_digest(&erin)), "{record}");
     assert!(
         !record.contains("erin") && !record.contains("stored one"),
         "no erased content: {record}"

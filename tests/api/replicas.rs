@@ -17,7 +17,7 @@ use crate::redis_support::{self, RedisProcess};
 
 /// Starts `count` replicas with `config` on a fresh MongoDB database and a fresh Redis key prefix of
 /// `kind`, runs `test`, and drops both afterwards.
-async fn with_replicas<F, Fut>(count: usize, kind: BufferKind, config: Config, test: F)
+pub async fn with_replicas<F, Fut>(count: usize, kind: BufferKind, config: Config, test: F)
 where
     F: FnOnce(Vec<TestApp>) -> Fut,
     Fut: Future<Output = ()>,
@@ -63,7 +63,12 @@ async fn start_replica(name: &str, config: Config) -> TestApp {
     let store = MongoStore::connect(&mongodb_url(), name)
         .await
         .expect("connect to MongoDB");
-    TestApp::start_with(Arc::new(store), config).await
+    let mut replica = TestApp::start_with(Arc::new(store), config).await;
+    replica.database = Some(crate::helpers::TestDatabase::Mongo {
+        url: mongodb_url(),
+        name: name.to_owned(),
+    });
+    replica
 }
 
 /// Replicas whose lease on a decision runs out quickly, and whose sweeper looks often: what a stopped
