@@ -28,7 +28,8 @@ struct Settings {
     /// Messages buffered for the memory measurement.
     memory_messages: usize,
     output: PathBuf,
-    /// Run only the scenarios whose name contains this (push, consent, paging, memory, redis, startup).
+    /// Run only the scenarios whose name contains this (push, consent, paging, memory, redis, attack,
+    /// startup).
     only: Option<String>,
 }
 
@@ -222,6 +223,19 @@ async fn load(
     rate: Option<f64>,
     body: impl Fn(usize, u64) -> String + Send + Sync + 'static,
 ) -> LoadResult {
+    load_as(url, connections, None, warmup, seconds, rate, body).await
+}
+
+/// [`load`], each connection sending `keys[connection % keys.len()]` as its bearer key when given.
+async fn load_as(
+    url: &str,
+    connections: usize,
+    keys: Option<Arc<Vec<String>>>,
+    warmup: f64,
+    seconds: f64,
+    rate: Option<f64>,
+    body: impl Fn(usize, u64) -> String + Send + Sync + 'static,
+) -> LoadResult {
     let body = Arc::new(body);
     let start = Instant::now();
     let measure_from = start + Duration::from_secs_f64(warmup);
@@ -230,6 +244,9 @@ async fn load(
         .map(|connection| {
             let body = body.clone();
             let url = url.to_owned();
+            let key = keys
+                .as_ref()
+                .map(|keys| keys[connection % keys.len()].clone());
             // One client per connection: each task keeps one keep-alive connection of its own.
             let client = reqwest::Client::builder()
                 .pool_max_idle_per_host(1)
@@ -254,12 +271,13 @@ async fn load(
                     }
                     let request = body(connection, n);
                     n += 1;
-                    let response = client
+                    let mut post = client
                         .post(&url)
-                        .header(reqwest::header::CONTENT_TYPE, "application/json")
-                        .body(request)
-                        .send()
-                        .await;
+                        .header(reqwest::header::CONTENT_TYPE, "application/json");
+                    if let Some(key) = &key {
+                        post = post.bearer_auth(key);
+                    }
+                    let response = post.body(request).send().await;
                     let ok = match response {
                         Ok(response) => {
                             let status = response.status().as_u16();
@@ -1087,6 +1105,174 @@ async fn redis_benchmarks(settings: &Settings, rows: &mut Vec<Row>) {
     ));
 }
 
+/// `pushMessage` from 16 ingest keys, alone and while one `read` key sends the three attacks of issue 10 as
+/// fast as it may (fragment bombs, alias amplification of a long dialog, count storms), in interleaved
+/// rounds. Every key is held to 4 requests in flight and 5,000 requests per second (far above what one
+/// pusher connection sends, so the pushers' own rate is not what is measured).
+async fn attack_benchmark(settings: &Settings, rows: &mut Vec<Row>) {
+    use dataapi::auth::{digest, generate_key};
+    let pusher_keys: Vec<String> = (0..settings.connections).map(|_| generate_key()).collect();
+    let attacker_key = generate_key();
+    let entries: Vec<String> = pusher_keys
+        .iter()
+        .map(|key| format!("ingest:{}", hex::encode(digest(key))))
+        .chain([format!("read:{}", hex::encode(digest(&attacker_key)))])
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _) = Server::start(
+        &settings.binary,
+        Some(&dir.path().join("attack.sqlite3")),
+        &[
+            ("API_KEYS", entries.join(",")),
+            ("CLIENT_CONCURRENT_REQUESTS", "4".to_owned()),
+            // Per key: far above what one pusher connection sends, a bound on what the attacker may.
+            ("CLIENT_REQUESTS_PER_SECOND", "5000".to_owned()),
+            // The default bound, which fragment bombs are measured against (the harness raises it elsewhere).
+            ("MAX_QUERY_COMPLEXITY", "50000".to_owned()),
+        ],
+    )
+    .await;
+    let url = server.graphql_url();
+    // A long stored dialog (300 messages of 5,000 characters) for the alias storms, and some dialogs to count.
+    let client = reqwest::Client::new();
+    let setup = |body: Value| {
+        let request = client
+            .post(&url)
+            .bearer_auth(&pusher_keys[0])
+            .json(&body)
+            .send();
+        async move {
+            let response: Value = request.await.unwrap().json().await.unwrap();
+            assert!(response["errors"].is_null(), "{response}");
+        }
+    };
+    let long_text = "long text ".repeat(500);
+    for part in 0..3 {
+        let messages: Vec<Value> = (0..100)
+            .map(|n| json!({ "customerId": "c", "dialogId": "long", "text": format!("{part}-{n} {long_text}"), "language": "en" }))
+            .collect();
+        setup(json!({
+            "query": "mutation($m: [PushMessageInput!]!) { pushMessages(inputs: $m) { status } }",
+            "variables": { "m": messages },
+        }))
+        .await;
+    }
+    setup(json!({ "query": "mutation { giveConsent(dialogId: \"long\", value: true) { storedCount } }" })).await;
+
+    let mut bomb = String::from("{ ...F29 } fragment F0 on QueryRoot { __typename }");
+    for level in 1..=29 {
+        bomb += &format!(
+            " fragment F{level} on QueryRoot {{ {} }}",
+            format!("...F{} ", level - 1).repeat(4)
+        );
+    }
+    let aliases: String = (0..400)
+        .map(|i| format!("a{i}: dialog(id: \"long\") {{ messages {{ text }} }} "))
+        .collect();
+    let counts: String = (0..3000)
+        .map(|i| format!("c{i}: messages(first: 0) {{ totalCount }} "))
+        .collect();
+    let attacks: Arc<Vec<String>> = Arc::new(
+        [bomb, format!("{{ {aliases} }}"), format!("{{ {counts} }}")]
+            .into_iter()
+            .map(|query| json!({ "query": query }).to_string())
+            .collect(),
+    );
+
+    let keys = Arc::new(pusher_keys);
+    let (mut calm, mut attacked) = (LoadResult::default(), LoadResult::default());
+    let mut attack_requests = 0;
+    for round in 0..ROUNDS {
+        let offset = round as u64 * 1_000_000_000;
+        let (warmup, seconds) = (
+            settings.warmup / ROUNDS as f64,
+            settings.seconds / ROUNDS as f64,
+        );
+        let part = load_as(
+            &url,
+            settings.connections,
+            Some(keys.clone()),
+            warmup,
+            seconds,
+            None,
+            move |c, n| push_body(c, n + offset),
+        )
+        .await;
+        add(&mut calm, part);
+        let offset = offset + 500_000_000;
+        let attack = attacks.clone();
+        let (part, attack) = tokio::join!(
+            load_as(
+                &url,
+                settings.connections,
+                Some(keys.clone()),
+                warmup,
+                seconds,
+                None,
+                move |c, n| { push_body(c, n + offset) }
+            ),
+            // Eight connections: four are let in at a time, the others are refused with 429.
+            load_as(
+                &url,
+                8,
+                Some(Arc::new(vec![attacker_key.clone()])),
+                warmup,
+                seconds,
+                None,
+                move |_, n| { attack[n as usize % attack.len()].clone() }
+            ),
+        );
+        add(&mut attacked, part);
+        attack_requests += attack.requests + attack.failures;
+    }
+    calm.latencies.sort_unstable();
+    attacked.latencies.sort_unstable();
+    println!("  pushMessage alone: {}", calm.summary());
+    println!("  pushMessage under attack: {}", attacked.summary());
+    println!("  attack requests sent: {attack_requests}");
+    rows.push(row(
+        "`pushMessage` from 16 ingest keys, alone",
+        calm.summary(),
+        "",
+        None,
+    ));
+    rows.push(row(
+        &format!(
+            "`pushMessage` from 16 ingest keys, while one `read` key attacks ({attack_requests} fragment bombs, \
+             alias storms and count storms, 4 in flight at most)"
+        ),
+        attacked.summary(),
+        "",
+        None,
+    ));
+    let throughput = attacked.throughput() / calm.throughput();
+    rows.push(row(
+        "`pushMessage` throughput under attack / alone",
+        format!("{:.0}%", throughput * 100.0),
+        ">= 50% (within 2x)",
+        Some(throughput >= 0.5),
+    ));
+    let p99 = attacked.percentile(0.99) / calm.percentile(0.99);
+    rows.push(row(
+        "`pushMessage` p99 under attack / alone",
+        format!(
+            "{p99:.2}x ({:.2} ms / {:.2} ms)",
+            attacked.percentile(0.99),
+            calm.percentile(0.99)
+        ),
+        "<= 2x",
+        Some(p99 <= 2.0),
+    ));
+}
+
+/// Adds one round's measurements to a total.
+fn add(total: &mut LoadResult, part: LoadResult) {
+    total.requests += part.requests;
+    total.failures += part.failures;
+    total.seconds += part.seconds;
+    total.latencies.extend(part.latencies);
+}
+
 async fn startup_and_size(settings: &Settings, rows: &mut Vec<Row>) {
     let mut times = Vec::new();
     for _ in 0..5 {
@@ -1160,6 +1346,10 @@ async fn main() {
     if run("redis") {
         println!("redis buffer");
         redis_benchmarks(&settings, &mut rows).await;
+    }
+    if run("attack") {
+        println!("pushes under attack");
+        attack_benchmark(&settings, &mut rows).await;
     }
     if run("startup") {
         startup_and_size(&settings, &mut rows).await;

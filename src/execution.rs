@@ -25,6 +25,77 @@ use crate::schema::{self, DataApiSchema, Limits};
 use crate::service::DialogService;
 use crate::variables::InputTypes;
 
+/// A thread of its own, with a single-threaded runtime, for the CPU-heavy part of requests: parsing and
+/// validating a document the service has not seen before costs time that grows with the document (a
+/// hundred kilobytes of aliases, thousands of fragments), and on the main runtime's threads it would hold
+/// up every other client, pushes and `/health` included. On this lane such requests queue behind each
+/// other instead (a client has at most `CLIENT_CONCURRENT_REQUESTS` of them), and the operating system
+/// shares the cores between it and the main runtime. Known documents (the background job's) never come here.
+struct HeavyLane {
+    handle: tokio::runtime::Handle,
+    /// Dropped with the executor: ends the lane's thread.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl HeavyLane {
+    fn start() -> Self {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the heavy lane");
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("dataapi-heavy".to_owned())
+            .spawn(move || {
+                lower_this_threads_priority();
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            })
+            .expect("a thread for the heavy lane");
+        Self {
+            handle,
+            _stop: stop,
+        }
+    }
+
+    /// Runs `work` on the lane; dropping the returned future (the request timed out, the client left)
+    /// aborts it at its next await.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> T {
+        struct AbortOnDrop(tokio::task::AbortHandle);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let task = self.handle.spawn(work);
+        let _abort = AbortOnDrop(task.abort_handle());
+        match task.await {
+            Ok(output) => output,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(error) => panic!("the heavy lane stopped under a request: {error}"),
+        }
+    }
+}
+
+/// Nice 10 for the calling thread: when the cores are busy, the heavy lane gets about a tenth of the time
+/// the main runtime's threads get, so clients with known documents (pushes) and the probes come first;
+/// when they are idle, it runs at full speed.
+fn lower_this_threads_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority take and return plain integers; a failure only leaves the priority.
+    unsafe {
+        let thread = libc::gettid();
+        if libc::setpriority(libc::PRIO_PROCESS, thread as libc::id_t, 10) != 0 {
+            tracing::warn!("cannot lower the priority of the heavy lane's thread");
+        }
+    }
+}
+
 pub struct Executor {
     /// Every validation rule, variable values included.
     strict: DataApiSchema,
@@ -34,6 +105,7 @@ pub struct Executor {
     documents: DocumentCache,
     /// MAX_QUERY_COMPLEXITY: also the bound on a document's selections with its fragments spread.
     max_complexity: usize,
+    heavy: HeavyLane,
     /// Operations run with full validation, and with the document validated before.
     fully_validated: prometheus::IntCounter,
     prevalidated_runs: prometheus::IntCounter,
@@ -65,12 +137,23 @@ impl Executor {
             inputs,
             documents: DocumentCache::default(),
             max_complexity: limits.max_query_complexity,
+            heavy: HeavyLane::start(),
         }
     }
 
-    /// Runs one operation. The caller has put the request's data (caller, loader) in already.
-    pub async fn execute(&self, mut request: Request) -> Executed {
-        let known = self.documents.get(&request.query);
+    /// Runs one operation. The caller has put the request's data (caller, loader) in already. A document
+    /// seen before runs here; a new one on the heavy lane (see [`HeavyLane`]).
+    pub async fn execute(self: &Arc<Self>, request: Request) -> Executed {
+        if let Some(known) = self.documents.get(&request.query) {
+            return self.run(request, Some(known)).await;
+        }
+        let executor = self.clone();
+        self.heavy
+            .run(async move { executor.run(request, None).await })
+            .await
+    }
+
+    async fn run(&self, mut request: Request, known: Option<Arc<KnownDocument>>) -> Executed {
         let fresh;
         let document = match &known {
             Some(known) => &known.document,

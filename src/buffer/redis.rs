@@ -1050,14 +1050,17 @@ impl Shared {
             if let Some(done) = step().await? {
                 return Ok(done);
             }
-            if Instant::now() + pause > deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 return Err(ApiError::BufferUnavailable(BufferError(format!(
                     "waited {bound:?} for {what}"
                 ))));
             }
-            // A little jitter, so that two waiters that collided do not keep colliding.
+            // A little jitter, so that two waiters that collided do not keep colliding. The last try is at
+            // the deadline itself: a holder that died just before this call began has a lease that runs out
+            // just before it, and giving up a pause early would miss it.
             let jitter = Duration::from_micros(u64::from(uuid::Uuid::now_v7().as_bytes()[15]) * 8);
-            tokio::time::sleep(pause + jitter).await;
+            tokio::time::sleep((pause + jitter).min(deadline - now)).await;
             pause = (pause * 2).min(Duration::from_millis(100));
         }
     }

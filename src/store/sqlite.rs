@@ -161,6 +161,22 @@ impl managed::Manager for ReadConnections {
 
 type ReadPool = managed::Pool<ReadConnections>;
 
+/// Runs `f` on a connection of `pool`, off the async runtime.
+async fn on_pooled<T, F>(pool: &ReadPool, f: F) -> StoreResult<T>
+where
+    F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
+    T: Send + 'static,
+{
+    let connection = pool
+        .get()
+        .await
+        .map_err(|e| StoreError::new("sqlite connection", e))?;
+    connection
+        .interact(f)
+        .await
+        .map_err(|e| StoreError::new("sqlite call", e))?
+}
+
 /// Makes deleted rows leave the disk. `secure_delete` overwrites them in the database file, but the
 /// write-ahead log still holds the pages as they were before the delete until it is checkpointed and
 /// truncated. After every withdrawal and erasure the log is truncated (`wal_checkpoint(TRUNCATE)`, its
@@ -181,15 +197,10 @@ impl LogScrubber {
 
     /// One attempt: whether the whole log was copied into the database and the file truncated.
     async fn truncate(&self) -> StoreResult<bool> {
-        let connection = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| StoreError::new("sqlite connection", e))?;
-        connection
-            .interact(|c| {
-                // Short: the checkpoint holds the write lock while it waits for readers. Then the pool's
-                // usual patience again.
+        on_pooled(&self.pool, |c| {
+            // Short: the checkpoint holds the write lock while it waits for readers. Then the pool's
+            // usual patience again.
+            let truncated = (|| {
                 c.busy_timeout(Duration::from_millis(500))?;
                 let outcome = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
                     Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?))
@@ -197,10 +208,10 @@ impl LogScrubber {
                 c.busy_timeout(Duration::from_secs(10))?;
                 // (busy, frames left in the log): 0 and 0 once it is empty.
                 outcome.map(|(busy, frames)| busy == 0 && frames <= 0)
-            })
-            .await
-            .map_err(|e| StoreError::new("sqlite call", e))?
-            .map_err(sqlite_error("truncate the write-ahead log"))
+            })();
+            truncated.map_err(sqlite_error("truncate the write-ahead log"))
+        })
+        .await
     }
 
     /// Truncates the log after a removal; see the type's comment.
@@ -321,15 +332,7 @@ impl SqliteStore {
         F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
         T: Send + 'static,
     {
-        let connection = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| StoreError::new("sqlite connection", e))?;
-        connection
-            .interact(f)
-            .await
-            .map_err(|e| StoreError::new("sqlite call", e))?
+        on_pooled(&self.pool, f).await
     }
 
     /// Runs a `SELECT count(*)` query.
