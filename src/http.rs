@@ -20,7 +20,7 @@ use axum::routing::get;
 use serde_json::json;
 use sha2::Digest;
 
-use crate::admission::{Admission, ClientId, Refusal};
+use crate::admission::{Admission, ClientId, Refusal, Ticket};
 use crate::auth::{ApiKeys, Caller, KeyRing};
 use crate::execution::{Executed, Executor};
 use crate::hosts::AllowedHosts;
@@ -59,37 +59,31 @@ pub fn router(state: AppState, graphiql: bool) -> Router {
             .route("/", get(graphiql_page))
             .route("/graphiql/{file}", get(graphiql_asset));
     }
-    // The last layer added runs first: the host is checked before the client counts against its limits.
-    router
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            admit_client,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            check_host,
-        ))
-        .with_state(state)
+    router.with_state(state)
 }
 
-/// The probes answer whatever the host and however busy a client is: load balancers send their own.
-fn is_probe(request: &Request) -> bool {
-    matches!(request.uri().path(), "/health" | "/ready")
+/// What every route but the probes passes first: the host check (keyless only), then the per-client
+/// limits; the ticket counts the request as in flight until dropped. Called by the handlers themselves:
+/// as a middleware layer it cost every push a fifth of its throughput (BENCHMARKS.md).
+fn guard(
+    state: &AppState,
+    parts: &axum::http::request::Parts,
+) -> Result<Option<Ticket>, Box<Response>> {
+    if let Some(refusal) = check_host(state, &parts.headers, &parts.uri) {
+        return Err(Box::new(refusal));
+    }
+    admit_client(state, parts)
 }
 
 /// Applies the per-client limits (see `admission`): 429 with `Retry-After` past them.
-async fn admit_client(
-    State(state): State<AppState>,
-    request: Request,
-    next: axum::middleware::Next,
-) -> Response {
+fn admit_client(
+    state: &AppState,
+    parts: &axum::http::request::Parts,
+) -> Result<Option<Ticket>, Box<Response>> {
     let Some(admission) = &state.admission else {
-        return next.run(request).await;
+        return Ok(None);
     };
-    if is_probe(&request) {
-        return next.run(request).await;
-    }
-    let valid_key = bearer(request.headers())
+    let valid_key = bearer(&parts.headers)
         .filter(|key| state.api_keys.current().role_of(key).is_some())
         .map(|key| {
             let digest = crate::auth::digest(key);
@@ -97,19 +91,15 @@ async fn admit_client(
         });
     let client = valid_key.unwrap_or_else(|| {
         ClientId::Address(
-            request
-                .extensions()
+            parts
+                .extensions
                 .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
                 .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |info| info.0.ip()),
         )
     });
     let limits = admission.limits();
     match admission.admit(client) {
-        Ok(ticket) => {
-            let response = next.run(request).await;
-            drop(ticket);
-            response
-        }
+        Ok(ticket) => Ok(Some(ticket)),
         Err(refusal) => {
             let (retry_after, message) = match refusal {
                 Refusal::Rate { retry_after } => (
@@ -133,7 +123,7 @@ async fn admit_client(
                 ),
             };
             let mut response = refuse(
-                &state,
+                state,
                 StatusCode::TOO_MANY_REQUESTS,
                 "RATE_LIMITED",
                 &message,
@@ -143,7 +133,7 @@ async fn admit_client(
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
-            response
+            Err(Box::new(response))
         }
     }
 }
@@ -155,40 +145,26 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
 
-/// Without keys, serves only requests that name a loopback host (or an allowed one): see `hosts`. The
-/// probes stay open to any host, as load balancers send their own (or none), and they reveal nothing.
-async fn check_host(
-    State(state): State<AppState>,
-    request: Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let Some(allowed) = &state.keyless_hosts else {
-        return next.run(request).await;
-    };
-    if is_probe(&request) {
-        return next.run(request).await;
-    }
+/// Without keys, serves only requests that name a loopback host (or an allowed one): see `hosts`; the
+/// refusal, if any. The probes stay open to any host, as load balancers send their own (or none), and they
+/// reveal nothing.
+fn check_host(state: &AppState, headers: &HeaderMap, uri: &axum::http::Uri) -> Option<Response> {
+    let allowed = state.keyless_hosts.as_ref()?;
     // HTTP/1.1 names it in `Host`, HTTP/2 in the URI's authority.
-    let host = request
-        .headers()
+    let host = headers
         .get(header::HOST)
         .and_then(|value| value.to_str().ok())
-        .or_else(|| {
-            request
-                .uri()
-                .authority()
-                .map(|authority| authority.as_str())
-        });
+        .or_else(|| uri.authority().map(|authority| authority.as_str()));
     match host {
-        Some(host) if allowed.admits(host) => next.run(request).await,
-        _ => refuse(
-            &state,
+        Some(host) if allowed.admits(host) => None,
+        _ => Some(refuse(
+            state,
             StatusCode::FORBIDDEN,
             "HOST_NOT_ALLOWED",
             "without API keys this service only answers requests for a loopback host (localhost, \
              127.0.0.1, [::1]), so that web pages cannot reach it through a browser: open it as \
              http://localhost:PORT, list this host name in ALLOWED_HOSTS, or configure API_KEYS",
-        ),
+        )),
     }
 }
 
@@ -248,6 +224,10 @@ fn caller(keys: &ApiKeys, headers: &HeaderMap) -> Option<Caller> {
 
 async fn graphql(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
+    let _ticket = match guard(&state, &parts) {
+        Ok(ticket) => ticket,
+        Err(refusal) => return *refusal,
+    };
     let Some(caller) = caller(&state.api_keys.current(), &parts.headers) else {
         return refuse(
             &state,
@@ -504,7 +484,12 @@ async fn ready(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
+async fn metrics(State(state): State<AppState>, request: Request) -> Response {
+    let (parts, _) = request.into_parts();
+    let _ticket = match guard(&state, &parts) {
+        Ok(ticket) => ticket,
+        Err(refusal) => return *refusal,
+    };
     let metrics = state.service.metrics();
     // With a shared buffer these are the whole buffer's, the same on every replica. If it does not answer,
     // the gauges keep their last values.
@@ -551,7 +536,11 @@ static GRAPHIQL_POLICY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|
     )
 });
 
-async fn graphiql_page() -> Response {
+async fn graphiql_page(State(state): State<AppState>, request: Request) -> Response {
+    let (parts, _) = request.into_parts();
+    if let Err(refusal) = guard(&state, &parts) {
+        return *refusal;
+    }
     (
         [
             (header::CONTENT_SECURITY_POLICY, GRAPHIQL_POLICY.as_str()),
@@ -588,7 +577,15 @@ const GRAPHIQL_ASSETS: &[(&str, &str, &[u8])] = &[
     ),
 ];
 
-async fn graphiql_asset(Path(file): Path<String>) -> Response {
+async fn graphiql_asset(
+    State(state): State<AppState>,
+    Path(file): Path<String>,
+    request: Request,
+) -> Response {
+    let (parts, _) = request.into_parts();
+    if let Err(refusal) = guard(&state, &parts) {
+        return *refusal;
+    }
     match GRAPHIQL_ASSETS.iter().find(|(name, _, _)| *name == file) {
         Some((_, content_type, body)) => (
             [
