@@ -462,10 +462,7 @@ async fn interleaved_loads(
                 move |connection, n| scenario(connection, n + offset),
             )
             .await;
-            total.requests += part.requests;
-            total.failures += part.failures;
-            total.seconds += part.seconds;
-            total.latencies.extend(part.latencies);
+            add(total, part);
         }
     }
     for total in &mut totals {
