@@ -135,6 +135,12 @@ impl ApiKeys {
     /// The role of `key`, if it is one of ours. Every configured digest is compared, in constant time, so the
     /// time taken says nothing about which key (or how much of one) matched.
     pub fn role_of(&self, key: &str) -> Option<Role> {
+        self.identify(key).map(|(role, _)| role)
+    }
+
+    /// The role of `key` and its public id (the first 8 bytes of its digest: the start of its `API_KEYS`
+    /// entry, never the key), if it is one of ours; one digest, compared as [`role_of`](Self::role_of) says.
+    pub fn identify(&self, key: &str) -> Option<(Role, [u8; 8])> {
         let presented = digest(key);
         let mut found = None;
         for (role, expected) in &self.0 {
@@ -142,7 +148,8 @@ impl ApiKeys {
                 found = Some(*role);
             }
         }
-        found
+        let id = presented[..8].try_into().expect("8 of 32 bytes");
+        found.map(|role| (role, id))
     }
 }
 

@@ -84,11 +84,8 @@ fn admit_client(
         return Ok(None);
     };
     let valid_key = bearer(&parts.headers)
-        .filter(|key| state.api_keys.current().role_of(key).is_some())
-        .map(|key| {
-            let digest = crate::auth::digest(key);
-            ClientId::Key(digest[..8].try_into().expect("8 of 32 bytes"))
-        });
+        .and_then(|key| state.api_keys.current().identify(key))
+        .map(|(_, id)| ClientId::Key(id));
     let client = valid_key.unwrap_or_else(|| {
         ClientId::Address(
             parts
@@ -214,12 +211,17 @@ fn is_over_limit(error: &axum::Error) -> bool {
     false
 }
 
-/// Who is calling: open access when no keys are configured, else the role of a valid bearer key.
-fn caller(keys: &ApiKeys, headers: &HeaderMap) -> Option<Caller> {
+/// Who is calling, and their name in audit records: open access when no keys are configured, else the
+/// role of a valid bearer key (named `ROLE:KEYID`).
+fn caller(keys: &ApiKeys, headers: &HeaderMap) -> Option<(Caller, schema::CallerName)> {
     if keys.is_empty() {
-        return Some(Caller::Open);
+        return Some((Caller::Open, schema::CallerName("open".to_owned())));
     }
-    keys.role_of(bearer(headers)?).map(Caller::Key)
+    let (role, id) = keys.identify(bearer(headers)?)?;
+    Some((
+        Caller::Key(role),
+        schema::CallerName(format!("{role}:{}", hex::encode(id))),
+    ))
 }
 
 async fn graphql(State(state): State<AppState>, request: Request) -> Response {
@@ -228,7 +230,7 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
         Ok(ticket) => ticket,
         Err(refusal) => return *refusal,
     };
-    let Some(caller) = caller(&state.api_keys.current(), &parts.headers) else {
+    let Some((caller, caller_name)) = caller(&state.api_keys.current(), &parts.headers) else {
         return refuse(
             &state,
             StatusCode::UNAUTHORIZED,
@@ -340,13 +342,6 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
     let metrics = state.service.metrics();
     // One allowance for the whole request, batch or not.
     let allowance = schema::RequestAllowance::new(state.limits);
-    let caller_name = schema::CallerName(match caller {
-        Caller::Open => "open".to_owned(),
-        Caller::Key(role) => {
-            let key = bearer(&parts.headers).unwrap_or_default();
-            format!("{role}:{}", hex::encode(&crate::auth::digest(key)[..8]))
-        }
-    });
     for mut operation in operations {
         operation.data.insert(caller);
         operation.data.insert(schema::request_loader(
