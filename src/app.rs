@@ -91,6 +91,9 @@ pub fn sweep_period(config: &Config) -> std::time::Duration {
         )
 }
 
+/// How often unfinished erasures (cut short by a crash, or whose caller gave up) are looked for.
+const ERASURE_RESUME_PERIOD: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct Application {
     listener: TcpListener,
     router: axum::Router,
@@ -132,7 +135,10 @@ impl Application {
                 AuditKey::from_bytes(store.audit_secret(proposed).await?)
             }
         };
-        let service = Arc::new(DialogService::new(store, buffer, metrics, audit_key));
+        let service = Arc::new(
+            DialogService::new(store, buffer, metrics, audit_key)
+                .with_erasure_batch_messages(config.erasure_batch_messages),
+        );
         let limits = Limits {
             max_page_size: config.limits.max_page_size,
             max_push_messages: config.limits.max_push_messages,
@@ -209,6 +215,10 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let sweeper = self.service.spawn_sweeper(sweep_period(&self.config));
+        // Another replica's erasure writes a batch at least once per STORE_TIMEOUT while it runs.
+        let erasure_resumer = self
+            .service
+            .spawn_erasure_resumer(ERASURE_RESUME_PERIOD, 3 * self.config.store_timeout);
         let key_reloader = spawn_key_reloader(self.keys.clone());
         let stopping = Arc::new(tokio::sync::Notify::new());
         let signalled = stopping.clone();
@@ -228,6 +238,7 @@ impl Application {
             }
         };
         sweeper.abort();
+        erasure_resumer.abort();
         if let Some(reloader) = key_reloader {
             reloader.abort();
         }

@@ -48,6 +48,8 @@ pub struct Config {
     pub clients: ClientLimits,
     /// `AUDIT_SECRET`: keys the digests of erasure records; unset, a secret kept in the database.
     pub audit_secret: Option<AuditKey>,
+    /// About how many stored messages one erasure batch (one store transaction) deletes.
+    pub erasure_batch_messages: usize,
 }
 
 /// Who may call, and what is exposed.
@@ -149,6 +151,7 @@ impl Default for Config {
                 ttl: Duration::from_secs(24 * 60 * 60),
             },
             store_timeout: Duration::from_secs(10),
+            erasure_batch_messages: crate::service::ERASURE_BATCH_MESSAGES,
             shutdown_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
             connections: ConnectionLimits {
@@ -408,6 +411,11 @@ impl Config {
             limits,
             buffer,
             store_timeout: duration("STORE_TIMEOUT", defaults.store_timeout)?,
+            erasure_batch_messages: number(
+                "ERASURE_BATCH_MESSAGES",
+                defaults.erasure_batch_messages,
+                1..=100_000,
+            )?,
             shutdown_timeout: duration("SHUTDOWN_TIMEOUT", defaults.shutdown_timeout)?,
             request_timeout: duration("REQUEST_TIMEOUT", defaults.request_timeout)?,
             connections: ConnectionLimits {
@@ -701,5 +709,26 @@ mod tests {
         assert_eq!(config.store_timeout, Duration::from_secs(2));
         assert_eq!(config.limits.max_batch_operations, 5);
         assert_eq!(config.buffer.max_bytes, 1_000_000);
+    }
+
+    #[test]
+    fn an_erasure_batch_is_neither_empty_nor_unbounded() {
+        assert_eq!(
+            config(&[]).unwrap().erasure_batch_messages,
+            crate::service::ERASURE_BATCH_MESSAGES
+        );
+        assert_eq!(
+            config(&[("ERASURE_BATCH_MESSAGES", "250")])
+                .unwrap()
+                .erasure_batch_messages,
+            250
+        );
+        for bad in ["0", "100001", "-5", "lots", "18446744073709551616"] {
+            assert_eq!(
+                config(&[("ERASURE_BATCH_MESSAGES", bad)]).unwrap_err().name,
+                "ERASURE_BATCH_MESSAGES",
+                "{bad}"
+            );
+        }
     }
 }

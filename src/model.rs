@@ -359,7 +359,7 @@ pub struct ErasureAudit {
     pub buffered_messages: u64,
     /// The customer id's digest, by `digest_scheme`.
     pub customer_digest: String,
-    pub digest_scheme: &'static str,
+    pub digest_scheme: String,
     /// Who erased: `open` without keys, else the key's role and id (the first 16 hex digits of its
     /// configured SHA-256 digest; never the key).
     pub erased_by: String,

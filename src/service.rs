@@ -19,6 +19,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::buffer::{DecisionLease, DialogPush, Dropped, PushOutcome, SharedBuffer};
@@ -31,7 +33,8 @@ use crate::model::{
 };
 use crate::paging::{Page, PageRequest, fetch_page};
 use crate::store::{
-    Appended, Decision, DialogFilter, MessageFilter, SharedStore, dialog_key, message_key,
+    Appended, Decision, DialogFilter, MessageFilter, SharedStore, StoreError, dialog_key,
+    message_key,
 };
 
 /// A pushed message as recorded, and what happened to it.
@@ -67,7 +70,28 @@ pub struct DialogService {
     metrics: Arc<Metrics>,
     /// Keys the customer digests of erasure audit records.
     audit_key: AuditKey,
+    /// The erasures running in this process, by customer: a second call waits for the first.
+    erasures: std::sync::Mutex<HashMap<CustomerId, ErasureTask>>,
+    /// About how many stored messages one erasure batch deletes (one store transaction).
+    erasure_batch_messages: usize,
 }
+
+/// The outcome of an erasure running in a task of its own, for every caller waiting for it.
+type ErasureTask = Shared<BoxFuture<'static, Result<Erased, ApiError>>>;
+
+/// Removes a finished erasure from [`DialogService::erasures`].
+struct ForgetErasure(Arc<DialogService>, CustomerId);
+
+impl Drop for ForgetErasure {
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.0.erasures.lock() {
+            running.remove(&self.1);
+        }
+    }
+}
+
+/// The default of [`DialogService::with_erasure_batch_messages`].
+pub const ERASURE_BATCH_MESSAGES: usize = 5_000;
 
 /// Dialogs that one look-up for a whole batch found without a decision, and the decision count when it
 /// started. Trusted only while that count is unchanged: then no decision of this process can have slipped
@@ -112,7 +136,16 @@ impl DialogService {
             decisions_written: AtomicU64::new(0),
             metrics,
             audit_key,
+            erasures: std::sync::Mutex::default(),
+            erasure_batch_messages: ERASURE_BATCH_MESSAGES,
         }
+    }
+
+    /// About how many stored messages one erasure batch deletes, in one store transaction that must end
+    /// within `STORE_TIMEOUT`.
+    pub fn with_erasure_batch_messages(mut self, messages: usize) -> Self {
+        self.erasure_batch_messages = messages.max(1);
+        self
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -258,26 +291,98 @@ impl DialogService {
     /// Erases everything of a customer: buffered messages, stored dialogs and messages, consent records.
     /// Leaves an audit record of the erasure (counts and the customer's digest, no content).
     /// `erased_by` names the caller in the audit record (see [`ErasureAudit`]).
+    ///
+    /// The erasure runs in a task of its own, in batches of whole dialogs: a caller that gives up (its
+    /// request timed out, its client went away) leaves it running, a second call for the same customer
+    /// waits for the same erasure, and one cut short by a crash is resumed ([`resume_erasures`](Self::resume_erasures)).
     pub async fn erase_customer(
-        &self,
+        self: &Arc<Self>,
         customer_id: CustomerId,
         erased_by: String,
     ) -> Result<Erased, ApiError> {
-        // No decision runs meanwhile, on any replica: none can write the customer's data after it.
+        self.erasure_of(customer_id, Some(erased_by)).await
+    }
+
+    /// The running erasure of `customer_id` in this process, or a new one. `erased_by`: `None` resumes an
+    /// erasure the store has begun (its record names who asked for it).
+    fn erasure_of(
+        self: &Arc<Self>,
+        customer_id: CustomerId,
+        erased_by: Option<String>,
+    ) -> ErasureTask {
+        let mut running = self
+            .erasures
+            .lock()
+            .expect("the erasure list is never poisoned");
+        if let Some(task) = running.get(&customer_id) {
+            return task.clone();
+        }
+        let service = self.clone();
+        let customer = customer_id.clone();
+        let handle = tokio::spawn(async move {
+            // Forgotten however the task ends, so that a later call starts afresh.
+            let _forget = ForgetErasure(service.clone(), customer.clone());
+            let outcome = service.run_erasure(&customer, erased_by).await;
+            if let Err(error) = &outcome {
+                tracing::warn!(
+                    code = error.code(),
+                    "an erasure stopped before it finished; it is resumed later"
+                );
+            }
+            outcome
+        });
+        let task = async move {
+            handle.await.unwrap_or_else(|error| {
+                Err(ApiError::StoreUnavailable(StoreError(format!(
+                    "the erasure task stopped before it finished ({error})"
+                ))))
+            })
+        }
+        .boxed()
+        .shared();
+        running.insert(customer_id, task.clone());
+        task
+    }
+
+    async fn run_erasure(
+        &self,
+        customer_id: &CustomerId,
+        erased_by: Option<String>,
+    ) -> Result<Erased, ApiError> {
+        if let Some(erased_by) = erased_by {
+            let audit = ErasureAudit {
+                at: now_millis(),
+                buffered_messages: 0,
+                customer_digest: self.audit_key.digest(customer_id),
+                digest_scheme: AuditKey::SCHEME.to_owned(),
+                erased_by,
+            };
+            // Recorded first: from here on, any replica can finish it. Resuming (no `erased_by`) only joins
+            // a begun erasure: its batches find no record if it finished meanwhile.
+            self.store.begin_erasure(customer_id, &audit).await?;
+        }
+        // Most of the data goes without holding up anyone's decisions; each batch takes whole dialogs, so
+        // a reader never sees a dialog with part of its messages.
+        if !self.erase_batches(customer_id).await? {
+            return Ok(Erased::default());
+        }
+        // No decision runs meanwhile, on any replica: none can write the customer's data after this. What
+        // the decisions that were running wrote is in the store now, and goes too.
         let _exclusive = self.buffer.enter_erasure_gate().await?;
-        // The buffer is emptied only once the store has erased: if the store fails, the caller retries an
-        // erasure that has not started.
-        let buffered = self.buffer.count_customer(&customer_id).await?;
-        let audit = ErasureAudit {
-            at: now_millis(),
-            buffered_messages: buffered.messages as u64,
-            customer_digest: self.audit_key.digest(&customer_id),
-            digest_scheme: AuditKey::SCHEME,
-            erased_by,
+        if !self.erase_batches(customer_id).await? {
+            return Ok(Erased::default());
+        }
+        // The buffer is emptied only once the store has erased: if the store fails, the erasure is resumed
+        // with the buffer as it was.
+        let buffered = self.buffer.count_customer(customer_id).await?;
+        let Some(mut erased) = self
+            .store
+            .finish_erasure(customer_id, buffered.messages as u64, now_millis())
+            .await?
+        else {
+            return Ok(Erased::default());
         };
-        let mut erased = self.store.erase_customer(&customer_id, &audit).await?;
-        erased.buffered_messages =
-            self.buffer.discard_customer(&customer_id).await?.messages as u64;
+        erased.buffered_messages = self.buffer.discard_customer(customer_id).await?.messages as u64;
         tracing::info!(
             dialogs = erased.dialogs,
             messages = erased.messages,
@@ -286,6 +391,68 @@ impl DialogService {
             "erased a customer's data"
         );
         Ok(erased)
+    }
+
+    /// Erases batches until none is left: true. False when another caller finished the erasure.
+    async fn erase_batches(&self, customer_id: &CustomerId) -> Result<bool, ApiError> {
+        loop {
+            match self
+                .store
+                .erase_batch(customer_id, self.erasure_batch_messages)
+                .await?
+            {
+                None => return Ok(false),
+                Some(batch) if batch == Erased::default() => return Ok(true),
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Resumes the erasures the store holds as begun and not finished, in tasks of their own: at startup,
+    /// and then periodically. With a shared buffer other replicas may be running some of them: only those
+    /// whose last batch is older than `stale_after` are taken over (running one twice is safe, only wasted).
+    pub async fn resume_erasures(self: &Arc<Self>, stale_after: Duration) {
+        let unfinished = match self.store.unfinished_erasures().await {
+            Ok(unfinished) => unfinished,
+            Err(error) => {
+                tracing::warn!(%error, "cannot look up unfinished erasures; trying again later");
+                return;
+            }
+        };
+        let stale_before = now_millis() - stale_after.as_millis() as i64;
+        for (customer_id, last_batch_at) in unfinished {
+            let running_here = self
+                .erasures
+                .lock()
+                .expect("the erasure list is never poisoned")
+                .contains_key(&customer_id);
+            if running_here || (self.buffer.is_shared() && last_batch_at > stale_before) {
+                continue;
+            }
+            tracing::info!("resuming an erasure that was begun and not finished");
+            // Runs in its own task; its outcome is logged there.
+            drop(self.erasure_of(customer_id, None));
+        }
+    }
+
+    /// Runs [`resume_erasures`](Self::resume_erasures) now and every `period` until the task is aborted.
+    pub fn spawn_erasure_resumer(
+        self: &Arc<Self>,
+        period: Duration,
+        stale_after: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let service = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(period);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                match service.upgrade() {
+                    Some(service) => service.resume_erasures(stale_after).await,
+                    None => return,
+                }
+            }
+        })
     }
 
     /// The recorded decision of a dialog and its changes, for audits.

@@ -103,16 +103,47 @@ impl Store for GuardedStore {
             .await
     }
 
-    async fn erase_customer(
+    async fn begin_erasure(
         &self,
         customer_id: &CustomerId,
         audit: &ErasureAudit,
-    ) -> StoreResult<Erased> {
+    ) -> StoreResult<ErasureAudit> {
         self.call(
-            "erase_customer",
-            self.inner.erase_customer(customer_id, audit),
+            "begin_erasure",
+            self.inner.begin_erasure(customer_id, audit),
         )
         .await
+    }
+
+    async fn erase_batch(
+        &self,
+        customer_id: &CustomerId,
+        max_messages: usize,
+    ) -> StoreResult<Option<Erased>> {
+        self.call(
+            "erase_batch",
+            self.inner.erase_batch(customer_id, max_messages),
+        )
+        .await
+    }
+
+    async fn finish_erasure(
+        &self,
+        customer_id: &CustomerId,
+        buffered_messages: u64,
+        at: i64,
+    ) -> StoreResult<Option<Erased>> {
+        self.call(
+            "finish_erasure",
+            self.inner
+                .finish_erasure(customer_id, buffered_messages, at),
+        )
+        .await
+    }
+
+    async fn unfinished_erasures(&self) -> StoreResult<Vec<(CustomerId, i64)>> {
+        self.call("unfinished_erasures", self.inner.unfinished_erasures())
+            .await
     }
 
     async fn audit_secret(&self, proposed: [u8; 32]) -> StoreResult<[u8; 32]> {

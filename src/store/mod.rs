@@ -147,14 +147,38 @@ pub trait Store: Send + Sync + 'static {
     /// transaction so that a concurrent withdrawal cannot be overtaken.
     async fn append_consented(&self, message: &Message) -> StoreResult<Appended>;
 
-    /// Deletes, in one transaction, every stored dialog, message and consent record of a customer, and
-    /// records that the erasure happened (counts and the customer's digest, no content). `erased.dialogs`,
-    /// `messages` and `consents` are filled in; `buffered_messages` (dropped by the caller) is recorded as given.
-    async fn erase_customer(
+    /// Records that an erasure of the customer has begun (durably, so that any replica can finish it after a
+    /// crash) and returns its audit details: `audit`, or those of the erasure already running for the customer,
+    /// which this call then joins.
+    async fn begin_erasure(
         &self,
         customer_id: &CustomerId,
         audit: &ErasureAudit,
-    ) -> StoreResult<Erased>;
+    ) -> StoreResult<ErasureAudit>;
+
+    /// Deletes, in one transaction, some of the customer's stored dialogs (each whole: its messages, its
+    /// consent record and history) up to about `max_messages` messages (a larger dialog goes alone), or,
+    /// once no dialog is left, up to as many consent records without a dialog; and adds the counts to the
+    /// running erasure. All zero: nothing is left. `None`: no erasure of the customer is running (another
+    /// caller finished it), and nothing was deleted.
+    async fn erase_batch(
+        &self,
+        customer_id: &CustomerId,
+        max_messages: usize,
+    ) -> StoreResult<Option<Erased>>;
+
+    /// Ends the running erasure of the customer: writes its audit record (the counts of every batch, and
+    /// `buffered_messages` as given, erased `at` ms since the epoch) and forgets the customer id. `None`:
+    /// none was running.
+    async fn finish_erasure(
+        &self,
+        customer_id: &CustomerId,
+        buffered_messages: u64,
+        at: i64,
+    ) -> StoreResult<Option<Erased>>;
+
+    /// Erasures begun and not finished, with the time (ms since the epoch) their last batch was written.
+    async fn unfinished_erasures(&self) -> StoreResult<Vec<(CustomerId, i64)>>;
 
     /// The secret erasures are audited with when `AUDIT_SECRET` is unset, the same for every replica: the
     /// one stored, or `proposed`, stored now if there was none.
@@ -195,3 +219,6 @@ pub trait Store: Send + Sync + 'static {
 }
 
 pub type SharedStore = Arc<dyn Store>;
+
+/// At most this many dialogs (or consent records) go in one erasure batch, whatever their size.
+pub const MAX_DIALOGS_PER_ERASE_BATCH: usize = 1_000;

@@ -20,8 +20,8 @@ use mongodb::{Client, ClientSession, Collection, IndexModel};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Appended, Decision, DecisionWritten, DialogFilter, Erased, ErasureAudit, MessageFilter, Store,
-    StoreError, StoreResult,
+    Appended, Decision, DecisionWritten, DialogFilter, Erased, ErasureAudit,
+    MAX_DIALOGS_PER_ERASE_BATCH, MessageFilter, Store, StoreError, StoreResult,
 };
 use crate::model::{
     ClientMessageId, ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Language,
@@ -155,6 +155,8 @@ pub struct MongoStore {
     consents: Collection<ConsentDoc>,
     /// Proof that erasures happened: counts and the customer's digest, no content.
     erasures: Collection<Document>,
+    /// Erasures begun and not finished, by customer id (see [`Store::begin_erasure`]).
+    erasures_running: Collection<Document>,
     /// Values the service keeps for itself (the audit secret when AUDIT_SECRET is unset).
     settings: Collection<Document>,
 }
@@ -341,6 +343,7 @@ impl MongoStore {
             dialogs: db.collection("dialogs"),
             consents: db.collection("consents"),
             erasures: db.collection("erasures"),
+            erasures_running: db.collection("erasuresRunning"),
             settings: db.collection("settings"),
             database: database.to_owned(),
             hosts,
@@ -532,51 +535,169 @@ impl MongoStore {
         }
     }
 
-    async fn erase_in(
+    /// See [`Store::erase_batch`].
+    async fn erase_batch_in(
         &self,
         session: &mut ClientSession,
         customer_id: &str,
-        audit: &ErasureAudit,
-    ) -> mongodb::error::Result<Erased> {
-        let buffered_messages = audit.buffered_messages;
-        let filter = doc! { "customerId": customer_id };
-        let messages = self
-            .messages
-            .delete_many(filter.clone())
+        max_messages: usize,
+    ) -> mongodb::error::Result<Option<Erased>> {
+        // Touching the running record first makes two batches of one erasure (two replicas resuming it)
+        // conflict, so that each counts only what it deleted itself.
+        let running = self
+            .erasures_running
+            .find_one_and_update(
+                doc! { "_id": customer_id },
+                doc! { "$set": { "lastBatchAt": BsonDateTime::now() } },
+            )
             .session(&mut *session)
-            .await?
-            .deleted_count;
-        let dialogs = self
+            .await?;
+        if running.is_none() {
+            return Ok(None);
+        }
+        let limit = MAX_DIALOGS_PER_ERASE_BATCH as i64;
+        let candidates: Vec<Document> = self
             .dialogs
-            .delete_many(filter.clone())
+            .clone_with_type::<Document>()
+            .find(doc! { "customerId": customer_id })
+            .projection(doc! { "_id": 1, "messageCount": 1 })
+            .limit(limit)
             .session(&mut *session)
             .await?
-            .deleted_count;
-        let consents = self
-            .consents
-            .delete_many(filter)
+            .stream(&mut *session)
+            .try_collect()
+            .await?;
+        let mut ids: Vec<String> = Vec::new();
+        let mut messages_in_batch = 0;
+        for dialog in candidates {
+            let count = usize::try_from(dialog.get_i64("messageCount").unwrap_or(0)).unwrap_or(0);
+            if !ids.is_empty() && messages_in_batch + count > max_messages {
+                break;
+            }
+            if let Ok(id) = dialog.get_str("_id") {
+                ids.push(id.to_owned());
+                messages_in_batch += count;
+            }
+        }
+        if ids.is_empty() {
+            // Consent records without a dialog: refusals and withdrawals.
+            ids = self
+                .ids_of(
+                    &self.consents.clone_with_type(),
+                    session,
+                    customer_id,
+                    limit,
+                )
+                .await?;
+        }
+        let mut erased = Erased::default();
+        if ids.is_empty() {
+            // Messages without their dialog break an invariant, but if there are any they go too.
+            let stray = self
+                .ids_of(
+                    &self.messages.clone_with_type(),
+                    session,
+                    customer_id,
+                    max_messages.max(1) as i64,
+                )
+                .await?;
+            erased.messages = self
+                .messages
+                .delete_many(doc! { "_id": { "$in": &stray } })
+                .session(&mut *session)
+                .await?
+                .deleted_count;
+        } else {
+            erased.messages = self
+                .messages
+                .delete_many(doc! { "dialogId": { "$in": &ids } })
+                .session(&mut *session)
+                .await?
+                .deleted_count;
+            erased.dialogs = self
+                .dialogs
+                .delete_many(doc! { "_id": { "$in": &ids } })
+                .session(&mut *session)
+                .await?
+                .deleted_count;
+            erased.consents = self
+                .consents
+                .delete_many(doc! { "_id": { "$in": &ids } })
+                .session(&mut *session)
+                .await?
+                .deleted_count;
+        }
+        self.erasures_running
+            .update_one(
+                doc! { "_id": customer_id },
+                doc! { "$inc": {
+                    "dialogs": erased.dialogs as i64,
+                    "messages": erased.messages as i64,
+                    "consents": erased.consents as i64,
+                } },
+            )
+            .session(&mut *session)
+            .await?;
+        Ok(Some(erased))
+    }
+
+    /// Up to `limit` ids of a customer's documents in `collection`.
+    async fn ids_of(
+        &self,
+        collection: &Collection<Document>,
+        session: &mut ClientSession,
+        customer_id: &str,
+        limit: i64,
+    ) -> mongodb::error::Result<Vec<String>> {
+        collection
+            .find(doc! { "customerId": customer_id })
+            .projection(doc! { "_id": 1 })
+            .limit(limit)
             .session(&mut *session)
             .await?
-            .deleted_count;
+            .stream(&mut *session)
+            .try_filter_map(|d| async move { Ok(d.get_str("_id").ok().map(str::to_owned)) })
+            .try_collect()
+            .await
+    }
+
+    /// See [`Store::finish_erasure`].
+    async fn finish_erasure_in(
+        &self,
+        session: &mut ClientSession,
+        customer_id: &str,
+        buffered_messages: u64,
+        at: i64,
+    ) -> mongodb::error::Result<Option<Erased>> {
+        let Some(running) = self
+            .erasures_running
+            .find_one_and_delete(doc! { "_id": customer_id })
+            .session(&mut *session)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let count = |field: &str| running.get_i64(field).unwrap_or(0).max(0) as u64;
+        let erased = Erased {
+            dialogs: count("dialogs"),
+            messages: count("messages"),
+            consents: count("consents"),
+            buffered_messages,
+        };
         self.erasures
             .insert_one(doc! {
-                "customerDigest": &audit.customer_digest,
-                "digestScheme": audit.digest_scheme,
-                "erasedBy": &audit.erased_by,
-                "erasedAt": BsonDateTime::from_millis(audit.at),
-                "dialogs": dialogs as i64,
-                "messages": messages as i64,
-                "consents": consents as i64,
+                "customerDigest": running.get_str("customerDigest").unwrap_or_default(),
+                "digestScheme": running.get_str("digestScheme").unwrap_or_default(),
+                "erasedBy": running.get_str("erasedBy").unwrap_or_default(),
+                "erasedAt": BsonDateTime::from_millis(at),
+                "dialogs": erased.dialogs as i64,
+                "messages": erased.messages as i64,
+                "consents": erased.consents as i64,
                 "bufferedMessages": buffered_messages as i64,
             })
             .session(&mut *session)
             .await?;
-        Ok(Erased {
-            dialogs,
-            messages,
-            consents,
-            buffered_messages,
-        })
+        Ok(Some(erased))
     }
 
     async fn append_in(
@@ -656,16 +777,93 @@ impl Store for MongoStore {
         }))
     }
 
-    async fn erase_customer(
+    async fn begin_erasure(
         &self,
         customer_id: &CustomerId,
         audit: &ErasureAudit,
-    ) -> StoreResult<Erased> {
+    ) -> StoreResult<ErasureAudit> {
+        let started = BsonDateTime::from_millis(audit.at);
+        let running = self
+            .erasures_running
+            .find_one_and_update(
+                doc! { "_id": customer_id.as_str() },
+                doc! { "$setOnInsert": {
+                    "customerDigest": &audit.customer_digest,
+                    "digestScheme": &audit.digest_scheme,
+                    "erasedBy": &audit.erased_by,
+                    "startedAt": started,
+                    "lastBatchAt": started,
+                    "dialogs": 0_i64,
+                    "messages": 0_i64,
+                    "consents": 0_i64,
+                } },
+            )
+            .upsert(true)
+            .return_document(mongodb::options::ReturnDocument::After)
+            .await
+            .map_err(mongo_error("begin an erasure"))?
+            .ok_or_else(|| StoreError("the begun erasure vanished".to_owned()))?;
+        let text = |field: &str| running.get_str(field).unwrap_or_default().to_owned();
+        Ok(ErasureAudit {
+            at: running
+                .get_datetime("startedAt")
+                .map_or(audit.at, |at| at.timestamp_millis()),
+            buffered_messages: 0,
+            customer_digest: text("customerDigest"),
+            digest_scheme: text("digestScheme"),
+            erased_by: text("erasedBy"),
+        })
+    }
+
+    async fn erase_batch(
+        &self,
+        customer_id: &CustomerId,
+        max_messages: usize,
+    ) -> StoreResult<Option<Erased>> {
         in_transaction!(
             self,
             session,
-            self.erase_in(&mut session, customer_id.as_str(), audit)
+            self.erase_batch_in(&mut session, customer_id.as_str(), max_messages)
         )
+    }
+
+    async fn finish_erasure(
+        &self,
+        customer_id: &CustomerId,
+        buffered_messages: u64,
+        at: i64,
+    ) -> StoreResult<Option<Erased>> {
+        in_transaction!(
+            self,
+            session,
+            self.finish_erasure_in(&mut session, customer_id.as_str(), buffered_messages, at)
+        )
+    }
+
+    async fn unfinished_erasures(&self) -> StoreResult<Vec<(CustomerId, i64)>> {
+        let running: Vec<Document> = self
+            .erasures_running
+            .find(doc! {})
+            .projection(doc! { "_id": 1, "lastBatchAt": 1 })
+            .await
+            .map_err(mongo_error("list unfinished erasures"))?
+            .try_collect()
+            .await
+            .map_err(mongo_error("list unfinished erasures"))?;
+        running
+            .into_iter()
+            .map(|record| {
+                let customer = record.get_str("_id").unwrap_or_default().to_owned();
+                let at = record
+                    .get_datetime("lastBatchAt")
+                    .map_or(0, |at| at.timestamp_millis());
+                CustomerId::parse("customerId", customer)
+                    .map(|customer| (customer, at))
+                    .map_err(|_| {
+                        StoreError("an unfinished erasure names an invalid customer id".into())
+                    })
+            })
+            .collect()
     }
 
     async fn audit_secret(&self, proposed: [u8; 32]) -> StoreResult<[u8; 32]> {

@@ -17,9 +17,10 @@ use deadpool_sqlite::rusqlite::{
 };
 
 use super::{
-    Appended, Decision, DecisionWritten, DialogFilter, Erased, ErasureAudit, MessageFilter, Store,
-    StoreError, StoreResult,
+    Appended, Decision, DecisionWritten, DialogFilter, Erased, ErasureAudit,
+    MAX_DIALOGS_PER_ERASE_BATCH, MessageFilter, Store, StoreError, StoreResult,
 };
+use crate::clock::now_millis;
 use crate::model::{
     ClientMessageId, ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Language,
     Message, MessageText,
@@ -91,6 +92,19 @@ CREATE TABLE IF NOT EXISTS erasures (
     digest_scheme     TEXT NOT NULL DEFAULT 'sha256',
     erased_by         TEXT
 );
+-- Erasures begun and not finished (see Store::begin_erasure): the customer id stays only until the audit
+-- record replaces it.
+CREATE TABLE IF NOT EXISTS erasures_running (
+    customer_id     TEXT PRIMARY KEY,
+    customer_digest TEXT NOT NULL,
+    digest_scheme   TEXT NOT NULL,
+    erased_by       TEXT NOT NULL,
+    started_at      INTEGER NOT NULL,
+    last_batch_at   INTEGER NOT NULL,
+    dialogs         INTEGER NOT NULL DEFAULT 0,
+    messages        INTEGER NOT NULL DEFAULT 0,
+    consents        INTEGER NOT NULL DEFAULT 0
+);
 -- Values the service keeps for itself, such as the audit secret when AUDIT_SECRET is unset.
 CREATE TABLE IF NOT EXISTS settings (
     name  TEXT PRIMARY KEY,
@@ -104,8 +118,9 @@ ALTER TABLE erasures ADD COLUMN digest_scheme TEXT NOT NULL DEFAULT 'sha256';
 ALTER TABLE erasures ADD COLUMN erased_by TEXT;
 ";
 
-/// The layout `SCHEMA` creates, kept in `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 2;
+/// The layout `SCHEMA` creates, kept in `PRAGMA user_version`. Version 3 added `erasures_running` (an
+/// earlier version would not resume the erasures it lists).
+const SCHEMA_VERSION: i64 = 3;
 
 /// From the first layout (version 0, `messages` keyed by `id` alone) to version 1: the table is rebuilt
 /// under its new key, in the same transaction as the rest of `SCHEMA`.
@@ -377,6 +392,136 @@ impl SqliteStore {
             .await
             .map_err(|_| StoreError("the SQLite writer dropped the write; retry".to_owned()))?
     }
+}
+
+/// See [`Store::erase_batch`].
+fn erase_batch_in(
+    tx: &Connection,
+    customer: &str,
+    max_messages: usize,
+    now: i64,
+) -> rusqlite::Result<Option<Erased>> {
+    let running: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM erasures_running WHERE customer_id = ?1)",
+        [customer],
+        |row| row.get(0),
+    )?;
+    if !running {
+        return Ok(None);
+    }
+    let limit = MAX_DIALOGS_PER_ERASE_BATCH as i64;
+    let mut dialog_ids = Vec::new();
+    let mut messages_in_batch = 0;
+    {
+        let mut dialogs = tx.prepare_cached(
+            "SELECT id, message_count FROM dialogs WHERE customer_id = ?1 LIMIT ?2",
+        )?;
+        let mut rows = dialogs.query(params![customer, limit])?;
+        while let Some(row) = rows.next()? {
+            let count = usize::try_from(row.get::<_, i64>(1)?).unwrap_or(0);
+            if !dialog_ids.is_empty() && messages_in_batch + count > max_messages {
+                break;
+            }
+            dialog_ids.push(row.get::<_, String>(0)?);
+            messages_in_batch += count;
+        }
+    }
+    if dialog_ids.is_empty() {
+        // Consent records without a dialog: refusals and withdrawals.
+        let mut consents =
+            tx.prepare_cached("SELECT dialog_id FROM consents WHERE customer_id = ?1 LIMIT ?2")?;
+        dialog_ids = consents
+            .query_map(params![customer, limit], |row| row.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+    }
+    let mut erased = Erased::default();
+    if dialog_ids.is_empty() {
+        // Messages without their dialog break an invariant, but if there are any they go too.
+        erased.messages = tx.execute(
+            "DELETE FROM messages WHERE rowid IN
+                 (SELECT rowid FROM messages WHERE customer_id = ?1 LIMIT ?2)",
+            params![customer, max_messages.max(1) as i64],
+        )? as u64;
+    } else {
+        let placeholders = vec!["?"; dialog_ids.len()].join(", ");
+        let delete = |sql: &str| {
+            tx.execute(
+                &sql.replace("{ids}", &placeholders),
+                rusqlite::params_from_iter(&dialog_ids),
+            )
+            .map(|n| n as u64)
+        };
+        erased.messages = delete("DELETE FROM messages WHERE dialog_id IN ({ids})")?;
+        delete("DELETE FROM dialog_languages WHERE dialog_id IN ({ids})")?;
+        erased.dialogs = delete("DELETE FROM dialogs WHERE id IN ({ids})")?;
+        delete("DELETE FROM consent_events WHERE dialog_id IN ({ids})")?;
+        erased.consents = delete("DELETE FROM consents WHERE dialog_id IN ({ids})")?;
+    }
+    tx.execute(
+        "UPDATE erasures_running SET dialogs = dialogs + ?2, messages = messages + ?3,
+                                     consents = consents + ?4, last_batch_at = ?5
+         WHERE customer_id = ?1",
+        params![
+            customer,
+            erased.dialogs as i64,
+            erased.messages as i64,
+            erased.consents as i64,
+            now
+        ],
+    )?;
+    Ok(Some(erased))
+}
+
+/// See [`Store::finish_erasure`].
+fn finish_erasure_in(
+    tx: &Connection,
+    customer: &str,
+    buffered_messages: u64,
+    at: i64,
+) -> rusqlite::Result<Option<Erased>> {
+    let running = tx
+        .query_row(
+            "SELECT customer_digest, digest_scheme, erased_by, dialogs, messages, consents
+             FROM erasures_running WHERE customer_id = ?1",
+            [customer],
+            |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    Erased {
+                        dialogs: row.get::<_, i64>(3)? as u64,
+                        messages: row.get::<_, i64>(4)? as u64,
+                        consents: row.get::<_, i64>(5)? as u64,
+                        buffered_messages,
+                    },
+                ))
+            },
+        )
+        .optional()?;
+    let Some((digest, scheme, erased_by, erased)) = running else {
+        return Ok(None);
+    };
+    tx.execute(
+        "INSERT INTO erasures (customer_digest, erased_at, dialogs, messages, consents, buffered_messages,
+                               digest_scheme, erased_by)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            digest,
+            at,
+            erased.dialogs as i64,
+            erased.messages as i64,
+            erased.consents as i64,
+            buffered_messages as i64,
+            scheme,
+            erased_by,
+        ],
+    )?;
+    tx.execute(
+        "DELETE FROM erasures_running WHERE customer_id = ?1",
+        [customer],
+    )?;
+    Ok(Some(erased))
 }
 
 /// Creates the schema, or brings a database written by an earlier version up to [`SCHEMA_VERSION`], in one
@@ -1022,49 +1167,100 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn erase_customer(
+    async fn begin_erasure(
         &self,
         customer_id: &CustomerId,
         audit: &ErasureAudit,
-    ) -> StoreResult<Erased> {
+    ) -> StoreResult<ErasureAudit> {
         let customer = customer_id.to_string();
         let audit = audit.clone();
-        let buffered_messages = audit.buffered_messages;
-        let erased = self.write(move |tx| {
-            let run = |sql: &str| tx.execute(sql, [&customer]).map(|n| n as u64);
-            let erased = (|| {
-                run("DELETE FROM dialog_languages WHERE dialog_id IN (SELECT id FROM dialogs WHERE customer_id = ?1)")?;
-                run("DELETE FROM consent_events WHERE dialog_id IN (SELECT dialog_id FROM consents WHERE customer_id = ?1)")?;
-                Ok::<_, rusqlite::Error>(Erased {
-                    dialogs: run("DELETE FROM dialogs WHERE customer_id = ?1")?,
-                    messages: run("DELETE FROM messages WHERE customer_id = ?1")?,
-                    consents: run("DELETE FROM consents WHERE customer_id = ?1")?,
-                    buffered_messages,
-                })
-            })()
-            .map_err(sqlite_error("erase customer"))?;
+        self.write(move |tx| {
             tx.execute(
-                "INSERT INTO erasures (customer_digest, erased_at, dialogs, messages, consents, buffered_messages,
-                                       digest_scheme, erased_by)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO erasures_running (customer_id, customer_digest, digest_scheme, erased_by,
+                                               started_at, last_batch_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT (customer_id) DO NOTHING",
                 params![
+                    customer,
                     audit.customer_digest,
-                    audit.at,
-                    erased.dialogs as i64,
-                    erased.messages as i64,
-                    erased.consents as i64,
-                    buffered_messages as i64,
                     audit.digest_scheme,
                     audit.erased_by,
+                    audit.at
                 ],
             )
-            .map_err(sqlite_error("record erasure"))?;
-            Ok(erased)
+            .and_then(|_| {
+                tx.query_row(
+                    "SELECT customer_digest, digest_scheme, erased_by, started_at
+                     FROM erasures_running WHERE customer_id = ?1",
+                    [&customer],
+                    |row| {
+                        Ok(ErasureAudit {
+                            customer_digest: row.get(0)?,
+                            digest_scheme: row.get(1)?,
+                            erased_by: row.get(2)?,
+                            at: row.get(3)?,
+                            buffered_messages: 0,
+                        })
+                    },
+                )
+            })
+            .map_err(sqlite_error("begin an erasure"))
         })
-        .await?;
+        .await
+    }
+
+    async fn erase_batch(
+        &self,
+        customer_id: &CustomerId,
+        max_messages: usize,
+    ) -> StoreResult<Option<Erased>> {
+        let customer = customer_id.to_string();
+        self.write(move |tx| {
+            erase_batch_in(tx, &customer, max_messages, now_millis())
+                .map_err(sqlite_error("erase a batch"))
+        })
+        .await
+    }
+
+    async fn finish_erasure(
+        &self,
+        customer_id: &CustomerId,
+        buffered_messages: u64,
+        at: i64,
+    ) -> StoreResult<Option<Erased>> {
+        let customer = customer_id.to_string();
+        let erased = self
+            .write(move |tx| {
+                finish_erasure_in(tx, &customer, buffered_messages, at)
+                    .map_err(sqlite_error("finish an erasure"))
+            })
+            .await?;
         // Deleted rows are overwritten (secure_delete); truncating the log drops their old copies.
         self.scrubber.scrub().await;
         Ok(erased)
+    }
+
+    async fn unfinished_erasures(&self) -> StoreResult<Vec<(CustomerId, i64)>> {
+        self.with_connection(|c| {
+            let mut statement = c
+                .prepare("SELECT customer_id, last_batch_at FROM erasures_running")
+                .map_err(sqlite_error("list unfinished erasures"))?;
+            let rows = statement
+                .query_map([], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+                })
+                .and_then(Iterator::collect::<rusqlite::Result<Vec<_>>>)
+                .map_err(sqlite_error("list unfinished erasures"))?;
+            rows.into_iter()
+                .map(|(customer, at)| {
+                    CustomerId::parse("customerId", customer)
+                        .map(|customer| (customer, at))
+                        .map_err(|_| {
+                            StoreError("an unfinished erasure names an invalid customer id".into())
+                        })
+                })
+                .collect()
+        })
+        .await
     }
 
     async fn audit_secret(&self, proposed: [u8; 32]) -> StoreResult<[u8; 32]> {

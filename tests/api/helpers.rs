@@ -57,6 +57,8 @@ pub struct InstrumentedStore {
     /// When set, the next `record_decision` writes, notifies, and then never returns: the replica stops
     /// between the database commit and cleaning its buffer, as if it died there.
     freeze_after_decision: Mutex<Option<Arc<Notify>>>,
+    /// When set, how many more `erase_batch` calls go through; after those, every one fails.
+    erase_batches_left: Mutex<Option<usize>>,
 }
 
 impl InstrumentedStore {
@@ -70,6 +72,7 @@ impl InstrumentedStore {
             hold: Mutex::default(),
             hold_consents: Mutex::default(),
             freeze_after_decision: Mutex::default(),
+            erase_batches_left: Mutex::default(),
         }
     }
 
@@ -102,6 +105,12 @@ impl InstrumentedStore {
         let release = Arc::new(Notify::new());
         *self.hold_consents.lock().unwrap() = Some((entered.clone(), release.clone()));
         (entered, release)
+    }
+
+    /// `count` more erasure batches go through; every later one fails, as if this process had lost the
+    /// database for good half-way through an erasure.
+    pub fn fail_erase_batches_after(&self, count: usize) {
+        *self.erase_batches_left.lock().unwrap() = Some(count);
     }
 
     /// How many times each store method ran since the last reset.
@@ -182,14 +191,53 @@ impl Store for InstrumentedStore {
         self.inner.consent_history(dialog_id).await
     }
 
-    async fn erase_customer(
+    async fn begin_erasure(
         &self,
         customer_id: &CustomerId,
         audit: &dataapi::store::ErasureAudit,
-    ) -> StoreResult<Erased> {
-        self.enter("erase_customer").await?;
-        let result = self.inner.erase_customer(customer_id, audit).await;
-        self.acknowledge("erase_customer", result)
+    ) -> StoreResult<dataapi::store::ErasureAudit> {
+        self.enter("begin_erasure").await?;
+        let result = self.inner.begin_erasure(customer_id, audit).await;
+        self.acknowledge("begin_erasure", result)
+    }
+
+    async fn erase_batch(
+        &self,
+        customer_id: &CustomerId,
+        max_messages: usize,
+    ) -> StoreResult<Option<Erased>> {
+        self.enter("erase_batch").await?;
+        if let Some(left) = self.erase_batches_left.lock().unwrap().as_mut() {
+            if *left == 0 {
+                return Err(StoreError("injected outage in erase_batch".into()));
+            }
+            *left -= 1;
+        }
+        let result = self.inner.erase_batch(customer_id, max_messages).await;
+        self.acknowledge("erase_batch", result)
+    }
+
+    async fn finish_erasure(
+        &self,
+        customer_id: &CustomerId,
+        buffered_messages: u64,
+        at: i64,
+    ) -> StoreResult<Option<Erased>> {
+        self.enter("finish_erasure").await?;
+        let result = self
+            .inner
+            .finish_erasure(customer_id, buffered_messages, at)
+            .await;
+        self.acknowledge("finish_erasure", result)
+    }
+
+    /// Not counted: the service looks these up in the background every few seconds, which would disturb
+    /// the tests that count what one request costs.
+    async fn unfinished_erasures(&self) -> StoreResult<Vec<(CustomerId, i64)>> {
+        if self.fail_all.load(Ordering::SeqCst) {
+            return Err(StoreError("injected outage in unfinished_erasures".into()));
+        }
+        self.inner.unfinished_erasures().await
     }
 
     async fn audit_secret(&self, proposed: [u8; 32]) -> StoreResult<[u8; 32]> {

@@ -76,6 +76,7 @@ macro_rules! for_each_setup {
 mod attacks;
 mod behaviour;
 mod documents;
+mod erasure;
 mod faults;
 mod graphiql;
 mod helpers;

@@ -1,0 +1,335 @@
+//! Erasing a customer with a lot of data: in batches of whole dialogs, each one store transaction that ends
+//! well within `STORE_TIMEOUT`; readers never see half a dialog; an erasure cut short is resumed by itself
+//! and its audit record counts everything it erased.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use dataapi::model::{CustomerId, DialogId, Language, Message, MessageText};
+use dataapi::store::{Decision, MongoStore, SharedStore, SqliteStore, Store};
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, TestDatabase, code, mongodb_url, test_config};
+
+/// Stores `dialogs` consented dialogs of `per_dialog` messages each for `customer`, straight through the
+/// store (pushing them over HTTP would take most of the test's time). Returns the dialog ids.
+async fn seed(
+    app: &TestApp,
+    customer: &str,
+    prefix: &str,
+    dialogs: usize,
+    per_dialog: usize,
+) -> Vec<String> {
+    let customer_id = CustomerId::parse("customerId", customer).unwrap();
+    let language = Language::parse("language", "en").unwrap();
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut ids = Vec::new();
+    for d in 0..dialogs {
+        let dialog = format!("{prefix}-{d}");
+        let dialog_id = DialogId::parse("dialogId", dialog.as_str()).unwrap();
+        let messages = (0..per_dialog)
+            .map(|i| Message {
+                id: Message::id_text(Message::server_id(&dialog_id, None)),
+                client_id: None,
+                dialog_id: dialog_id.clone(),
+                customer_id: customer_id.clone(),
+                text: MessageText::parse("text", format!("{customer} says {i} in {dialog}"))
+                    .unwrap(),
+                language: language.clone(),
+                created_at: now,
+                seq: (now * 1000) + (d * per_dialog + i) as i64,
+            })
+            .collect();
+        let decision = Decision {
+            dialog_id,
+            customer_id: customer_id.clone(),
+            value: true,
+            at: now,
+        };
+        app.store
+            .record_decision(&decision, messages)
+            .await
+            .expect("seed a dialog");
+        ids.push(dialog);
+    }
+    ids
+}
+
+/// A second store on the database `app` was started on, as another process (or a restart) would open it.
+async fn same_database(app: &TestApp) -> SharedStore {
+    match app.database.clone().expect("a database of the test's own") {
+        TestDatabase::Sqlite(path) => Arc::new(SqliteStore::open(&path).await.unwrap()),
+        TestDatabase::Mongo { name, .. } => {
+            Arc::new(MongoStore::connect(&mongodb_url(), &name).await.unwrap())
+        }
+    }
+}
+
+async fn customer_totals(app: &TestApp, customer: &str) -> (u64, u64) {
+    let data = app
+        .data(
+            "query($c: ID!) {
+               dialogs(filter: {customerId: $c}, first: 0) { totalCount }
+               messages(filter: {customerId: $c}, first: 0) { totalCount }
+             }",
+            json!({ "c": customer }),
+        )
+        .await;
+    (
+        data["dialogs"]["totalCount"].as_u64().unwrap(),
+        data["messages"]["totalCount"].as_u64().unwrap(),
+    )
+}
+
+const ERASE: &str = "mutation($c: ID!) {
+  eraseCustomer(customerId: $c) { dialogCount messageCount consentCount bufferedMessageCount }
+}";
+
+/// 200,000 messages in 100 dialogs (20,000 on MongoDB's test server), erased through one `eraseCustomer` while readers watch: every read
+/// shows whole dialogs only (the customer's message count is always a multiple of a dialog's size, and a
+/// dialog listed with its messages has all of them), the store works in bounded batches, and another
+/// customer's data and pushes are untouched.
+pub async fn a_customer_with_hundreds_of_thousands_of_messages_is_erased_in_whole_dialogs(
+    app: TestApp,
+) {
+    // SecantusDB, the MongoDB-compatible test server, is an emulator in Python that takes about a
+    // millisecond per document written or deleted: on it the test erases a tenth as much, which still
+    // takes ten batches; the batch count is what shows that the size does not matter.
+    let dialogs = match app.database {
+        Some(TestDatabase::Mongo { .. }) => 10,
+        _ => 100,
+    };
+    const PER_DIALOG: usize = 2_000;
+    seed(&app, "big", "big", dialogs, PER_DIALOG).await;
+    seed(&app, "bystander", "other", 3, 10).await;
+    // A refusal: a consent record without a dialog, which goes too.
+    app.push("big", "refused", "no thanks", "en", None).await;
+    app.consent("refused", false).await;
+    // And a message still waiting in the buffer.
+    app.push("big", "open", "still talking", "en", None).await;
+    let total = (dialogs * PER_DIALOG) as u64;
+    assert_eq!(customer_totals(&app, "big").await, (dialogs as u64, total));
+    app.store.reset_calls();
+
+    let app = Arc::new(app);
+    let done = Arc::new(AtomicBool::new(false));
+    let counts_seen = {
+        let (app, done) = (app.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut seen = vec![total];
+            while !done.load(Ordering::SeqCst) {
+                let (_, messages) = customer_totals(&app, "big").await;
+                assert_eq!(
+                    messages % PER_DIALOG as u64,
+                    0,
+                    "a reader saw part of a dialog's messages ({messages} in all)"
+                );
+                assert!(
+                    messages <= *seen.last().unwrap(),
+                    "erased messages came back"
+                );
+                seen.push(messages);
+            }
+            seen
+        })
+    };
+    let dialogs_seen = {
+        let (app, done) = (app.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut reads = 0;
+            while !done.load(Ordering::SeqCst) {
+                let data = app
+                    .data(
+                        "{ dialogs(filter: {customerId: \"big\"}, first: 2) {
+                             edges { node { id messageCount messages { id } } } } }",
+                        json!({}),
+                    )
+                    .await;
+                for edge in data["dialogs"]["edges"].as_array().unwrap() {
+                    let shown = edge["node"]["messages"].as_array().unwrap().len();
+                    // The list and the messages are two reads: the dialog may be gone by the second.
+                    assert!(
+                        shown == PER_DIALOG || shown == 0,
+                        "dialog {} showed {shown} of its {PER_DIALOG} messages",
+                        edge["node"]["id"]
+                    );
+                }
+                reads += 1;
+            }
+            reads
+        })
+    };
+    // Another customer keeps pushing meanwhile.
+    let pushes = {
+        let (app, done) = (app.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut pushed = 0;
+            while !done.load(Ordering::SeqCst) {
+                let (status, body) = app
+                    .push_status(&format!("other-live-{pushed}"), "still here")
+                    .await;
+                assert_eq!(status, 200, "{body}");
+                assert!(body.get("errors").is_none(), "{body}");
+                pushed += 1;
+            }
+            pushed
+        })
+    };
+
+    let erased = app.data(ERASE, json!({ "c": "big" })).await;
+    done.store(true, Ordering::SeqCst);
+    let counts_seen = counts_seen.await.expect("the counting reader");
+    let dialog_reads = dialogs_seen.await.expect("the dialog reader");
+    let pushed = pushes.await.expect("the other customer's pushes");
+    assert_eq!(
+        erased["eraseCustomer"],
+        json!({
+            "dialogCount": dialogs,
+            "messageCount": total,
+            "consentCount": dialogs + 1,
+            "bufferedMessageCount": 1,
+        })
+    );
+    assert!(dialog_reads > 0 && pushed > 0);
+    assert!(
+        counts_seen.len() > 2,
+        "the readers were answered while the erasure ran: {counts_seen:?}"
+    );
+
+    // Bounded batches: two dialogs of 2,000 fit in 5,000 messages, so one batch per two dialogs, then one
+    // for the refusal, and one before and one after closing the gate that find nothing left.
+    let calls = app.store.calls();
+    let batches = calls.get("erase_batch").copied().unwrap_or(0);
+    assert!(
+        (dialogs / 2 + 2..=dialogs / 2 + 4).contains(&batches),
+        "{batches} batches for {dialogs} dialogs: {calls:?}"
+    );
+    assert_eq!(calls.get("finish_erasure"), Some(&1));
+
+    assert_eq!(customer_totals(&app, "big").await, (0, 0));
+    assert_eq!(customer_totals(&app, "bystander").await, (3, 30));
+    assert!(
+        app.data("{ consent(dialogId: \"refused\") { value } }", json!({}))
+            .await["consent"]
+            .is_null()
+    );
+    assert!(
+        app.store.unfinished_erasures().await.unwrap().is_empty(),
+        "the customer id is not kept once the erasure is done"
+    );
+    let records = app.erasure_records().await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["messages"], json!(total));
+    assert_eq!(records[0]["dialogs"], json!(dialogs));
+    assert_eq!(records[0]["bufferedMessages"], json!(1));
+}
+
+/// An erasure whose process stops half-way (the store stops answering its batches, then the service goes
+/// down) is finished by the next process on the same database, without anyone asking again: the audit
+/// record counts what both erased, the customer id is forgotten, and a reader in between saw whole
+/// dialogs only. A second `eraseCustomer` afterwards finds nothing left and writes a record of its own.
+pub async fn an_erasure_cut_short_is_finished_by_the_next_process(app: TestApp) {
+    const DIALOGS: usize = 40;
+    const PER_DIALOG: usize = 50;
+    seed(&app, "cut", "cut", DIALOGS, PER_DIALOG).await;
+    seed(&app, "kept", "kept", 2, 5).await;
+    // The first few batches go through, then the store stops answering this process for good.
+    app.store.fail_erase_batches_after(4);
+    let error = app.error(ERASE, json!({ "c": "cut" })).await;
+    assert_eq!(code(&error), "STORE_UNAVAILABLE", "{error}");
+    let (left, messages) = customer_totals(&app, "cut").await;
+    assert!(
+        left > 0 && (left as usize) < DIALOGS,
+        "half-way: {left} of {DIALOGS} dialogs left"
+    );
+    assert_eq!(messages, left * PER_DIALOG as u64, "whole dialogs only");
+    assert_eq!(app.store.unfinished_erasures().await.unwrap().len(), 1);
+    assert!(app.erasure_records().await.is_empty(), "not finished yet");
+
+    // "Restart": a new process on the same database finds the unfinished erasure at startup.
+    let mut config = test_config();
+    config.erasure_batch_messages = 100;
+    let mut next = TestApp::start_with(same_database(&app).await, config).await;
+    next.database = app.database.clone();
+    let finished = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if customer_totals(&next, "cut").await == (0, 0)
+                && next.store.unfinished_erasures().await.unwrap().is_empty()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        finished.is_ok(),
+        "the next process did not finish the erasure"
+    );
+    let records = next.erasure_records().await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["dialogs"], json!(DIALOGS), "{records:?}");
+    assert_eq!(records[0]["messages"], json!(DIALOGS * PER_DIALOG));
+    assert_eq!(
+        records[0]["erasedBy"], "open",
+        "the record names who asked, not the resumer"
+    );
+    assert_eq!(customer_totals(&next, "kept").await, (2, 10));
+
+    let again = next.data(ERASE, json!({ "c": "cut" })).await;
+    assert_eq!(
+        again["eraseCustomer"],
+        json!({ "dialogCount": 0, "messageCount": 0, "consentCount": 0, "bufferedMessageCount": 0 })
+    );
+    assert_eq!(next.erasure_records().await.len(), 2);
+    let stopped = next.stopped();
+    drop(next);
+    stopped.wait().await;
+}
+
+/// Two calls for the same customer at once, and a call while a batch is held: they share one erasure
+/// (one audit record, the same counts), and a caller whose request gives up leaves it running.
+pub async fn concurrent_erasures_of_one_customer_share_one_run(app: TestApp) {
+    seed(&app, "twice", "twice", 30, 20).await;
+    let app = Arc::new(app);
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { app.data(ERASE, json!({ "c": "twice" })).await })
+        })
+        .collect();
+    let mut answers: Vec<Value> = Vec::new();
+    for call in calls {
+        answers.push(call.await.unwrap()["eraseCustomer"].clone());
+    }
+    let full = json!({ "dialogCount": 30, "messageCount": 600, "consentCount": 30, "bufferedMessageCount": 0 });
+    // Calls that arrived together join one run; one that arrived after it finished finds nothing left.
+    assert!(answers.contains(&full), "{answers:?}");
+    let records = app.erasure_records().await;
+    let erased: u64 = records
+        .iter()
+        .map(|r| r["messages"].as_u64().unwrap())
+        .sum();
+    assert_eq!(erased, 600, "each message counted once: {records:?}");
+    assert_eq!(customer_totals(&app, "twice").await, (0, 0));
+}
+
+for_each_store!(a_customer_with_hundreds_of_thousands_of_messages_is_erased_in_whole_dialogs);
+
+mod resumed {
+    pub use super::{
+        an_erasure_cut_short_is_finished_by_the_next_process,
+        concurrent_erasures_of_one_customer_share_one_run,
+    };
+
+    for_each_store!(
+        with {
+            let mut config = crate::helpers::test_config();
+            config.erasure_batch_messages = 100;
+            config
+        };
+        an_erasure_cut_short_is_finished_by_the_next_process,
+        concurrent_erasures_of_one_customer_share_one_run,
+    );
+}
