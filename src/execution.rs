@@ -30,7 +30,8 @@ use crate::variables::InputTypes;
 /// hundred kilobytes of aliases, thousands of fragments), and on the main runtime's threads it would hold
 /// up every other client, pushes and `/health` included. On this lane such requests queue behind each
 /// other instead (a client has at most `CLIENT_CONCURRENT_REQUESTS` of them), and the operating system
-/// shares the cores between it and the main runtime. Known documents (the background job's) never come here.
+/// gives it only the time the main runtime leaves (see [`lower_this_threads_priority`]). Known light
+/// documents (the background job's) never come here.
 struct HeavyLane {
     handle: tokio::runtime::Handle,
     /// Dropped with the executor: ends the lane's thread.
@@ -48,6 +49,7 @@ impl HeavyLane {
         std::thread::Builder::new()
             .name("dataapi-heavy".to_owned())
             .spawn(move || {
+                ON_HEAVY_LANE.set(true);
                 lower_this_threads_priority();
                 runtime.block_on(async {
                     let _ = stopped.await;
@@ -82,15 +84,29 @@ impl HeavyLane {
     }
 }
 
-/// Nice 10 for the calling thread: when the cores are busy, the heavy lane gets about a tenth of the time
-/// the main runtime's threads get, so clients with known documents (pushes) and the probes come first;
-/// when they are idle, it runs at full speed.
+thread_local! {
+    /// True on the heavy lane's thread, which polls every task of the lane's runtime.
+    static ON_HEAVY_LANE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling code runs on the heavy lane (its store calls then share a few permits: see
+/// `store::guarded`).
+pub fn on_heavy_lane() -> bool {
+    ON_HEAVY_LANE.get()
+}
+
+/// The idle scheduling class for the calling thread (`SCHED_IDLE`; threads it starts inherit it): the heavy
+/// lane runs at full speed on cores nothing else wants, and gives way at once when a thread of the main
+/// runtime wakes up, so that clients with known light documents (pushes) and the probes come first. (At
+/// nice 10 it held the core for a scheduler slice after such a wake-up: the pushes' p99 tripled under
+/// attack; see BENCHMARKS.md.) While the cores are saturated, its requests wait: the ingest goes first.
 fn lower_this_threads_priority() {
     #[cfg(target_os = "linux")]
     // SAFETY: gettid and setpriority take and return plain integers; a failure only leaves the priority.
     unsafe {
         let thread = libc::gettid();
-        if libc::setpriority(libc::PRIO_PROCESS, thread as libc::id_t, 10) != 0 {
+        let param = libc::sched_param { sched_priority: 0 };
+        if libc::sched_setscheduler(thread, libc::SCHED_IDLE, &param) != 0 {
             tracing::warn!("cannot lower the priority of the heavy lane's thread");
         }
     }
@@ -109,12 +125,38 @@ pub struct Executor {
     /// Operations run with full validation, and with the document validated before.
     fully_validated: prometheus::IntCounter,
     prevalidated_runs: prometheus::IntCounter,
+    /// Operations run on the main runtime, and on the heavy lane.
+    main_lane_runs: prometheus::IntCounter,
+    heavy_lane_runs: prometheus::IntCounter,
 }
 
 /// An operation's response, and the label it is counted under in the metrics.
 pub struct Executed {
     pub label: String,
-    pub response: Response,
+    /// The response's errors: which codes to count, which status to answer with.
+    pub errors: Vec<ServerError>,
+    /// Whether it has data (some of it succeeded).
+    pub has_data: bool,
+    /// The response as the client gets it.
+    pub json: Vec<u8>,
+}
+
+/// An operation's response before it is serialized.
+struct Ran {
+    label: String,
+    response: Response,
+}
+
+impl Ran {
+    fn serialized(self) -> Executed {
+        let json = serde_json::to_vec(&self.response).expect("a GraphQL response serializes");
+        Executed {
+            label: self.label,
+            has_data: !matches!(self.response.data, async_graphql::Value::Null),
+            errors: self.response.errors,
+            json,
+        }
+    }
 }
 
 impl Executor {
@@ -132,6 +174,8 @@ impl Executor {
                 .metrics()
                 .validations
                 .with_label_values(&["prevalidated"]),
+            main_lane_runs: service.metrics().lanes.with_label_values(&["main"]),
+            heavy_lane_runs: service.metrics().lanes.with_label_values(&["heavy"]),
             prevalidated: schema::build(service, limits, introspection, ValidationMode::Fast),
             strict,
             inputs,
@@ -141,19 +185,40 @@ impl Executor {
         }
     }
 
-    /// Runs one operation. The caller has put the request's data (caller, loader) in already. A document
-    /// seen before runs here; a new one on the heavy lane (see [`HeavyLane`]).
-    pub async fn execute(self: &Arc<Self>, request: Request) -> Executed {
-        if let Some(known) = self.documents.get(&request.query) {
-            return self.run(request, Some(known)).await;
+    /// Runs one operation. The caller has put the request's data (caller, loader, `allowance`) in
+    /// already. A document seen before that proved light runs here; a new one, or one that proved heavy,
+    /// on the heavy lane (see [`HeavyLane`]).
+    pub async fn execute(
+        self: &Arc<Self>,
+        request: Request,
+        allowance: &schema::RequestAllowance,
+    ) -> Executed {
+        let known = self.documents.get(&request.query);
+        if let Some(light) = known
+            .as_ref()
+            .filter(|known| !known.heavy.load(Ordering::Relaxed))
+        {
+            self.main_lane_runs.inc();
+            return self
+                .run(request, Some(light.clone()), allowance)
+                .await
+                .serialized();
         }
+        self.heavy_lane_runs.inc();
         let executor = self.clone();
+        let allowance = allowance.clone();
+        // Serialized on the lane too: a storm's answer (thousands of errors) is megabytes of JSON.
         self.heavy
-            .run(async move { executor.run(request, None).await })
+            .run(async move { executor.run(request, known, &allowance).await.serialized() })
             .await
     }
 
-    async fn run(&self, mut request: Request, known: Option<Arc<KnownDocument>>) -> Executed {
+    async fn run(
+        &self,
+        mut request: Request,
+        known: Option<Arc<KnownDocument>>,
+        allowance: &schema::RequestAllowance,
+    ) -> Ran {
         let fresh;
         let document = match &known {
             Some(known) => &known.document,
@@ -163,7 +228,7 @@ impl Executor {
                     &fresh
                 }
                 Err(error) => {
-                    return Executed {
+                    return Ran {
                         label: "invalid".to_owned(),
                         response: refusal(error.into(), "GRAPHQL_PARSE_FAILED"),
                     };
@@ -171,10 +236,11 @@ impl Executor {
             },
         };
         // Before anything walks the document with its fragments spread (validation does, at every spread).
+        let mut expanded = 0;
         if known.is_none() {
-            let expanded = crate::expansion::expanded_selections(document);
+            expanded = crate::expansion::expanded_selections(document);
             if expanded > self.max_complexity as u64 {
-                return Executed {
+                return Ran {
                     label: "invalid".to_owned(),
                     response: refusal(
                         ServerError::new(
@@ -195,7 +261,7 @@ impl Executor {
         let operation = match select_operation(document, request.operation_name.as_deref()) {
             Ok(operation) => operation,
             Err(message) => {
-                return Executed {
+                return Ran {
                     label: "other".to_owned(),
                     response: refusal(ServerError::new(message, None), "OPERATION_NOT_FOUND"),
                 };
@@ -217,6 +283,7 @@ impl Executor {
         let to_keep = (known.is_none() && request.query.len() <= DocumentCache::MAX_QUERY_BYTES)
             .then(|| (request.query.clone(), document.clone()));
         request.set_parsed_query(document.clone());
+        let spent_before = allowance.spent();
         let mut response = if prevalidated {
             self.prevalidated_runs.inc();
             self.prevalidated.execute(request).await
@@ -225,19 +292,49 @@ impl Executor {
             self.strict.execute(request).await
         };
         let refused = give_codes(&mut response);
+        let spent_after = allowance.spent();
+        let heavy = expanded > LIGHT_SELECTIONS
+            || spent_after.0 - spent_before.0 > LIGHT_STORE_CALLS
+            || spent_after.1 - spent_before.1 > LIGHT_MESSAGES
+            || response.errors.iter().any(hit_a_request_allowance);
+        if let Some(known) = &known
+            && heavy
+        {
+            known.heavy.store(true, Ordering::Relaxed);
+        }
         if !prevalidated && !refused {
             match (known, to_keep) {
                 (Some(known), _) if checks_every_argument => {
                     known.validated.store(true, Ordering::Relaxed)
                 }
                 (None, Some((query, document))) => {
-                    self.documents.keep(query, document, checks_every_argument)
+                    self.documents
+                        .keep(query, document, checks_every_argument, heavy)
                 }
                 _ => {}
             }
         }
-        Executed { label, response }
+        Ran { label, response }
     }
+}
+
+/// What a document may cost and still run on the main runtime once known: the background job's pushes and
+/// consents, and small reads. A document that once cost more (its selections, its store calls, the
+/// messages it showed, or a request allowance it ran into) runs on the heavy lane from then on, so that a
+/// client repeating an expensive document cannot take the main runtime's threads from the others.
+const LIGHT_SELECTIONS: u64 = 200;
+const LIGHT_STORE_CALLS: usize = 4;
+const LIGHT_MESSAGES: usize = 500;
+
+fn hit_a_request_allowance(error: &ServerError) -> bool {
+    error
+        .extensions
+        .as_ref()
+        .and_then(|extensions| extensions.get("code"))
+        .is_some_and(|code| {
+            matches!(code, async_graphql::Value::String(code)
+                if code == "STORE_CALLS_EXCEEDED" || code == "RESPONSE_TOO_LARGE")
+        })
 }
 
 /// A response refusing the whole operation.
@@ -381,6 +478,8 @@ struct KnownDocument {
     /// Passed with one operation and every variable it declares present, so that every argument,
     /// variables substituted, was checked.
     validated: AtomicBool,
+    /// Cost more than a light document once: runs on the heavy lane (see [`LIGHT_SELECTIONS`]).
+    heavy: AtomicBool,
 }
 
 /// Parsed documents by query text. Only short documents that passed full validation are kept, and at
@@ -399,7 +498,7 @@ impl DocumentCache {
     }
 
     /// Keeps a document that passed full validation.
-    fn keep(&self, query: String, document: ExecutableDocument, validated: bool) {
+    fn keep(&self, query: String, document: ExecutableDocument, validated: bool, heavy: bool) {
         if self.documents.len() >= Self::DOCUMENTS {
             self.documents.clear();
         }
@@ -408,6 +507,7 @@ impl DocumentCache {
             Arc::new(KnownDocument {
                 document,
                 validated: AtomicBool::new(validated),
+                heavy: AtomicBool::new(heavy),
             }),
         );
     }

@@ -352,18 +352,21 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
         operation.data.insert(allowance.clone());
         operation.data.insert(caller_name.clone());
         let started = std::time::Instant::now();
-        let Executed { label, response } = state.executor.execute(operation).await;
-        responses.push(response);
-        metrics.operations.with_label_values(&[&label]).inc();
+        let executed = state.executor.execute(operation, &allowance).await;
+        metrics
+            .operations
+            .with_label_values(&[&executed.label])
+            .inc();
         metrics
             .operation_seconds
-            .with_label_values(&[&label])
+            .with_label_values(&[&executed.label])
             .observe(started.elapsed().as_secs_f64());
+        responses.push(executed);
     }
 
     let codes: Vec<String> = responses
         .iter()
-        .flat_map(|response| &response.errors)
+        .flat_map(|executed| &executed.errors)
         .filter_map(|error| {
             let code = error.extensions.as_ref()?.get("code")?;
             match code {
@@ -377,9 +380,7 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
     }
     // A status other than 200 only when nothing succeeded: a client or proxy that retries on 503 must not
     // repeat the parts of a request that did succeed.
-    let nothing_succeeded = responses
-        .iter()
-        .all(|response| matches!(response.data, async_graphql::Value::Null));
+    let nothing_succeeded = responses.iter().all(|executed| !executed.has_data);
     let status = if nothing_succeeded {
         status_for(&codes)
     } else {
@@ -392,15 +393,15 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
     if is_batch {
         body.push(b'[');
     }
-    for (index, response) in responses.iter().enumerate() {
+    for (index, Executed { json, .. }) in responses.iter().enumerate() {
         if index > 0 {
             body.push(b',');
         }
         let start = body.len();
-        serde_json::to_writer(&mut body, response).expect("a GraphQL response serializes");
-        let written = body.len() - start;
-        if body.len() > state.max_response_bytes {
-            body.truncate(start);
+        let written = json.len();
+        if start + written <= state.max_response_bytes {
+            body.extend_from_slice(json);
+        } else {
             count_error(&state, "RESPONSE_TOO_LARGE");
             let refusal = json!({ "errors": [{
                 "message": format!(

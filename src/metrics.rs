@@ -20,6 +20,7 @@ pub struct Metrics {
     pub errors: IntCounterVec,
     /// Operations by how they were validated: see `crate::execution`.
     pub validations: IntCounterVec,
+    pub lanes: IntCounterVec,
     /// Consent decisions recorded, by value.
     pub consents: IntCounterVec,
     pub store_seconds: HistogramVec,
@@ -94,6 +95,12 @@ impl Metrics {
                 "GraphQL operations by validation: full (a new document, or variables not certainly \
                  valid) or prevalidated (a document that passed full validation before)",
                 &["validation"],
+            ),
+            lanes: counter_vec(
+                "graphql_lane_operations_total",
+                "GraphQL operations by where they ran: main (known light documents) or heavy (new \
+                 documents, and those that once cost more than a light one: a thread of low priority)",
+                &["lane"],
             ),
             consents: counter_vec("consents_total", "Consent decisions recorded", &["value"]),
             store_seconds: histogram_vec(

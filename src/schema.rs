@@ -81,6 +81,15 @@ impl RequestAllowance {
             })
     }
 
+    /// Store calls and messages this request has used so far.
+    pub fn spent(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering;
+        (
+            self.limits.max_store_calls - self.store_calls.load(Ordering::Acquire),
+            self.limits.max_loaded_messages - self.messages.load(Ordering::Acquire),
+        )
+    }
+
     /// How many more messages this request may load.
     fn messages_left(&self) -> usize {
         self.messages.load(std::sync::atomic::Ordering::Acquire)

@@ -74,6 +74,10 @@ pub struct DialogService {
     erasures: std::sync::Mutex<HashMap<CustomerId, ErasureTask>>,
     /// About how many stored messages one erasure batch deletes (one store transaction).
     erasure_batch_messages: usize,
+    /// The runtime the service was made on, where erasures run: not the heavy lane (see `execution`),
+    /// which may get no CPU time while the cores are busy, whereas an erasure holds up every decision at
+    /// its end.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 /// The outcome of an erasure running in a task of its own, for every caller waiting for it.
@@ -138,6 +142,7 @@ impl DialogService {
             audit_key,
             erasures: std::sync::Mutex::default(),
             erasure_batch_messages: ERASURE_BATCH_MESSAGES,
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
 
@@ -319,7 +324,7 @@ impl DialogService {
         }
         let service = self.clone();
         let customer = customer_id.clone();
-        let handle = tokio::spawn(async move {
+        let erasure = async move {
             // Forgotten however the task ends, so that a later call starts afresh.
             let _forget = ForgetErasure(service.clone(), customer.clone());
             let outcome = service.run_erasure(&customer, erased_by).await;
@@ -330,7 +335,11 @@ impl DialogService {
                 );
             }
             outcome
-        });
+        };
+        let handle = match &self.runtime {
+            Some(runtime) => runtime.spawn(erasure),
+            None => tokio::spawn(erasure),
+        };
         let task = async move {
             handle.await.unwrap_or_else(|error| {
                 Err(ApiError::StoreUnavailable(StoreError(format!(

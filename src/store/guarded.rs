@@ -1,6 +1,10 @@
 //! Wraps any store so that every call has a deadline and is timed: a slow or dead database turns into
 //! `STORE_UNAVAILABLE` after `STORE_TIMEOUT` instead of hanging the request, and its latency is a metric.
 //!
+//! Calls made from the heavy lane (see `execution`) share a few permits: the database's connections are a
+//! pool, and a storm of counts from one client must not leave a push's decision look-up queueing behind
+//! hundreds of them.
+//!
 //! A call cut off by the deadline may still complete in the database (a SQLite write runs on its own
 //! thread; a MongoDB commit may already be on the wire). That is safe: every write is idempotent, so the
 //! client's retry finds it done.
@@ -23,7 +27,12 @@ pub struct GuardedStore {
     inner: SharedStore,
     timeout: Duration,
     metrics: Arc<Metrics>,
+    heavy_calls: tokio::sync::Semaphore,
 }
+
+/// Store calls from the heavy lane at once: half of the smaller connection pool (SQLite's 8 readers;
+/// MongoDB's default pool holds 10), so that the other half stays free for pushes and consents.
+pub const HEAVY_STORE_CALLS: usize = 4;
 
 impl GuardedStore {
     pub fn new(inner: SharedStore, timeout: Duration, metrics: Arc<Metrics>) -> Self {
@@ -31,6 +40,7 @@ impl GuardedStore {
             inner,
             timeout,
             metrics,
+            heavy_calls: tokio::sync::Semaphore::new(HEAVY_STORE_CALLS),
         }
     }
 
@@ -39,6 +49,16 @@ impl GuardedStore {
         name: &'static str,
         call: impl Future<Output = StoreResult<T>>,
     ) -> StoreResult<T> {
+        // Outside the deadline: waiting for a permit is the heavy lane queueing, not the database failing.
+        let _permit = match crate::execution::on_heavy_lane() {
+            true => Some(
+                self.heavy_calls
+                    .acquire()
+                    .await
+                    .expect("the semaphore is never closed"),
+            ),
+            false => None,
+        };
         let started = Instant::now();
         let result = tokio::time::timeout(self.timeout, call).await;
         self.metrics

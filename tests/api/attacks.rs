@@ -1305,3 +1305,88 @@ async fn without_audit_secret_replicas_share_one_kept_in_the_database() {
     })
     .await;
 }
+
+/// Operations the service ran on `lane` (`main` or `heavy`) so far.
+async fn lane_runs(app: &TestApp, lane: &str) -> u64 {
+    let name = format!("dataapi_graphql_lane_operations_total{{lane=\"{lane}\"}}");
+    app.metrics_text()
+        .await
+        .lines()
+        .find(|line| line.starts_with(&name))
+        .and_then(|line| line.rsplit(' ').next())
+        .map_or(0, |value| value.parse().unwrap())
+}
+
+/// A document that costs more than a light one once (store calls, shown messages, selections, or an
+/// allowance it ran into) keeps running on the low-priority heavy lane when it is sent again, however often:
+/// repeating an expensive query gives no way back onto the main runtime's threads, which serve the pushes.
+/// The background job's pushes and consents, and small reads, run on the main runtime once known.
+async fn expensive_documents_stay_on_the_heavy_lane(app: TestApp) {
+    for i in 0..3 {
+        app.push("ada", &format!("lane-{i}"), "some text", "en", None)
+            .await;
+        app.consent(&format!("lane-{i}"), true).await;
+    }
+    let counts = |aliases: usize| {
+        let fields: String = (0..aliases)
+            .map(|i| format!("c{i}: messages(first: 0) {{ totalCount }} "))
+            .collect();
+        format!("{{ {fields} }}")
+    };
+    let many_selections: String = (0..300).map(|i| format!("t{i}: __typename ")).collect();
+    // Sizes: just over the light store-call bound, past the request's allowance, and many selections.
+    let expensive = [counts(5), counts(60), format!("{{ {many_selections} }}")];
+    let cheap = "{ dialogs(first: 2) { edges { node { id messages { text } } } } }";
+    for query in expensive.iter().map(String::as_str).chain([cheap]) {
+        // The first run of any document is on the heavy lane: it is new.
+        let (main, heavy) = (
+            lane_runs(&app, "main").await,
+            lane_runs(&app, "heavy").await,
+        );
+        app.post_json(&json!({ "query": query })).await;
+        assert_eq!(lane_runs(&app, "heavy").await, heavy + 1, "new: {query}");
+        assert_eq!(lane_runs(&app, "main").await, main);
+    }
+    for round in 0..3 {
+        for query in &expensive {
+            let (main, heavy) = (
+                lane_runs(&app, "main").await,
+                lane_runs(&app, "heavy").await,
+            );
+            let answer = app.post_json(&json!({ "query": query })).await;
+            assert!(answer.get("data").is_some(), "{answer}");
+            assert_eq!(
+                (
+                    lane_runs(&app, "main").await,
+                    lane_runs(&app, "heavy").await
+                ),
+                (main, heavy + 1),
+                "round {round}, expensive and known: {query}"
+            );
+        }
+        let (main, heavy) = (
+            lane_runs(&app, "main").await,
+            lane_runs(&app, "heavy").await,
+        );
+        app.data(cheap, json!({})).await;
+        app.push("ada", "lane-0", "more", "en", None).await;
+        assert_eq!(
+            (
+                lane_runs(&app, "main").await,
+                lane_runs(&app, "heavy").await
+            ),
+            (main + 2, heavy),
+            "round {round}: a small read and a push run on the main runtime once known"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_expensive_document_keeps_running_on_the_heavy_lane() {
+    run_with(
+        Backend::Sqlite,
+        test_config(),
+        expensive_documents_stay_on_the_heavy_lane,
+    )
+    .await;
+}
