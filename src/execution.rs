@@ -132,7 +132,7 @@ pub struct Executor {
 
 /// An operation's response, and the label it is counted under in the metrics.
 pub struct Executed {
-    pub label: String,
+    pub label: Arc<str>,
     /// The response's errors: which codes to count, which status to answer with.
     pub errors: Vec<ServerError>,
     /// Whether it has data (some of it succeeded).
@@ -143,7 +143,7 @@ pub struct Executed {
 
 /// An operation's response before it is serialized.
 struct Ran {
-    label: String,
+    label: Arc<str>,
     response: Response,
 }
 
@@ -229,7 +229,7 @@ impl Executor {
                 }
                 Err(error) => {
                     return Ran {
-                        label: "invalid".to_owned(),
+                        label: "invalid".into(),
                         response: refusal(error.into(), "GRAPHQL_PARSE_FAILED"),
                     };
                 }
@@ -241,7 +241,7 @@ impl Executor {
             expanded = crate::expansion::expanded_selections(document);
             if expanded > self.max_complexity as u64 {
                 return Ran {
-                    label: "invalid".to_owned(),
+                    label: "invalid".into(),
                     response: refusal(
                         ServerError::new(
                             format!(
@@ -262,12 +262,18 @@ impl Executor {
             Ok(operation) => operation,
             Err(message) => {
                 return Ran {
-                    label: "other".to_owned(),
+                    label: "other".into(),
                     response: refusal(ServerError::new(message, None), "OPERATION_NOT_FOUND"),
                 };
             }
         };
-        let label = label(operation);
+        // Kept with a known document of one operation: a push should not build its label every time.
+        let label = match &known {
+            Some(known) if matches!(document.operations, DocumentOperations::Single(_)) => {
+                known.label.get_or_init(|| label(operation).into()).clone()
+            }
+            _ => label(operation).into(),
+        };
         let declared = &operation.variable_definitions;
         // Whether full validation checked every argument: async-graphql skips an argument whose variable is
         // missing, and the variables of operations other than the one selected.
@@ -480,6 +486,8 @@ struct KnownDocument {
     validated: AtomicBool,
     /// Cost more than a light document once: runs on the heavy lane (see [`LIGHT_SELECTIONS`]).
     heavy: AtomicBool,
+    /// The metrics' label of its operation, when it has one operation.
+    label: std::sync::OnceLock<Arc<str>>,
 }
 
 /// Parsed documents by query text. Only short documents that passed full validation are kept, and at
@@ -508,6 +516,7 @@ impl DocumentCache {
                 document,
                 validated: AtomicBool::new(validated),
                 heavy: AtomicBool::new(heavy),
+                label: std::sync::OnceLock::new(),
             }),
         );
     }

@@ -203,13 +203,32 @@ pub fn request_loader(
     service: Arc<DialogService>,
     limits: Limits,
     allowance: RequestAllowance,
-) -> MessagesLoader {
-    DataLoader::with_cache(
-        MessagesByDialog(service, allowance),
-        tokio::spawn,
-        HashMapCache::default(),
-    )
-    .max_batch_size(limits.max_page_size.max(1))
+) -> LazyMessagesLoader {
+    LazyMessagesLoader {
+        parts: (service, limits, allowance),
+        loader: std::sync::OnceLock::new(),
+    }
+}
+
+/// A request's [`MessagesLoader`], made when a field first needs it: most requests are pushes, which never
+/// do.
+pub struct LazyMessagesLoader {
+    parts: (Arc<DialogService>, Limits, RequestAllowance),
+    loader: std::sync::OnceLock<MessagesLoader>,
+}
+
+impl LazyMessagesLoader {
+    fn get(&self) -> &MessagesLoader {
+        self.loader.get_or_init(|| {
+            let (service, limits, allowance) = &self.parts;
+            DataLoader::with_cache(
+                MessagesByDialog(service.clone(), allowance.clone()),
+                tokio::spawn,
+                HashMapCache::default(),
+            )
+            .max_batch_size(limits.max_page_size.max(1))
+        })
+    }
 }
 
 /// Context data the server itself attaches; missing, it is a server bug, not the client's.
@@ -356,7 +375,7 @@ impl Dialog {
     /// `messages(filter: {dialogId: …})`.
     #[graphql(complexity = "DIALOG_MESSAGES_COMPLEXITY * child_complexity + 1")]
     async fn messages(&self, ctx: &Context<'_>) -> Result<Vec<Message>> {
-        let loader = data::<MessagesLoader>(ctx)?;
+        let loader = data::<LazyMessagesLoader>(ctx)?.get();
         // Shared, not copied, until the allowance says they may be shown (aliases get the same list).
         let Some(messages) = loader.load_one(self.0.id.clone()).await? else {
             return Ok(Vec::new());
@@ -617,7 +636,10 @@ impl QueryRoot {
             || look_ahead.field("nodes").field("messages").exists()
         {
             let ids = page.items.iter().map(|dialog| dialog.id.clone());
-            data::<MessagesLoader>(ctx)?.load_many(ids).await?;
+            data::<LazyMessagesLoader>(ctx)?
+                .get()
+                .load_many(ids)
+                .await?;
         }
         Ok(connection(
             page,
