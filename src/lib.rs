@@ -18,6 +18,7 @@ pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod paging;
+pub mod probe;
 pub mod schema;
 pub mod service;
 pub mod store;

@@ -210,3 +210,85 @@ async fn http_surface(app: TestApp) {
 async fn the_http_surface_serves_graphiql_health_and_clear_transport_errors() {
     run(Backend::Sqlite, http_surface).await;
 }
+
+/// Runs `dataapi health` with `args` and `BIND_ADDR` (if given); its exit status, output and duration.
+async fn health_check(
+    args: &[&str],
+    bind_addr: Option<String>,
+) -> (bool, String, std::time::Duration) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_dataapi"));
+    command.arg("health").args(args).env_remove("BIND_ADDR");
+    if let Some(bind_addr) = bind_addr {
+        command.env("BIND_ADDR", bind_addr);
+    }
+    let started = std::time::Instant::now();
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
+        .expect("run dataapi health");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text, started.elapsed())
+}
+
+/// A loopback server that accepts connections, reads what the client sends first, answers it with `reply`
+/// (nothing at all when empty), then holds the connection open.
+async fn fake_server(reply: &'static [u8]) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0u8; 1024];
+                let _ = socket.read(&mut request).await;
+                if !reply.is_empty() {
+                    let _ = socket.write_all(reply).await;
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+            });
+        }
+    });
+    addr
+}
+
+/// `dataapi health`, the image's health check: exit status 0 only when `/ready` answers 200, found from
+/// `BIND_ADDR` (an unspecified address is asked on loopback) or `--addr`; and it fails, within its bound,
+/// against nothing listening, a server that never answers, one that answers garbage, and a 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_subcommand_asks_ready_and_fails_within_its_bound_otherwise() {
+    let service = BinaryService::start("warn").await;
+    let (ok, text, _) = health_check(&[], Some(format!("0.0.0.0:{}", service.port))).await;
+    assert!(ok, "{text}");
+    assert!(text.starts_with("ready:"), "{text}");
+    let (ok, text, _) =
+        health_check(&["--addr", &format!("127.0.0.1:{}", service.port)], None).await;
+    assert!(ok, "{text}");
+
+    let nobody = format!("127.0.0.1:{}", crate::helpers::free_port());
+    let (ok, text, _) = health_check(&["--addr", &nobody], None).await;
+    assert!(!ok && text.contains("cannot connect"), "{text}");
+
+    let silent = fake_server(b"").await.to_string();
+    let (ok, text, took) = health_check(&["--addr", &silent], None).await;
+    assert!(!ok && text.contains("no answer"), "{text}");
+    assert!(took < std::time::Duration::from_secs(10), "took {took:?}");
+
+    let garbage = fake_server(b"SSH-2.0-OpenSSH_9.2\r\n").await.to_string();
+    let (ok, text, _) = health_check(&["--addr", &garbage], None).await;
+    assert!(!ok, "{text}");
+
+    let unready = fake_server(
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 23\r\n\r\n{\"status\":\"not ready\"}\n",
+    )
+    .await
+    .to_string();
+    let (ok, text, _) = health_check(&["--addr", &unready], None).await;
+    assert!(!ok && text.contains("503"), "{text}");
+
+    let (ok, text, _) = health_check(&[], Some("not-an-address".into())).await;
+    assert!(!ok && text.contains("BIND_ADDR"), "{text}");
+}
