@@ -233,7 +233,21 @@ where
                     ScanOrder::NewestFirst,
                 ),
             };
-            !scan(behind, order, 1).await?.is_empty()
+            let beyond_the_edge = !scan(behind, order, 1).await?.is_empty();
+            // An empty page's edge is the cursor's own item, which lies before the page too: with nothing
+            // beyond it, the item at that end of the whole list is it, if it is still there.
+            if items.is_empty() && !beyond_the_edge {
+                let end = match request.direction {
+                    Direction::Forward => ScanOrder::NewestFirst,
+                    Direction::Backward => ScanOrder::OldestFirst,
+                };
+                scan(KeyRange::default(), end, 1)
+                    .await?
+                    .first()
+                    .is_some_and(|item| key_of(item) == *cursor)
+            } else {
+                beyond_the_edge
+            }
         }
     };
 
@@ -437,6 +451,59 @@ mod tests {
             )
             .await;
             assert!(zero.items.is_empty() && zero.has_next_page && !zero.has_previous_page);
+        });
+    }
+
+    #[test]
+    fn an_empty_page_at_a_cursor_counts_the_cursors_own_item() {
+        let keys = [key(1, "a"), key(2, "b"), key(3, "c")];
+        let at = |k: &SortKey| Some(encode_cursor(ListKind::Dialogs, k));
+        run(async {
+            for (cursor, before_it) in [(&keys[2], true), (&keys[1], true), (&keys[0], true)] {
+                let forward = page(
+                    &keys,
+                    PageArgs {
+                        first: Some(0),
+                        after: at(cursor),
+                        ..Default::default()
+                    },
+                )
+                .await;
+                assert!(forward.items.is_empty());
+                assert_eq!(forward.has_previous_page, before_it, "after {cursor:?}");
+                let backward = page(
+                    &keys,
+                    PageArgs {
+                        last: Some(0),
+                        before: at(cursor),
+                        ..Default::default()
+                    },
+                )
+                .await;
+                assert_eq!(backward.has_next_page, before_it, "before {cursor:?}");
+            }
+            // Past the end: the last item's cursor still has it before the (empty) next page.
+            let past = page(
+                &keys,
+                PageArgs {
+                    first: Some(5),
+                    after: at(&keys[0]),
+                    ..Default::default()
+                },
+            )
+            .await;
+            assert!(past.items.is_empty() && past.has_previous_page && !past.has_next_page);
+            // A cursor whose item is gone, with nothing beyond it: nothing lies before the page.
+            let gone = page(
+                &keys[..2],
+                PageArgs {
+                    first: Some(0),
+                    after: at(&keys[2]),
+                    ..Default::default()
+                },
+            )
+            .await;
+            assert!(!gone.has_previous_page);
         });
     }
 

@@ -734,9 +734,9 @@ impl IngestMutation {
     /// Records many messages in one request, for the background job: each exactly as `pushMessage` would,
     /// in the order given (so a dialog's messages keep their order), at most `MAX_PUSH_MESSAGES`. Returns one
     /// result per input, in order. Every input is validated first: one invalid input fails the whole call
-    /// and records nothing. A message that then fails on its own (`BUFFER_FULL`, `STORE_UNAVAILABLE`) is
-    /// `null` with an error whose path names its index; the others are recorded. Retrying the whole call is
-    /// safe when every input has a `messageId`.
+    /// and records nothing. A message that then fails on its own (`CUSTOMER_MISMATCH`, `MESSAGE_ID_CONFLICT`,
+    /// `BUFFER_FULL`, `BUFFER_UNAVAILABLE`, `STORE_UNAVAILABLE`) is `null` with an error whose path names its
+    /// index; the others are recorded. Retrying the whole call is safe when every input has a `messageId`.
     #[graphql(guard = "require(Permission::Ingest)")]
     async fn push_messages(
         &self,

@@ -1099,6 +1099,71 @@ pub async fn push_messages_validates_every_input_before_recording_any(app: TestA
     assert_eq!(empty["pushMessages"], json!([]));
 }
 
+/// The per-input failures of `pushMessages` that are the client's own: a dialog that belongs to another
+/// customer, and a `messageId` repeated with another text. Each is `null` with its code at its index (on a
+/// buffered dialog and on a stored one alike); the other inputs are recorded; the status stays 200.
+pub async fn push_messages_reports_misuse_by_index_and_records_the_rest(app: TestApp) {
+    app.push("owner", "owned", "first", "en", Some("m1")).await;
+    app.push("owner", "kept", "first", "en", Some("k1")).await;
+    app.consent("kept", true).await;
+    let input = |customer: &str, dialog: &str, text: &str, id: &str| json!({ "customerId": customer, "dialogId": dialog, "text": text, "language": "en", "messageId": id });
+    let inputs = json!([
+        input("owner", "owned", "second", "m2"),
+        input("intruder", "owned", "not yours", "x1"),
+        input("owner", "owned", "first, changed", "m1"),
+        input("intruder", "kept", "not yours either", "x2"),
+        input("owner", "kept", "first, changed", "k1"),
+        input("owner", "kept", "second", "k2"),
+    ]);
+    let (status, response) = app
+        .post_as(
+            None,
+            &json!({ "query": PUSH_MANY, "variables": { "inputs": inputs } }),
+        )
+        .await;
+    assert_eq!(status, 200, "part succeeded: {response}");
+    let results = response["data"]["pushMessages"].as_array().unwrap();
+    let statuses: Vec<&Value> = results.iter().map(|r| &r["status"]).collect();
+    assert_eq!(
+        statuses,
+        [
+            &json!("BUFFERED"),
+            &Value::Null,
+            &Value::Null,
+            &Value::Null,
+            &Value::Null,
+            &json!("STORED")
+        ],
+        "{response}"
+    );
+    let errors: Vec<(Value, &str)> = response["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|error| (error["path"].clone(), code(error)))
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            (json!(["pushMessages", 1]), "CUSTOMER_MISMATCH"),
+            (json!(["pushMessages", 2]), "MESSAGE_ID_CONFLICT"),
+            (json!(["pushMessages", 3]), "CUSTOMER_MISMATCH"),
+            (json!(["pushMessages", 4]), "MESSAGE_ID_CONFLICT"),
+        ]
+    );
+    assert_eq!(app.consent("owned", true).await["storedCount"], 2);
+    let texts = app
+        .data(
+            "{ messages(filter: {customerId: \"intruder\"}) { totalCount } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        texts["messages"]["totalCount"], 0,
+        "nothing of the misuse was stored"
+    );
+}
+
 for_each_setup!(
     messages_wait_in_the_buffer_until_consent_true_stores_them,
     consent_false_leaves_nothing_in_the_database,
@@ -1122,4 +1187,5 @@ for_each_setup!(
     a_write_failing_half_way_leaves_nothing_and_a_retry_stores_once,
     push_messages_records_each_in_order_like_push_message,
     push_messages_validates_every_input_before_recording_any,
+    push_messages_reports_misuse_by_index_and_records_the_rest,
 );
