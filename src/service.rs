@@ -277,6 +277,22 @@ impl DialogService {
 
     /// Runs [`sweep`](Self::sweep) every `period` until the task is aborted.
     pub fn spawn_sweeper(self: &Arc<Self>, period: Duration) -> tokio::task::JoinHandle<()> {
+        self.spawn_every(period, move |service| async move {
+            service.sweep(period).await;
+        })
+    }
+
+    /// Runs `work` now and then every `period` until the task is aborted or the service is dropped (the
+    /// task holds it weakly, so that it does not keep the service alive).
+    fn spawn_every<F, Fut>(
+        self: &Arc<Self>,
+        period: Duration,
+        work: F,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn(Arc<Self>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let service = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(period);
@@ -284,9 +300,7 @@ impl DialogService {
             loop {
                 ticks.tick().await;
                 match service.upgrade() {
-                    Some(service) => {
-                        service.sweep(period).await;
-                    }
+                    Some(service) => work(service).await,
                     None => return,
                 }
             }
@@ -450,17 +464,8 @@ impl DialogService {
         period: Duration,
         stale_after: Duration,
     ) -> tokio::task::JoinHandle<()> {
-        let service = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(period);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                ticks.tick().await;
-                match service.upgrade() {
-                    Some(service) => service.resume_erasures(stale_after).await,
-                    None => return,
-                }
-            }
+        self.spawn_every(period, move |service| async move {
+            service.resume_erasures(stale_after).await;
         })
     }
 
