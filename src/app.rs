@@ -175,6 +175,7 @@ impl Application {
                     .then(|| Arc::new(crate::admission::Admission::new(config.clients))),
             },
             config.access.graphiql,
+            &config.access.cors_origins,
         )
         // A client that trickles its body (or a request that hangs) is cut off with 408.
         .layer(TimeoutLayer::with_status_code(

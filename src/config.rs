@@ -66,6 +66,8 @@ pub struct AccessConfig {
     pub introspection: bool,
     /// Without keys, the host names served besides loopback ones (see `hosts`).
     pub allowed_hosts: AllowedHosts,
+    /// `CORS_ALLOWED_ORIGINS`: browser pages of other origins that may call `/graphql`.
+    pub cors_origins: crate::cors::AllowedOrigins,
 }
 
 /// Limits that protect the service from expensive or oversized requests.
@@ -131,6 +133,7 @@ impl Default for Config {
                 graphiql: true,
                 introspection: true,
                 allowed_hosts: AllowedHosts::default(),
+                cors_origins: crate::cors::AllowedOrigins::default(),
             },
             limits: LimitsConfig {
                 max_page_size: DEFAULT_MAX_PAGE_SIZE,
@@ -297,6 +300,11 @@ impl Config {
                 None => AllowedHosts::default(),
                 Some(text) => AllowedHosts::parse(&text)
                     .map_err(|reason| error("ALLOWED_HOSTS", &text, &reason))?,
+            },
+            cors_origins: match get("CORS_ALLOWED_ORIGINS") {
+                None => crate::cors::AllowedOrigins::default(),
+                Some(text) => crate::cors::AllowedOrigins::parse(&text)
+                    .map_err(|reason| error("CORS_ALLOWED_ORIGINS", &text, &reason))?,
             },
         };
         if access.api_keys.is_empty()
@@ -709,6 +717,22 @@ mod tests {
         assert_eq!(config.store_timeout, Duration::from_secs(2));
         assert_eq!(config.limits.max_batch_operations, 5);
         assert_eq!(config.buffer.max_bytes, 1_000_000);
+    }
+
+    #[test]
+    fn cors_origins_are_an_explicit_list() {
+        assert!(config(&[]).unwrap().access.cors_origins.is_empty());
+        assert!(
+            !config(&[("CORS_ALLOWED_ORIGINS", "https://dash.example.com")])
+                .unwrap()
+                .access
+                .cors_origins
+                .is_empty()
+        );
+        for bad in ["*", "https://dash.example.com/", "dash.example.com"] {
+            let error = config(&[("CORS_ALLOWED_ORIGINS", bad)]).unwrap_err();
+            assert_eq!(error.name, "CORS_ALLOWED_ORIGINS", "{bad}");
+        }
     }
 
     #[test]

@@ -43,12 +43,16 @@ pub struct AppState {
     pub admission: Option<Arc<Admission>>,
 }
 
-pub fn router(state: AppState, graphiql: bool) -> Router {
-    let graphql_route = if graphiql {
+pub fn router(state: AppState, graphiql: bool, cors: &crate::cors::AllowedOrigins) -> Router {
+    let mut graphql_route = if graphiql {
         get(graphiql_page).post(graphql)
     } else {
         axum::routing::post(graphql)
     };
+    // Only on /graphql, and only when origins are allowed: every push would pay for a layer.
+    if let Some(layer) = cors.layer() {
+        graphql_route = graphql_route.layer(layer);
+    }
     let mut router = Router::new()
         .route("/graphql", graphql_route)
         .route("/health", get(health))

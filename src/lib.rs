@@ -10,6 +10,7 @@ pub mod buffer;
 pub mod clock;
 pub mod config;
 pub mod connections;
+pub mod cors;
 pub mod error;
 pub mod execution;
 pub mod expansion;

@@ -278,3 +278,110 @@ async fn a_key_made_by_hash_key_opens_the_api_for_its_role() {
     })
     .await;
 }
+
+/// A preflight for a JSON POST with a key, from `origin`: the response's status and CORS headers.
+async fn preflight(
+    app: &TestApp,
+    origin: &str,
+) -> (u16, Option<String>, Option<String>, Option<String>) {
+    let response = app
+        .http_client()
+        .request(reqwest::Method::OPTIONS, app.url("/graphql"))
+        .header("Origin", origin)
+        .header("Access-Control-Request-Method", "POST")
+        .header(
+            "Access-Control-Request-Headers",
+            "authorization,content-type",
+        )
+        .send()
+        .await
+        .unwrap();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .map(|value| value.to_str().unwrap().to_ascii_lowercase())
+    };
+    (
+        response.status().as_u16(),
+        header("access-control-allow-origin"),
+        header("access-control-allow-methods"),
+        header("access-control-allow-headers"),
+    )
+}
+
+/// A query POSTed with `Origin: origin`: the answer's `Access-Control-Allow-Origin`, and its JSON.
+async fn cross_origin_query(app: &TestApp, origin: &str) -> (Option<String>, Value) {
+    let response = app
+        .http_client()
+        .post(app.url("/graphql"))
+        .header("Origin", origin)
+        .json(&json!({ "query": "{ dialogs(first: 1) { totalCount } }" }))
+        .send()
+        .await
+        .unwrap();
+    let allowed = response
+        .headers()
+        .get("access-control-allow-origin")
+        .map(|value| value.to_str().unwrap().to_owned());
+    (allowed, response.json().await.unwrap())
+}
+
+const DASHBOARD: &str = "https://dash.example.com";
+
+/// `CORS_ALLOWED_ORIGINS` lets exactly the listed origins' pages call `/graphql` from a browser: the
+/// preflight of a JSON POST with a key is allowed for them, and only for them. Look-alike origins (a
+/// suffix, another scheme or port, `null`) get no permission, and without the setting nobody does.
+async fn cors_admits_exactly_the_listed_origins(app: TestApp) {
+    let (status, origin, methods, headers) = preflight(&app, DASHBOARD).await;
+    assert!((200..300).contains(&status), "{status}");
+    assert_eq!(origin.as_deref(), Some(DASHBOARD));
+    assert!(methods.unwrap().contains("post"));
+    let headers = headers.unwrap();
+    assert!(headers.contains("authorization") && headers.contains("content-type"));
+    let (allowed, answer) = cross_origin_query(&app, DASHBOARD).await;
+    assert_eq!(allowed.as_deref(), Some(DASHBOARD));
+    assert!(
+        answer["data"]["dialogs"]["totalCount"].is_number(),
+        "{answer}"
+    );
+    for stranger in [
+        "https://evil.example.com",
+        "https://dash.example.com.evil.com",
+        "http://dash.example.com",
+        "https://dash.example.com:8443",
+        "null",
+    ] {
+        let (_, origin, _, _) = preflight(&app, stranger).await;
+        assert_eq!(origin, None, "{stranger}");
+        let (allowed, _) = cross_origin_query(&app, stranger).await;
+        assert_eq!(allowed, None, "{stranger}");
+    }
+}
+
+async fn without_cors_no_origin_is_admitted(app: TestApp) {
+    let (_, origin, _, _) = preflight(&app, DASHBOARD).await;
+    assert_eq!(origin, None);
+    let (allowed, _) = cross_origin_query(&app, DASHBOARD).await;
+    assert_eq!(allowed, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_lets_exactly_the_listed_browser_origins_call_graphql() {
+    let mut config = test_config();
+    config.access.cors_origins =
+        dataapi::cors::AllowedOrigins::parse(&format!("{DASHBOARD}, http://127.0.0.1:3000"))
+            .unwrap();
+    run_with(
+        Backend::Sqlite,
+        config,
+        cors_admits_exactly_the_listed_origins,
+    )
+    .await;
+    run_with(
+        Backend::Sqlite,
+        test_config(),
+        without_cors_no_origin_is_admitted,
+    )
+    .await;
+}
