@@ -102,7 +102,8 @@ pub fn on_heavy_lane() -> bool {
 /// attack; see BENCHMARKS.md.) While the cores are saturated, its requests wait: the ingest goes first.
 fn lower_this_threads_priority() {
     #[cfg(target_os = "linux")]
-    // SAFETY: gettid and setpriority take and return plain integers; a failure only leaves the priority.
+    // SAFETY: gettid and sched_setscheduler take plain integers and a pointer to a live local; a failure
+    // only leaves the priority as it was.
     unsafe {
         let thread = libc::gettid();
         let param = libc::sched_param { sched_priority: 0 };
