@@ -138,6 +138,9 @@ pub struct Executed {
     pub errors: Vec<ServerError>,
     /// Whether it has data (some of it succeeded).
     pub has_data: bool,
+    /// Refused before execution (parse, validation, cost): then `json` has no `data` entry at all, as the
+    /// GraphQL spec says of request errors.
+    pub request_error: bool,
     /// The response as the client gets it.
     pub json: Vec<u8>,
 }
@@ -146,14 +149,22 @@ pub struct Executed {
 struct Ran {
     label: Arc<str>,
     response: Response,
+    /// Refused before execution (not parsed, not valid, too costly): a GraphQL "request error".
+    request_error: bool,
 }
 
 impl Ran {
     fn serialized(self) -> Executed {
-        let json = serde_json::to_vec(&self.response).expect("a GraphQL response serializes");
+        let json = if self.request_error {
+            serde_json::to_vec(&serde_json::json!({ "errors": &self.response.errors }))
+        } else {
+            serde_json::to_vec(&self.response)
+        }
+        .expect("a GraphQL response serializes");
         Executed {
             label: self.label,
             has_data: !matches!(self.response.data, async_graphql::Value::Null),
+            request_error: self.request_error,
             errors: self.response.errors,
             json,
         }
@@ -232,6 +243,7 @@ impl Executor {
                     return Ran {
                         label: "invalid".into(),
                         response: refusal(error.into(), "GRAPHQL_PARSE_FAILED"),
+                        request_error: true,
                     };
                 }
             },
@@ -256,6 +268,7 @@ impl Executor {
                         ),
                         "QUERY_TOO_COMPLEX",
                     ),
+                    request_error: true,
                 };
             }
         }
@@ -265,6 +278,7 @@ impl Executor {
                 return Ran {
                     label: "other".into(),
                     response: refusal(ServerError::new(message, None), "OPERATION_NOT_FOUND"),
+                    request_error: true,
                 };
             }
         };
@@ -321,7 +335,11 @@ impl Executor {
                 _ => {}
             }
         }
-        Ran { label, response }
+        Ran {
+            label,
+            response,
+            request_error: refused,
+        }
     }
 }
 

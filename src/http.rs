@@ -193,6 +193,59 @@ fn refuse(state: &AppState, status: StatusCode, code: &str, message: &str) -> Re
     response
 }
 
+/// The media type of a GraphQL answer, chosen from the request's `Accept` as GraphQL over HTTP says:
+/// `application/graphql-response+json` when the client accepts it (then a request refused before execution
+/// is answered 400), else `application/json` (always 200 for GraphQL errors; also without `Accept`, for
+/// clients written before the new type).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ResponseMedia {
+    GraphqlResponse,
+    Json,
+}
+
+impl ResponseMedia {
+    /// `None`: the client accepts neither (406).
+    fn negotiate(headers: &HeaderMap) -> Option<Self> {
+        let Some(accept) = headers.get(header::ACCEPT) else {
+            return Some(Self::Json);
+        };
+        let accept = accept.to_str().ok()?;
+        let (mut graphql, mut json) = (false, false);
+        for range in accept.split(',') {
+            let mut parameters = range.split(';');
+            let media = parameters.next().unwrap_or_default().trim();
+            let refused = parameters
+                .filter_map(|parameter| parameter.trim().strip_prefix("q="))
+                .any(|q| q.trim().parse::<f32>().is_ok_and(|q| q <= 0.0));
+            if refused {
+                continue;
+            }
+            if media.eq_ignore_ascii_case("application/graphql-response+json") {
+                graphql = true;
+            } else if ["application/json", "application/*", "*/*"]
+                .iter()
+                .any(|accepted| media.eq_ignore_ascii_case(accepted))
+            {
+                json = true;
+            }
+        }
+        if graphql {
+            Some(Self::GraphqlResponse)
+        } else if json {
+            Some(Self::Json)
+        } else {
+            None
+        }
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Self::GraphqlResponse => "application/graphql-response+json; charset=utf-8",
+            Self::Json => "application/json; charset=utf-8",
+        }
+    }
+}
+
 /// Parses a JSON request body: one operation, or a batch (a list). Straight into the request type: the
 /// generic untagged `BatchRequest` would first copy the whole body into an intermediate tree to find out
 /// which one it is, for every push.
@@ -233,6 +286,14 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
     let _ticket = match guard(&state, &parts) {
         Ok(ticket) => ticket,
         Err(refusal) => return *refusal,
+    };
+    let Some(media) = ResponseMedia::negotiate(&parts.headers) else {
+        return refuse(
+            &state,
+            StatusCode::NOT_ACCEPTABLE,
+            "NOT_ACCEPTABLE",
+            "answers are application/graphql-response+json or application/json: accept one of them",
+        );
     };
     let Some((caller, caller_name)) = caller(&state.api_keys.current(), &parts.headers) else {
         return refuse(
@@ -386,7 +447,13 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
     // repeat the parts of a request that did succeed.
     let nothing_succeeded = responses.iter().all(|executed| !executed.has_data);
     let status = if nothing_succeeded {
-        status_for(&codes)
+        status_for(&codes).or_else(|| {
+            // GraphQL over HTTP: with its own media type, a request refused before execution is 400.
+            (media == ResponseMedia::GraphqlResponse
+                && !is_batch
+                && responses.iter().all(|executed| executed.request_error))
+            .then_some(StatusCode::BAD_REQUEST)
+        })
     } else {
         None
     };
@@ -422,11 +489,7 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
     if is_batch {
         body.push(b']');
     }
-    let mut response = (
-        [(header::CONTENT_TYPE, "application/graphql-response+json")],
-        body,
-    )
-        .into_response();
+    let mut response = ([(header::CONTENT_TYPE, media.content_type())], body).into_response();
     if let Some(status) = status {
         *response.status_mut() = status;
         if status == StatusCode::SERVICE_UNAVAILABLE {

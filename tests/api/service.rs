@@ -292,3 +292,108 @@ async fn the_health_subcommand_asks_ready_and_fails_within_its_bound_otherwise()
     let (ok, text, _) = health_check(&[], Some("not-an-address".into())).await;
     assert!(!ok && text.contains("BIND_ADDR"), "{text}");
 }
+
+/// POSTs `query` with `accept` (none when `None`): status, content type, and the body as JSON.
+async fn post_accepting(
+    app: &TestApp,
+    accept: Option<&str>,
+    query: &str,
+) -> (u16, String, serde_json::Value) {
+    let mut request = app
+        .http_client()
+        .post(app.url("/graphql"))
+        .header("Content-Type", "application/json")
+        .body(json!({ "query": query }).to_string());
+    if let Some(accept) = accept {
+        request = request.header("Accept", accept);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|value| value.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, content_type, response.json().await.unwrap())
+}
+
+/// GraphQL over HTTP's content negotiation: `application/graphql-response+json` when the client accepts it,
+/// with 400 and no `data` entry for a request refused before execution; `application/json` otherwise
+/// (also without `Accept`, for older clients), 200 for GraphQL errors; 406 when neither is acceptable.
+async fn answers_follow_the_accept_header(app: TestApp) {
+    const GRAPHQL: &str = "application/graphql-response+json";
+    let broken = "{ dialogs(first: 1) { totalCount ";
+    let invalid = "{ dialogs(first: 1) { noSuchField } }";
+    let fine = "{ dialogs(first: 1) { totalCount } }";
+
+    for accept in [
+        None,
+        Some("application/json"),
+        Some("*/*"),
+        Some(&*format!("{GRAPHQL};q=0, application/json")),
+    ] {
+        for query in [broken, invalid] {
+            let (status, content_type, body) = post_accepting(&app, accept, query).await;
+            assert_eq!(status, 200, "{accept:?} {query}: {body}");
+            assert!(
+                content_type.starts_with("application/json"),
+                "{accept:?}: {content_type}"
+            );
+            assert!(
+                body.get("data").is_none(),
+                "a request error has no data entry: {body}"
+            );
+            assert!(!body["errors"][0]["extensions"]["code"].is_null(), "{body}");
+        }
+        let (status, content_type, body) = post_accepting(&app, accept, fine).await;
+        assert_eq!(status, 200);
+        assert!(content_type.starts_with("application/json"));
+        assert!(body["data"]["dialogs"]["totalCount"].is_number(), "{body}");
+    }
+
+    for accept in [
+        GRAPHQL,
+        &*format!("{GRAPHQL}, application/json"),
+        &*format!("application/json;q=0.9, {GRAPHQL}"),
+    ] {
+        for (query, code) in [
+            (broken, "GRAPHQL_PARSE_FAILED"),
+            (invalid, "GRAPHQL_VALIDATION_FAILED"),
+        ] {
+            let (status, content_type, body) = post_accepting(&app, Some(accept), query).await;
+            assert_eq!(status, 400, "{accept} {query}: {body}");
+            assert!(content_type.starts_with(GRAPHQL), "{content_type}");
+            assert!(body.get("data").is_none(), "{body}");
+            assert_eq!(body["errors"][0]["extensions"]["code"], code, "{body}");
+        }
+        let (status, content_type, body) = post_accepting(&app, Some(accept), fine).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(content_type.starts_with(GRAPHQL));
+        assert!(body["data"]["dialogs"]["totalCount"].is_number(), "{body}");
+        // A field error happens during execution: 200, with data.
+        let (status, _, body) = post_accepting(
+            &app,
+            Some(accept),
+            "{ dialogs(after: \"not-a-cursor\") { totalCount } }",
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.get("data").is_some(), "{body}");
+    }
+
+    for accept in [
+        "text/html",
+        "application/xml",
+        &*format!("{GRAPHQL};q=0"),
+        "application/json;q=0",
+    ] {
+        let (status, _, body) = post_accepting(&app, Some(accept), fine).await;
+        assert_eq!(status, 406, "{accept}: {body}");
+        assert_eq!(body["errors"][0]["extensions"]["code"], "NOT_ACCEPTABLE");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_negotiated_as_graphql_over_http_says() {
+    run(Backend::Sqlite, answers_follow_the_accept_header).await;
+}
