@@ -418,6 +418,17 @@ fn give_codes(response: &mut Response) -> bool {
 }
 
 /// The operation a request runs, chosen as the GraphQL spec says; the error says how to name it.
+/// Whether the operation a request would run is a mutation (GraphQL over HTTP allows only queries over GET).
+/// A document that does not parse, or names no such operation, is left to the executor to refuse.
+pub fn selects_mutation(query: &str, operation_name: Option<&str>) -> bool {
+    match async_graphql::parser::parse_query(query) {
+        Ok(document) => select_operation(&document, operation_name).is_ok_and(|operation| {
+            operation.ty == async_graphql::parser::types::OperationType::Mutation
+        }),
+        Err(_) => false,
+    }
+}
+
 fn select_operation<'a>(
     document: &'a ExecutableDocument,
     name: Option<&str>,

@@ -44,10 +44,11 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState, graphiql: bool, cors: &crate::cors::AllowedOrigins) -> Router {
+    // GET: queries for JSON clients (GraphQL over HTTP); a browser asking for HTML gets GraphiQL.
     let mut graphql_route = if graphiql {
-        get(graphiql_page).post(graphql)
+        get(graphql_get_or_graphiql).post(graphql)
     } else {
-        axum::routing::post(graphql)
+        get(graphql_get).post(graphql)
     };
     // Only on /graphql, and only when origins are allowed: every push would pay for a layer.
     if let Some(layer) = cors.layer() {
@@ -401,6 +402,149 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
         BatchRequest::Batch(operations) => operations,
     };
 
+    answer(&state, media, caller, caller_name, operations, is_batch).await
+}
+
+/// The parameters of a GraphQL request sent with GET, URL-encoded; `variables` and `extensions` are JSON.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GetParameters {
+    query: Option<String>,
+    operation_name: Option<String>,
+    variables: Option<String>,
+    extensions: Option<String>,
+}
+
+/// `GET /graphql` with GraphiQL on: a browser (asking for HTML), or anyone sending no query, gets the page;
+/// any other client's query runs.
+async fn graphql_get_or_graphiql(state: State<AppState>, request: Request) -> Response {
+    let has_query = request.uri().query().is_some_and(|parameters| {
+        parameters
+            .split('&')
+            .any(|pair| pair == "query" || pair.starts_with("query="))
+    });
+    if !has_query || accepts_html(request.headers()) {
+        graphiql_page(state, request).await
+    } else {
+        graphql_get(state, request).await
+    }
+}
+
+/// Whether the client lists `text/html` as acceptable (browsers do; API clients do not).
+fn accepts_html(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|range| {
+            let mut parameters = range.split(';');
+            parameters
+                .next()
+                .is_some_and(|media| media.trim().eq_ignore_ascii_case("text/html"))
+                && !parameters.any(|p| {
+                    p.trim()
+                        .strip_prefix("q=")
+                        .is_some_and(|q| q.trim().parse::<f32>().is_ok_and(|q| q <= 0.0))
+                })
+        })
+}
+
+/// A query sent with GET (GraphQL over HTTP): the same checks and answer as POST, for one operation given
+/// in the URL; a mutation is refused with 405 (a GET must not change anything: caches and prefetchers
+/// repeat it).
+async fn graphql_get(State(state): State<AppState>, request: Request) -> Response {
+    let (parts, _) = request.into_parts();
+    let _ticket = match guard(&state, &parts) {
+        Ok(ticket) => ticket,
+        Err(refusal) => return *refusal,
+    };
+    let Some(media) = ResponseMedia::negotiate(&parts.headers) else {
+        return refuse(
+            &state,
+            StatusCode::NOT_ACCEPTABLE,
+            "NOT_ACCEPTABLE",
+            "answers are application/graphql-response+json or application/json: accept one of them",
+        );
+    };
+    let Some((caller, caller_name)) = caller(&state.api_keys.current(), &parts.headers) else {
+        return refuse(
+            &state,
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHENTICATED",
+            "send a valid API key as `Authorization: Bearer <key>`",
+        );
+    };
+    let bad = |message: &str| refuse(&state, StatusCode::BAD_REQUEST, "BAD_REQUEST", message);
+    let Ok(axum::extract::Query(parameters)) =
+        axum::extract::Query::<GetParameters>::try_from_uri(&parts.uri)
+    else {
+        return bad(
+            "the URL's parameters are not valid URL encoding: encode query, variables and extensions",
+        );
+    };
+    let Some(query) = parameters.query else {
+        // Only reached with GraphiQL off (with it on, such a GET gets the page): the page is not served.
+        let mut response = refuse(
+            &state,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "METHOD_NOT_ALLOWED",
+            "GraphiQL is switched off (GRAPHIQL=false): send queries with POST, or with GET and a `query` \
+             parameter (the URL-encoded document)",
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return response;
+    };
+    let mut operation = async_graphql::Request::new(query);
+    if let Some(name) = parameters.operation_name {
+        operation = operation.operation_name(name);
+    }
+    if let Some(variables) = parameters.variables.filter(|v| v.trim() != "null") {
+        match serde_json::from_str::<async_graphql::Variables>(&variables) {
+            Ok(variables) => operation = operation.variables(variables),
+            Err(error) => {
+                return bad(&format!(
+                    "the `variables` parameter is not a JSON object ({error}): send URL-encoded JSON"
+                ));
+            }
+        }
+    }
+    if let Some(extensions) = parameters.extensions.filter(|e| e.trim() != "null") {
+        match serde_json::from_str(&extensions) {
+            Ok(extensions) => operation.extensions = extensions,
+            Err(error) => {
+                return bad(&format!(
+                    "the `extensions` parameter is not a JSON object ({error}): send URL-encoded JSON"
+                ));
+            }
+        }
+    }
+    if crate::execution::selects_mutation(&operation.query, operation.operation_name.as_deref()) {
+        let mut response = refuse(
+            &state,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "METHOD_NOT_ALLOWED",
+            "mutations are sent with POST, never GET",
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return response;
+    }
+    answer(&state, media, caller, caller_name, vec![operation], false).await
+}
+
+/// Runs a request's operations and writes the answer: for POST (one operation or a batch) and GET (one).
+async fn answer(
+    state: &AppState,
+    media: ResponseMedia,
+    caller: Caller,
+    caller_name: schema::CallerName,
+    operations: Vec<async_graphql::Request>,
+    is_batch: bool,
+) -> Response {
     // In order, one after another (async-graphql would run them concurrently): a batch that pushes
     // messages and then gives consent must see its own pushes.
     let mut responses = Vec::with_capacity(operations.len());
@@ -441,7 +585,7 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
         })
         .collect();
     for code in &codes {
-        count_error(&state, code);
+        count_error(state, code);
     }
     // A status other than 200 only when nothing succeeded: a client or proxy that retries on 503 must not
     // repeat the parts of a request that did succeed.
@@ -473,7 +617,7 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
         if start + written <= state.max_response_bytes {
             body.extend_from_slice(json);
         } else {
-            count_error(&state, "RESPONSE_TOO_LARGE");
+            count_error(state, "RESPONSE_TOO_LARGE");
             let refusal = json!({ "errors": [{
                 "message": format!(
                     "the answer is {written} bytes, more than MAX_RESPONSE_BYTES ({}) allows: ask for \

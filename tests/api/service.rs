@@ -4,7 +4,7 @@ use std::process::Command;
 
 use serde_json::json;
 
-use crate::helpers::{Backend, BinaryService, TestApp, run};
+use crate::helpers::{Backend, BinaryService, TestApp, code, run};
 
 fn dataapi() -> Command {
     Command::new(env!("CARGO_BIN_EXE_dataapi"))
@@ -396,4 +396,125 @@ async fn answers_follow_the_accept_header(app: TestApp) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_are_negotiated_as_graphql_over_http_says() {
     run(Backend::Sqlite, answers_follow_the_accept_header).await;
+}
+
+/// GETs `/graphql` with `parameters` (already URL-encoded) and `accept`: status, content type, body.
+async fn get_graphql(app: &TestApp, parameters: &str, accept: &str) -> (u16, String, String) {
+    let response = app
+        .http_client()
+        .get(app.url(&format!("/graphql{parameters}")))
+        .header("Accept", accept)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|value| value.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let allow = response
+        .headers()
+        .get("allow")
+        .map(|value| value.to_str().unwrap().to_owned());
+    let body = response.text().await.unwrap();
+    (
+        status,
+        content_type,
+        format!(
+            "{}{body}",
+            allow.map(|a| format!("allow={a} ")).unwrap_or_default()
+        ),
+    )
+}
+
+fn encoded(text: &str) -> String {
+    text.bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (byte as char).to_string()
+            }
+            _ => format!("%{byte:02X}"),
+        })
+        .collect()
+}
+
+/// Queries over GET, as GraphQL over HTTP describes: URL-encoded `query`, `operationName` and JSON
+/// `variables`; the same media types and statuses as POST. Mutations over GET are refused with 405 and
+/// `Allow: POST` and change nothing; variables or extensions that are not a JSON object are 400; a browser
+/// asking for HTML still gets GraphiQL, with or without a query in the URL, and so does a GET without one.
+async fn queries_run_over_get(app: TestApp) {
+    app.push("c", "over-get", "hello", "en", None).await;
+    app.consent("over-get", true).await;
+    let json = "application/json";
+    let query = encoded("query Count($c: ID) { dialogs(filter: {customerId: $c}) { totalCount } }");
+    let variables = encoded(r#"{"c": "c"}"#);
+    let (status, content_type, body) = get_graphql(
+        &app,
+        &format!("?query={query}&operationName=Count&variables={variables}"),
+        json,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(content_type.starts_with(json), "{content_type}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["data"]["dialogs"]["totalCount"], 1, "{body}");
+
+    let graphql = "application/graphql-response+json";
+    let (status, content_type, body) =
+        get_graphql(&app, &format!("?query={}", encoded("{ dialogs {")), graphql).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(content_type.starts_with(graphql));
+
+    let push = encoded(
+        r#"mutation { pushMessage(input: {customerId: "c", dialogId: "by-get", text: "no", language: "en"}) { status } }"#,
+    );
+    for accept in [json, graphql] {
+        let (status, _, body) = get_graphql(&app, &format!("?query={push}"), accept).await;
+        assert_eq!(status, 405, "{body}");
+        assert!(
+            body.starts_with("allow=POST ") && body.contains("METHOD_NOT_ALLOWED"),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        code(&app.consent_error("by-get", true).await),
+        "DIALOG_NOT_FOUND",
+        "nothing was pushed"
+    );
+
+    for (parameters, why) in [
+        (
+            format!("?query={query}&variables=%7Bnot-json"),
+            "variables that are not JSON",
+        ),
+        (
+            format!("?query={query}&variables=%5B1%5D"),
+            "variables that are not an object",
+        ),
+        (
+            format!("?query={query}&extensions=%7B"),
+            "extensions that are not JSON",
+        ),
+    ] {
+        let (status, _, body) = get_graphql(&app, &parameters, json).await;
+        assert_eq!(status, 400, "{why}: {body}");
+        assert!(body.contains("BAD_REQUEST"), "{why}: {body}");
+    }
+
+    let browser = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8";
+    let with_query = format!("?query={query}");
+    for (parameters, accept) in [("", browser), (&*with_query, browser), ("", json)] {
+        let (status, content_type, _) = get_graphql(&app, parameters, accept).await;
+        assert_eq!(status, 200);
+        assert!(
+            content_type.starts_with("text/html"),
+            "{parameters} {accept}: {content_type}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_can_be_sent_with_get_and_mutations_cannot() {
+    run(Backend::Sqlite, queries_run_over_get).await;
 }
