@@ -518,3 +518,44 @@ async fn queries_run_over_get(app: TestApp) {
 async fn queries_can_be_sent_with_get_and_mutations_cannot() {
     run(Backend::Sqlite, queries_run_over_get).await;
 }
+
+/// The graphql-http project's own server audit (npm `graphql-http`, `auditServer`), run against the service
+/// over real HTTP: every MUST and every SHOULD item passes. The MAY items it reports as not followed are
+/// the ones README names (400 for invalid parameters under `application/json`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_graphql_http_audit_passes_every_must_and_should() {
+    run(Backend::Sqlite, |app: TestApp| async move {
+        let root = env!("CARGO_MANIFEST_DIR");
+        assert!(
+            std::path::Path::new(&format!("{root}/tests/browser/node_modules/graphql-http"))
+                .exists(),
+            "tests/browser/node_modules is missing: run scripts/test, which installs it (npm ci)"
+        );
+        let script = format!("{root}/tests/browser/graphql-http-audit.mjs");
+        let url = app.url("/graphql");
+        let output =
+            tokio::task::spawn_blocking(move || Command::new("node").arg(script).arg(url).output())
+                .await
+                .unwrap()
+                .expect("node must be installed to run the audit");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "graphql-http audit:\n{stdout}\n{stderr}"
+        );
+        assert!(stdout.contains(" 0 MUST or SHOULD failed"), "{stdout}");
+        assert!(
+            !stdout.contains("ERROR") && !stdout.contains("WARN"),
+            "{stdout}"
+        );
+        let audited: usize = stdout
+            .split(" items audited")
+            .next()
+            .and_then(|head| head.rsplit(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|count| count.parse().ok())
+            .unwrap_or(0);
+        assert!(audited >= 50, "the audit ran its items: {stdout}");
+    })
+    .await;
+}
