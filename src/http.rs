@@ -282,27 +282,53 @@ fn caller(keys: &ApiKeys, headers: &HeaderMap) -> Option<(Caller, schema::Caller
     ))
 }
 
-async fn graphql(State(state): State<AppState>, request: Request) -> Response {
-    let (parts, body) = request.into_parts();
-    let _ticket = match guard(&state, &parts) {
-        Ok(ticket) => ticket,
-        Err(refusal) => return *refusal,
-    };
+/// A GraphQL request that passed the checks before its operations are read.
+struct Admitted {
+    /// Counts the request as in flight until dropped.
+    _ticket: Option<Ticket>,
+    media: ResponseMedia,
+    caller: Caller,
+    caller_name: schema::CallerName,
+}
+
+/// What POST and GET requests to `/graphql` pass first: the host check and the client limits, an acceptable
+/// media type for the answer, and a valid key (when keys are configured).
+fn admit(state: &AppState, parts: &axum::http::request::Parts) -> Result<Admitted, Box<Response>> {
+    let ticket = guard(state, parts)?;
     let Some(media) = ResponseMedia::negotiate(&parts.headers) else {
-        return refuse(
-            &state,
+        return Err(Box::new(refuse(
+            state,
             StatusCode::NOT_ACCEPTABLE,
             "NOT_ACCEPTABLE",
             "answers are application/graphql-response+json or application/json: accept one of them",
-        );
+        )));
     };
     let Some((caller, caller_name)) = caller(&state.api_keys.current(), &parts.headers) else {
-        return refuse(
-            &state,
+        return Err(Box::new(refuse(
+            state,
             StatusCode::UNAUTHORIZED,
             "UNAUTHENTICATED",
             "send a valid API key as `Authorization: Bearer <key>`",
-        );
+        )));
+    };
+    Ok(Admitted {
+        _ticket: ticket,
+        media,
+        caller,
+        caller_name,
+    })
+}
+
+async fn graphql(State(state): State<AppState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let Admitted {
+        _ticket,
+        media,
+        caller,
+        caller_name,
+    } = match admit(&state, &parts) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return *refusal,
     };
     let content_type = parts
         .headers
@@ -455,25 +481,14 @@ fn accepts_html(headers: &HeaderMap) -> bool {
 /// repeat it).
 async fn graphql_get(State(state): State<AppState>, request: Request) -> Response {
     let (parts, _) = request.into_parts();
-    let _ticket = match guard(&state, &parts) {
-        Ok(ticket) => ticket,
+    let Admitted {
+        _ticket,
+        media,
+        caller,
+        caller_name,
+    } = match admit(&state, &parts) {
+        Ok(admitted) => admitted,
         Err(refusal) => return *refusal,
-    };
-    let Some(media) = ResponseMedia::negotiate(&parts.headers) else {
-        return refuse(
-            &state,
-            StatusCode::NOT_ACCEPTABLE,
-            "NOT_ACCEPTABLE",
-            "answers are application/graphql-response+json or application/json: accept one of them",
-        );
-    };
-    let Some((caller, caller_name)) = caller(&state.api_keys.current(), &parts.headers) else {
-        return refuse(
-            &state,
-            StatusCode::UNAUTHORIZED,
-            "UNAUTHENTICATED",
-            "send a valid API key as `Authorization: Bearer <key>`",
-        );
     };
     let bad = |message: &str| refuse(&state, StatusCode::BAD_REQUEST, "BAD_REQUEST", message);
     let Ok(axum::extract::Query(parameters)) =
