@@ -28,8 +28,8 @@ struct Settings {
     /// Messages buffered for the memory measurement.
     memory_messages: usize,
     output: PathBuf,
-    /// Run only the scenarios whose name contains this (push, consent, paging, memory, redis, attack,
-    /// startup).
+    /// Run only the scenarios whose name contains this (push, rest, consent, paging, memory, redis,
+    /// attack, startup).
     only: Option<String>,
 }
 
@@ -147,6 +147,22 @@ impl Server {
             .expect("VmRSS in /proc");
         kb * 1024
     }
+
+    /// CPU time the service process has used so far (user and system), in seconds.
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // Fields after the command name (which may hold spaces): state is the first, utime the 12th.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .expect("/proc/PID/stat")
+            .1
+            .split_whitespace()
+            .collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        // SAFETY: sysconf only reads a system constant.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        ticks / per_second
+    }
 }
 
 impl Drop for Server {
@@ -236,14 +252,47 @@ async fn load_as(
     rate: Option<f64>,
     body: impl Fn(usize, u64) -> String + Send + Sync + 'static,
 ) -> LoadResult {
-    let body = Arc::new(body);
+    let url = url.to_owned();
+    load_calls(
+        connections,
+        keys,
+        warmup,
+        seconds,
+        rate,
+        move |connection, n| Call::Graphql {
+            url: url.clone(),
+            body: body(connection, n),
+        },
+    )
+    .await
+}
+
+/// One request of a load.
+enum Call {
+    /// A GraphQL POST: it counts when [`body_succeeded`].
+    Graphql { url: String, body: String },
+    /// A plain GET: it counts when its status is 2xx.
+    Get { url: String },
+    /// A JSON POST to a REST route: it counts when its status is 2xx.
+    Post { url: String, body: String },
+}
+
+/// [`load_as`] for any [`Call`]s: `call(connection, n)` makes the n-th request of a connection.
+async fn load_calls(
+    connections: usize,
+    keys: Option<Arc<Vec<String>>>,
+    warmup: f64,
+    seconds: f64,
+    rate: Option<f64>,
+    call: impl Fn(usize, u64) -> Call + Send + Sync + 'static,
+) -> LoadResult {
+    let call = Arc::new(call);
     let start = Instant::now();
     let measure_from = start + Duration::from_secs_f64(warmup);
     let until = measure_from + Duration::from_secs_f64(seconds);
     let tasks: Vec<_> = (0..connections)
         .map(|connection| {
-            let body = body.clone();
-            let url = url.to_owned();
+            let call = call.clone();
             let key = keys
                 .as_ref()
                 .map(|keys| keys[connection % keys.len()].clone());
@@ -269,20 +318,28 @@ async fn load_as(
                     if scheduled >= until {
                         break;
                     }
-                    let request = body(connection, n);
+                    let request = call(connection, n);
                     n += 1;
-                    let mut post = client
-                        .post(&url)
-                        .header(reqwest::header::CONTENT_TYPE, "application/json");
+                    let graphql = matches!(request, Call::Graphql { .. });
+                    let mut request = match request {
+                        Call::Get { url } => client.get(url),
+                        Call::Graphql { url, body } | Call::Post { url, body } => client
+                            .post(url)
+                            .header(reqwest::header::CONTENT_TYPE, "application/json")
+                            .body(body),
+                    };
                     if let Some(key) = &key {
-                        post = post.bearer_auth(key);
+                        request = request.bearer_auth(key);
                     }
-                    let response = post.body(request).send().await;
-                    let ok = match response {
+                    let ok = match request.send().await {
                         Ok(response) => {
                             let status = response.status().as_u16();
                             let body = response.bytes().await.unwrap_or_default();
-                            body_succeeded(status, &body)
+                            if graphql {
+                                body_succeeded(status, &body)
+                            } else {
+                                (200..300).contains(&status) && !body.is_empty()
+                            }
                         }
                         Err(_) => false,
                     };
@@ -469,6 +526,106 @@ async fn interleaved_loads(
         total.latencies.sort_unstable();
     }
     totals
+}
+
+/// The REST drop-in (issue 12): `POST /data/{customerId}/{dialogId}` against `GET /health` of the same
+/// server, in interleaved rounds; the pushes as the GraphQL ones (a new dialog every 20 messages, a
+/// `messageId` each).
+async fn rest_benchmark(settings: &Settings, rows: &mut Vec<Row>) {
+    let (server, _) = Server::start(&settings.binary, None, &[]).await;
+    let base = server.base.clone();
+    let health = {
+        let url = format!("{base}/health");
+        move |_: usize, _: u64| Call::Get { url: url.clone() }
+    };
+    let push = move |connection: usize, n: u64| Call::Post {
+        url: format!(
+            "{base}/data/customer-{connection}/rest-{connection}-{}",
+            n / 20
+        ),
+        body: format!(
+            r#"{{"text":"Hello, I am writing about my order number {connection:04}-{n:09}; it has not arrived yet, where is it?","language":"en","messageId":"m{n}"}}"#
+        ),
+    };
+    let calls: [Arc<dyn Fn(usize, u64) -> Call + Send + Sync>; 2] =
+        [Arc::new(health), Arc::new(push)];
+    let mut totals = [LoadResult::default(), LoadResult::default()];
+    // The service's CPU time per load: how much of the machine each kind of request costs it.
+    let mut cpu = [0.0f64; 2];
+    for round in 0..ROUNDS {
+        for ((call, total), cpu) in calls.iter().zip(&mut totals).zip(&mut cpu) {
+            let call = call.clone();
+            let offset = round as u64 * 1_000_000_000;
+            let cpu_before = server.cpu_seconds();
+            let part = load_calls(
+                settings.connections,
+                None,
+                settings.warmup / ROUNDS as f64,
+                settings.seconds / ROUNDS as f64,
+                None,
+                move |connection, n| call(connection, n + offset),
+            )
+            .await;
+            *cpu += server.cpu_seconds() - cpu_before;
+            add(total, part);
+        }
+    }
+    for total in &mut totals {
+        total.latencies.sort_unstable();
+    }
+    // Per request, over warm-up and measurement alike (the CPU counter cannot tell them apart).
+    let warmup_share = settings.seconds / (settings.seconds + settings.warmup);
+    let cpu_per_request =
+        |cpu: f64, load: &LoadResult| cpu * warmup_share / load.requests.max(1) as f64 * 1e6;
+    let [health, push] = totals;
+    let (health_cpu, push_cpu) = (
+        cpu_per_request(cpu[0], &health),
+        cpu_per_request(cpu[1], &push),
+    );
+    // The pushes were recorded, not only answered: the buffer holds at least the measured ones.
+    let metrics = reqwest::get(format!("{}/metrics", server.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let buffered: f64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("dataapi_buffer_messages "))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("the buffer gauge in /metrics");
+    assert!(
+        buffered >= push.requests as f64,
+        "{buffered} messages buffered after {} measured pushes",
+        push.requests
+    );
+    let health_summary = format!(
+        "{}; service CPU {health_cpu:.1} µs/request",
+        health.summary()
+    );
+    let push_summary = format!("{}; service CPU {push_cpu:.1} µs/request", push.summary());
+    println!("  GET /health: {health_summary}");
+    println!("  POST /data/{{customerId}}/{{dialogId}}: {push_summary}");
+    let ratio = push.throughput() / health.throughput();
+    rows.push(row(
+        "REST `GET /health` (the ceiling)",
+        health_summary,
+        "",
+        None,
+    ));
+    rows.push(row(
+        "REST `POST /data/{customerId}/{dialogId}`",
+        push_summary,
+        "",
+        None,
+    ));
+    rows.push(row(
+        "REST push / `GET /health` throughput",
+        format!("{:.0}%", ratio * 100.0),
+        ">= 80%",
+        Some(ratio >= 0.8),
+    ));
+    drop(server);
 }
 
 /// Throughput: `{ __typename }`, `pushMessage`, p99 at half load, `pushMessages` x100.
@@ -1327,6 +1484,10 @@ async fn main() {
             settings.connections, settings.seconds, settings.warmup
         );
         push_benchmarks(&settings, &mut rows).await;
+    }
+    if run("rest") {
+        println!("REST push");
+        rest_benchmark(&settings, &mut rows).await;
     }
     if run("consent") {
         println!("consent");

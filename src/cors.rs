@@ -2,13 +2,14 @@
 //! (`CORS_ALLOWED_ORIGINS`), none by default. Without it, a browser lets no page of another origin read an
 //! answer or send the JSON requests (their preflight gets no permission).
 
-use axum::http::{HeaderValue, Method, header};
+use axum::http::{HeaderName, HeaderValue, Method, header};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 /// How long a browser may reuse a preflight's answer.
 const PREFLIGHT_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// Origins (`scheme://host[:port]`, exactly as browsers send them) allowed to call `/graphql`.
+/// Origins (`scheme://host[:port]`, exactly as browsers send them) allowed to call `/graphql` and the REST
+/// routes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AllowedOrigins(Vec<HeaderValue>);
 
@@ -58,7 +59,13 @@ impl AllowedOrigins {
             CorsLayer::new()
                 .allow_origin(AllowOrigin::list(self.0.clone()))
                 .allow_methods([Method::GET, Method::POST])
-                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+                .allow_headers([
+                    header::AUTHORIZATION,
+                    header::CONTENT_TYPE,
+                    HeaderName::from_static("idempotency-key"),
+                ])
+                // A page reads the REST listing's next page and a refusal's wait from these.
+                .expose_headers([header::LINK, header::RETRY_AFTER])
                 .max_age(PREFLIGHT_MAX_AGE)
         })
     }

@@ -1,5 +1,6 @@
 //! The HTTP shell around the schema: `POST /graphql` (single and batch requests), GraphiQL at `GET /` and
-//! `GET /graphql`, `GET /health` (alive), `GET /ready` (the store answers) and `GET /metrics` (Prometheus).
+//! `GET /graphql`, `GET /health` (alive), `GET /ready` (the store answers) and `GET /metrics` (Prometheus);
+//! the REST routes (`rest`) are merged in and share the admission steps defined here.
 //! GraphiQL's scripts and styles are compiled into the binary and served from `/graphiql/`, so the page works
 //! without internet access.
 //!
@@ -50,7 +51,8 @@ pub fn router(state: AppState, graphiql: bool, cors: &crate::cors::AllowedOrigin
     } else {
         get(graphql_get).post(graphql)
     };
-    // Only on /graphql, and only when origins are allowed: every push would pay for a layer.
+    // Only on /graphql and the REST routes (see `rest::routes`), and only when origins are allowed: every
+    // push would pay for a layer.
     if let Some(layer) = cors.layer() {
         graphql_route = graphql_route.layer(layer);
     }
@@ -58,7 +60,9 @@ pub fn router(state: AppState, graphiql: bool, cors: &crate::cors::AllowedOrigin
         .route("/graphql", graphql_route)
         .route("/health", get(health))
         .route("/ready", get(ready))
-        .route("/metrics", get(metrics));
+        .route("/metrics", get(metrics))
+        .merge(crate::rest::routes(cors))
+        .fallback(crate::rest::no_such_route);
     if graphiql {
         router = router
             .route("/", get(graphiql_page))
@@ -67,15 +71,56 @@ pub fn router(state: AppState, graphiql: bool, cors: &crate::cors::AllowedOrigin
     router.with_state(state)
 }
 
+/// A request refused before the service is asked: its status, code and advice. GraphQL routes answer it in
+/// GraphQL's error shape ([`reject`]), the REST routes as problem details (`rest`).
+#[derive(Debug)]
+pub(crate) struct Rejection {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    /// Seconds to wait before retrying (`Retry-After`).
+    pub retry_after: Option<u64>,
+}
+
+impl Rejection {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// The headers that go with the refusal whatever its body's shape.
+    pub(crate) fn add_headers(&self, response: &mut Response) {
+        let headers = response.headers_mut();
+        if self.status == StatusCode::UNAUTHORIZED {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"dataapi\""),
+            );
+        }
+        if let Some(seconds) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+        }
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body is never read, so the connection cannot carry another request: say so,
+            // or the client may send its next one on it as it closes.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+}
+
 /// What every route but the probes passes first: the host check (keyless only), then the per-client
 /// limits; the ticket counts the request as in flight until dropped. Called by the handlers themselves:
 /// as a middleware layer it cost every push a fifth of its throughput (BENCHMARKS.md).
-fn guard(
+pub(crate) fn guard(
     state: &AppState,
     parts: &axum::http::request::Parts,
-) -> Result<Option<Ticket>, Box<Response>> {
+) -> Result<Option<Ticket>, Rejection> {
     if let Some(refusal) = check_host(state, &parts.headers, &parts.uri) {
-        return Err(Box::new(refusal));
+        return Err(refusal);
     }
     admit_client(state, parts)
 }
@@ -84,7 +129,7 @@ fn guard(
 fn admit_client(
     state: &AppState,
     parts: &axum::http::request::Parts,
-) -> Result<Option<Ticket>, Box<Response>> {
+) -> Result<Option<Ticket>, Rejection> {
     let Some(admission) = &state.admission else {
         return Ok(None);
     };
@@ -124,18 +169,12 @@ fn admit_client(
                     ),
                 ),
             };
-            let mut response = refuse(
-                state,
-                StatusCode::TOO_MANY_REQUESTS,
-                "RATE_LIMITED",
-                &message,
-            );
+            let mut rejection =
+                Rejection::new(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED", message);
             // Whole seconds, rounded up: a client that waits as told is let in.
-            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
-            Err(Box::new(response))
+            rejection.retry_after =
+                Some(retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0));
+            Err(rejection)
         }
     }
 }
@@ -150,7 +189,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 /// Without keys, serves only requests that name a loopback host (or an allowed one): see `hosts`; the
 /// refusal, if any. The probes stay open to any host, as load balancers send their own (or none), and they
 /// reveal nothing.
-fn check_host(state: &AppState, headers: &HeaderMap, uri: &axum::http::Uri) -> Option<Response> {
+fn check_host(state: &AppState, headers: &HeaderMap, uri: &axum::http::Uri) -> Option<Rejection> {
     let allowed = state.keyless_hosts.as_ref()?;
     // HTTP/1.1 names it in `Host`, HTTP/2 in the URI's authority.
     let host = headers
@@ -159,8 +198,7 @@ fn check_host(state: &AppState, headers: &HeaderMap, uri: &axum::http::Uri) -> O
         .or_else(|| uri.authority().map(|authority| authority.as_str()));
     match host {
         Some(host) if allowed.admits(host) => None,
-        _ => Some(refuse(
-            state,
+        _ => Some(Rejection::new(
             StatusCode::FORBIDDEN,
             "HOST_NOT_ALLOWED",
             "without API keys this service only answers requests for a loopback host (localhost, \
@@ -171,7 +209,7 @@ fn check_host(state: &AppState, headers: &HeaderMap, uri: &axum::http::Uri) -> O
 }
 
 /// Counts an error returned to a client, by its code.
-fn count_error(state: &AppState, code: &str) {
+pub(crate) fn count_error(state: &AppState, code: &str) {
     state
         .service
         .metrics()
@@ -181,16 +219,19 @@ fn count_error(state: &AppState, code: &str) {
 }
 
 /// A refusal in GraphQL's error shape, counted in the error metrics.
-fn refuse(state: &AppState, status: StatusCode, code: &str, message: &str) -> Response {
-    count_error(state, code);
-    let body = json!({ "errors": [{ "message": message, "extensions": { "code": code } }] });
-    let mut response = (status, axum::Json(body)).into_response();
-    if status == StatusCode::UNAUTHORIZED {
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"dataapi\""),
-        );
-    }
+fn refuse(state: &AppState, status: StatusCode, code: &'static str, message: &str) -> Response {
+    reject(state, Rejection::new(status, code, message))
+}
+
+/// A [`Rejection`] in GraphQL's error shape, counted in the error metrics.
+fn reject(state: &AppState, rejection: Rejection) -> Response {
+    count_error(state, rejection.code);
+    let body = json!({ "errors": [{
+        "message": rejection.message,
+        "extensions": { "code": rejection.code },
+    }] });
+    let mut response = (rejection.status, axum::Json(body)).into_response();
+    rejection.add_headers(&mut response);
     response
 }
 
@@ -271,7 +312,7 @@ fn is_over_limit(error: &axum::Error) -> bool {
 
 /// Who is calling, and their name in audit records: open access when no keys are configured, else the
 /// role of a valid bearer key (named `ROLE:KEYID`).
-fn caller(keys: &ApiKeys, headers: &HeaderMap) -> Option<(Caller, schema::CallerName)> {
+pub(crate) fn caller(keys: &ApiKeys, headers: &HeaderMap) -> Option<(Caller, schema::CallerName)> {
     if keys.is_empty() {
         return Some((Caller::Open, schema::CallerName("open".to_owned())));
     }
@@ -293,30 +334,97 @@ struct Admitted {
 
 /// What POST and GET requests to `/graphql` pass first: the host check and the client limits, an acceptable
 /// media type for the answer, and a valid key (when keys are configured).
-fn admit(state: &AppState, parts: &axum::http::request::Parts) -> Result<Admitted, Box<Response>> {
+fn admit(state: &AppState, parts: &axum::http::request::Parts) -> Result<Admitted, Rejection> {
     let ticket = guard(state, parts)?;
     let Some(media) = ResponseMedia::negotiate(&parts.headers) else {
-        return Err(Box::new(refuse(
-            state,
+        return Err(Rejection::new(
             StatusCode::NOT_ACCEPTABLE,
             "NOT_ACCEPTABLE",
             "answers are application/graphql-response+json or application/json: accept one of them",
-        )));
+        ));
     };
-    let Some((caller, caller_name)) = caller(&state.api_keys.current(), &parts.headers) else {
-        return Err(Box::new(refuse(
-            state,
-            StatusCode::UNAUTHORIZED,
-            "UNAUTHENTICATED",
-            "send a valid API key as `Authorization: Bearer <key>`",
-        )));
-    };
+    let (caller, caller_name) = authenticate(state, &parts.headers)?;
     Ok(Admitted {
         _ticket: ticket,
         media,
         caller,
         caller_name,
     })
+}
+
+/// The caller of a request, or 401 when keys are configured and no valid one was sent.
+pub(crate) fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<(Caller, schema::CallerName), Rejection> {
+    caller(&state.api_keys.current(), headers).ok_or_else(|| {
+        Rejection::new(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHENTICATED",
+            "send a valid API key as `Authorization: Bearer <key>`",
+        )
+    })
+}
+
+/// Refuses a body that is not declared as JSON (415). Besides naming the format, it keeps web pages out:
+/// a browser sends `application/json` across origins only after a CORS preflight, which this service
+/// answers only for the origins in CORS_ALLOWED_ORIGINS.
+pub(crate) fn require_json(headers: &HeaderMap, what: &str) -> Result<(), Rejection> {
+    let declared = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    if declared
+        .split(';')
+        .next()
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+    {
+        Ok(())
+    } else {
+        Err(Rejection::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UNSUPPORTED_MEDIA_TYPE",
+            format!("send {what} as JSON, with Content-Type: application/json"),
+        ))
+    }
+}
+
+/// Reads a request body of at most MAX_BODY_BYTES: a larger one is refused (413) before it is read, when
+/// its length is declared, or as soon as it passes the limit.
+pub(crate) async fn read_body(
+    state: &AppState,
+    parts: &axum::http::request::Parts,
+    body: Body,
+) -> Result<axum::body::Bytes, Rejection> {
+    let too_large = || {
+        Rejection::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            format!(
+                "the request body is larger than {} bytes (MAX_BODY_BYTES): send fewer operations or \
+                 smaller messages per request",
+                state.max_body_bytes
+            ),
+        )
+    };
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > state.max_body_bytes as u64) {
+        return Err(too_large());
+    }
+    match axum::body::to_bytes(body, state.max_body_bytes).await {
+        Ok(bytes) => Ok(bytes),
+        Err(error) if is_over_limit(&error) => Err(too_large()),
+        // A malformed chunk, or a client that went away mid-body: nothing was read to act on.
+        Err(error) => Err(Rejection::new(
+            StatusCode::BAD_REQUEST,
+            "BAD_REQUEST",
+            format!("the request body could not be read ({error}): send the request again"),
+        )),
+    }
 }
 
 async fn graphql(State(state): State<AppState>, request: Request) -> Response {
@@ -328,65 +436,14 @@ async fn graphql(State(state): State<AppState>, request: Request) -> Response {
         caller_name,
     } = match admit(&state, &parts) {
         Ok(admitted) => admitted,
-        Err(refusal) => return *refusal,
+        Err(refusal) => return reject(&state, refusal),
     };
-    let content_type = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    if !content_type
-        .split(';')
-        .next()
-        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
-    {
-        return refuse(
-            &state,
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "UNSUPPORTED_MEDIA_TYPE",
-            "send the GraphQL request as JSON, with Content-Type: application/json",
-        );
+    if let Err(refusal) = require_json(&parts.headers, "the GraphQL request") {
+        return reject(&state, refusal);
     }
-    let too_large = |state: &AppState| {
-        let mut response = refuse(
-            state,
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "PAYLOAD_TOO_LARGE",
-            &format!(
-                "the request body is larger than {} bytes (MAX_BODY_BYTES): send fewer operations or \
-                 smaller messages per request",
-                state.max_body_bytes
-            ),
-        );
-        // The rest of the body is never read, so the connection cannot carry another request: say so,
-        // or the client may send its next one on it as it closes.
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        response
-    };
-    // A declared length over the limit is refused before a byte of the body is read.
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > state.max_body_bytes as u64) {
-        return too_large(&state);
-    }
-    let bytes = match axum::body::to_bytes(body, state.max_body_bytes).await {
+    let bytes = match read_body(&state, &parts, body).await {
         Ok(bytes) => bytes,
-        Err(error) if is_over_limit(&error) => return too_large(&state),
-        // A malformed chunk, or a client that went away mid-body: nothing was read to act on.
-        Err(error) => {
-            return refuse(
-                &state,
-                StatusCode::BAD_REQUEST,
-                "BAD_REQUEST",
-                &format!("the request body could not be read ({error}): send the request again"),
-            );
-        }
+        Err(refusal) => return reject(&state, refusal),
     };
     let request = match parse_batch(&bytes) {
         Ok(request) => request,
@@ -488,7 +545,7 @@ async fn graphql_get(State(state): State<AppState>, request: Request) -> Respons
         caller_name,
     } = match admit(&state, &parts) {
         Ok(admitted) => admitted,
-        Err(refusal) => return *refusal,
+        Err(refusal) => return reject(&state, refusal),
     };
     let bad = |message: &str| refuse(&state, StatusCode::BAD_REQUEST, "BAD_REQUEST", message);
     let Ok(axum::extract::Query(parameters)) =
@@ -710,7 +767,7 @@ async fn metrics(State(state): State<AppState>, request: Request) -> Response {
     let (parts, _) = request.into_parts();
     let _ticket = match guard(&state, &parts) {
         Ok(ticket) => ticket,
-        Err(refusal) => return *refusal,
+        Err(refusal) => return reject(&state, refusal),
     };
     let metrics = state.service.metrics();
     // With a shared buffer these are the whole buffer's, the same on every replica. If it does not answer,
@@ -761,7 +818,7 @@ static GRAPHIQL_POLICY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|
 async fn graphiql_page(State(state): State<AppState>, request: Request) -> Response {
     let (parts, _) = request.into_parts();
     if let Err(refusal) = guard(&state, &parts) {
-        return *refusal;
+        return reject(&state, refusal);
     }
     (
         [
@@ -806,7 +863,7 @@ async fn graphiql_asset(
 ) -> Response {
     let (parts, _) = request.into_parts();
     if let Err(refusal) = guard(&state, &parts) {
-        return *refusal;
+        return reject(&state, refusal);
     }
     match GRAPHIQL_ASSETS.iter().find(|(name, _, _)| *name == file) {
         Some((_, content_type, body)) => (

@@ -1,4 +1,5 @@
-//! DataAPI collects chatbot dialogs only with the customer's consent and serves them over GraphQL.
+//! DataAPI collects chatbot dialogs only with the customer's consent and serves them over GraphQL (and the
+//! REST routes of the system it replaces).
 //!
 //! The library holds the whole service; `main.rs` only reads the configuration and runs [`app::Application`],
 //! which tests and benchmarks build the same way.
@@ -20,6 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod paging;
 pub mod probe;
+pub mod rest;
 pub mod schema;
 pub mod service;
 pub mod store;

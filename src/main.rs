@@ -1,5 +1,6 @@
 //! The `dataapi` binary: `dataapi` (or `dataapi serve`) runs the service; `dataapi print-schema` prints the
-//! GraphQL schema that `schema.graphql` holds; `dataapi hash-key` makes API keys; `dataapi health` asks a
+//! GraphQL schema that `schema.graphql` holds; `dataapi print-openapi` the REST routes' OpenAPI document
+//! (`openapi.json`); `dataapi hash-key` makes API keys; `dataapi health` asks a
 //! running service whether it is ready (for container health checks).
 
 use std::process::ExitCode;
@@ -31,6 +32,8 @@ enum Command {
     Serve,
     /// Print the GraphQL schema (SDL) to standard output.
     PrintSchema,
+    /// Print the OpenAPI document of the REST routes (what `openapi.json` holds) to standard output.
+    PrintOpenapi,
     /// Make an API key for ROLE (ingest, read or admin) and print it with its `API_KEYS` entry. With
     /// --stdin, hash a key read from standard input instead of making a new one.
     HashKey {
@@ -54,6 +57,10 @@ async fn main() -> ExitCode {
     match Cli::parse().command.unwrap_or(Command::Serve) {
         Command::PrintSchema => {
             print!("{}", dataapi::schema::sdl());
+            ExitCode::SUCCESS
+        }
+        Command::PrintOpenapi => {
+            print!("{}", dataapi::rest::openapi_json());
             ExitCode::SUCCESS
         }
         Command::Serve => serve().await,

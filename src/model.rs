@@ -205,6 +205,12 @@ pub fn millis_to_time(millis: i64) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
+/// A server time as clients see it, in GraphQL and REST alike: RFC 3339 in UTC with milliseconds, e.g.
+/// `2026-11-28T09:30:00.123Z`.
+pub fn rfc3339(millis: i64) -> String {
+    millis_to_time(millis).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 /// A message as recorded by the server, buffered or stored.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Message {

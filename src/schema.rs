@@ -12,13 +12,11 @@ use async_graphql::{
     InputValueResult, Object, Result, Scalar, ScalarType, Schema, SchemaBuilder, ValidationMode,
     Value,
 };
-use chrono::SecondsFormat;
 
 use crate::auth::{Caller, Permission};
 use crate::error::ApiError;
 use crate::model::{
     ClientMessageId, CustomerId, DialogId, IncomingMessage, Language, MessageFate, MessageText,
-    millis_to_time,
 };
 use crate::paging::{ListKind, Page, PageArgs, encode_cursor};
 use crate::service::DialogService;
@@ -268,7 +266,7 @@ impl ScalarType for DateTime {
     }
 
     fn to_value(&self) -> Value {
-        Value::String(millis_to_time(self.0).to_rfc3339_opts(SecondsFormat::Millis, true))
+        Value::String(crate::model::rfc3339(self.0))
     }
 }
 

@@ -767,7 +767,7 @@ async fn removed_texts_leave_the_disk(removal: Removal, dialogs: usize) {
     );
 }
 
-fn limited(
+pub(crate) fn limited(
     requests_per_second: u32,
     burst: u32,
     concurrent_requests: usize,

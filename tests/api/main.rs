@@ -85,6 +85,7 @@ mod protection;
 mod redis_access;
 mod redis_support;
 mod replicas;
+mod rest;
 mod roundtrips;
 mod scale_out;
 mod security;
