@@ -195,7 +195,11 @@ async fn fragment_bombs_are_refused_before_anything_walks_them_and_the_service_k
 
 /// Sends raw bytes on a fresh connection and returns what comes back until the server closes it or
 /// `wait` passes.
-async fn raw_exchange(addr: std::net::SocketAddr, request: &[u8], wait: Duration) -> String {
+pub(crate) async fn raw_exchange(
+    addr: std::net::SocketAddr,
+    request: &[u8],
+    wait: Duration,
+) -> String {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream.write_all(request).await.unwrap();
     let mut received = Vec::new();

@@ -474,24 +474,38 @@ async fn bad_input_is_refused_and_nothing_is_recorded(app: TestApp) {
         .await
         .unwrap();
     answer(not_json).await.problem(400, "BAD_USER_INPUT");
-    // Over MAX_BODY_BYTES (1 MiB by default), declared or not.
-    let huge = format!(
-        "{{\"text\": \"{}\", \"language\": \"en\"}}",
-        "x".repeat(2 << 20)
+    // Over MAX_BODY_BYTES, declared (refused before a byte of it is read) or streamed in chunks. Raw HTTP:
+    // a client still writing the body may see the connection closed under it, as it should be.
+    let addr: std::net::SocketAddr = app.url("").trim_start_matches("http://").parse().unwrap();
+    let declared =
+        "POST /data/ada/d1 HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+                    Content-Length: 10000000000\r\n\r\n"
+            .to_owned();
+    let chunk = "x".repeat(64 * 1024);
+    let mut chunked = String::from(
+        "POST /data/ada/d1 HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Transfer-Encoding: chunked\r\n\r\n",
     );
-    let too_large = client
-        .post(app.url("/data/ada/d1"))
-        .header(CONTENT_TYPE, "application/json")
-        .body(huge)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        too_large.headers().get("connection").unwrap(),
-        "close",
-        "the unread body ends the connection"
-    );
-    answer(too_large).await.problem(413, "PAYLOAD_TOO_LARGE");
+    for _ in 0..40 {
+        chunked += &format!("{:x}\r\n{chunk}\r\n", chunk.len());
+    }
+    for request in [declared, chunked] {
+        let response = crate::attacks::raw_exchange(
+            addr,
+            request.as_bytes(),
+            std::time::Duration::from_secs(10),
+        )
+        .await;
+        let lower = response.to_ascii_lowercase();
+        assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+        assert!(
+            lower.contains("content-type: application/problem+json")
+                && response.contains("\"code\":\"PAYLOAD_TOO_LARGE\""),
+            "{response}"
+        );
+        // The unread body makes the connection unusable: the client is told not to reuse it.
+        assert!(lower.contains("connection: close"), "{response}");
+    }
 
     for body in [
         "\"yes\"",
