@@ -977,10 +977,87 @@ async fn paging_benchmark(settings: &Settings, rows: &mut Vec<Row>) {
         "  dialogs page: first {first_ms:.2} ms, 90% deep {deep_ms:.2} ms; messages page: first {first_messages_ms:.2} ms, deep {deep_messages_ms:.2} ms"
     );
 
+    // Time ranges (issue 11): the middle 80% of the data by time, in both orders; the page at 90% of the
+    // range's depth against its first page.
+    let millis = |key: &SortKey, micros: bool| if micros { key.at / 1000 } else { key.at };
+    let rfc3339 = |ms: i64| {
+        chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+            .unwrap()
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    };
+    let mut ranged = Vec::new();
+    for (list, keys, micros) in [
+        ("dialogs", &dialog_keys, false),
+        ("messages", &english_keys, true),
+    ] {
+        // Newest first: the range's new end is at 10% of the keys, its old end at 90%.
+        let until = millis(&keys[keys.len() / 10], micros);
+        let since = millis(&keys[keys.len() * 9 / 10], micros);
+        let inside: Vec<&SortKey> = keys
+            .iter()
+            .filter(|key| (since..until).contains(&millis(key, micros)))
+            .collect();
+        for order in ["NEWEST_FIRST", "OLDEST_FIRST"] {
+            let in_order: Vec<&SortKey> = if order == "NEWEST_FIRST" {
+                inside.clone()
+            } else {
+                inside.iter().rev().copied().collect()
+            };
+            let (kind, query) = if list == "dialogs" {
+                (
+                    ListKind::Dialogs,
+                    format!(
+                        "query($a: String, $s: DateTime, $u: DateTime) {{ dialogs(first: 100, after: $a, order: {order}, filter: {{since: $s, until: $u}}) {{ edges {{ cursor node {{ id messageCount lastMessageAt messages {{ text language createdAt }} }} }} pageInfo {{ hasNextPage }} }} }}"
+                    ),
+                )
+            } else {
+                (
+                    ListKind::Messages,
+                    format!(
+                        "query($a: String, $s: DateTime, $u: DateTime) {{ messages(first: 100, after: $a, order: {order}, filter: {{language: \"en\", since: $s, until: $u}}) {{ edges {{ cursor node {{ id dialogId text createdAt }} }} pageInfo {{ hasNextPage }} }} }}"
+                    ),
+                )
+            };
+            let deep_key = in_order[in_order.len() * 9 / 10];
+            let body = |after: Option<String>| json!({ "query": query, "variables": { "a": after, "s": rfc3339(since), "u": rfc3339(until) } });
+            let first = body(None);
+            let deep = body(Some(encode_cursor(kind, deep_key)));
+            let check = post(&client, &url, &deep).await;
+            assert_eq!(
+                check["data"][list]["edges"].as_array().unwrap().len(),
+                100,
+                "{check}"
+            );
+            let (first_ms, deep_ms) = median_latencies(&client, &url, &first, &deep, repeat).await;
+            println!(
+                "  {list} in a time range, {order}: first {first_ms:.2} ms, 90% deep {deep_ms:.2} ms"
+            );
+            ranged.push((list, order, first_ms, deep_ms));
+        }
+    }
+
     let label = format!(
         "{} dialogs / {total_messages} messages, SQLite",
         settings.paging_dialogs
     );
+    for (list, order, first_ms, deep_ms) in ranged {
+        let what = if list == "dialogs" {
+            "`dialogs(first: 100)` with messages"
+        } else {
+            "`messages(first: 100)` by language"
+        };
+        rows.push(row(
+            &format!(
+                "{what}, middle 80% by time (`since`/`until`), `{order}`, {label}: page at 90% of the range / first page"
+            ),
+            format!(
+                "{:.2}x ({deep_ms:.2} ms / {first_ms:.2} ms, median of {repeat})",
+                deep_ms / first_ms
+            ),
+            "<= 1.5x",
+            Some(deep_ms / first_ms <= 1.5),
+        ));
+    }
     rows.push(row(
         &format!("`dialogs(first: 100)` with messages, {label}: page at 90% depth / first page"),
         format!(

@@ -211,6 +211,44 @@ pub fn rfc3339(millis: i64) -> String {
     millis_to_time(millis).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// A time range `[since, until)` in milliseconds since the epoch; either end may be open.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TimeWindow {
+    /// Inclusive.
+    pub since: Option<i64>,
+    /// Exclusive.
+    pub until: Option<i64>,
+}
+
+impl TimeWindow {
+    /// Checks a window a client asked for: `until_field` names its end in the error when it is not later
+    /// than its start (the window would be empty, which is never what was meant).
+    pub fn parse(
+        since: Option<i64>,
+        until: Option<i64>,
+        until_field: &'static str,
+    ) -> Result<Self, ApiError> {
+        if let (Some(since), Some(until)) = (since, until)
+            && until <= since
+        {
+            return Err(ApiError::invalid(
+                until_field,
+                "must be later than `since` (the window is since <= t < until)",
+            ));
+        }
+        Ok(Self { since, until })
+    }
+
+    /// The window in the unit of another clock: `scale` of its ticks per millisecond (messages are ordered
+    /// by `seq`, in microseconds). Exact: `t >= since` in ms is `seq >= since * 1000` for `seq` in µs.
+    pub fn scaled(self, scale: i64) -> (Option<i64>, Option<i64>) {
+        (
+            self.since.map(|since| since.saturating_mul(scale)),
+            self.until.map(|until| until.saturating_mul(scale)),
+        )
+    }
+}
+
 /// A message as recorded by the server, buffered or stored.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Message {

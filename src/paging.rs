@@ -104,12 +104,20 @@ pub enum ScanOrder {
     OldestFirst,
 }
 
+/// The order a list is shown in, by sort key. `after` a cursor means further along in this order.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ListOrder {
+    #[default]
+    NewestFirst,
+    OldestFirst,
+}
+
 /// Which end of the cursor range the page is taken from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
-    /// `first`: the newest items of the range.
+    /// `first`: the first items of the range in the list's order.
     Forward,
-    /// `last`: the oldest items of the range.
+    /// `last`: the last items of the range in the list's order.
     Backward,
 }
 
@@ -118,7 +126,9 @@ pub enum Direction {
 pub struct PageRequest {
     pub direction: Direction,
     pub size: usize,
+    /// The cursors' bounds, in sort-key terms (which one `after` sets depends on `order`).
     pub range: KeyRange,
+    pub order: ListOrder,
 }
 
 /// The Relay arguments as the client sent them.
@@ -128,6 +138,7 @@ pub struct PageArgs {
     pub after: Option<String>,
     pub last: Option<i32>,
     pub before: Option<String>,
+    pub order: ListOrder,
 }
 
 impl PageArgs {
@@ -165,21 +176,29 @@ impl PageArgs {
             }
             (None, None) => (Direction::Forward, DEFAULT_PAGE_SIZE.min(max_page_size)),
         };
-        let older_than = self
+        let after = self
             .after
             .map(|cursor| decode_cursor(kind, "after", &cursor))
             .transpose()?;
-        let newer_than = self
+        let before = self
             .before
             .map(|cursor| decode_cursor(kind, "before", &cursor))
             .transpose()?;
+        let range = match self.order {
+            ListOrder::NewestFirst => KeyRange {
+                older_than: after,
+                newer_than: before,
+            },
+            ListOrder::OldestFirst => KeyRange {
+                older_than: before,
+                newer_than: after,
+            },
+        };
         Ok(PageRequest {
             direction,
             size,
-            range: KeyRange {
-                older_than,
-                newer_than,
-            },
+            range,
+            order: self.order,
         })
     }
 }
@@ -194,7 +213,8 @@ pub struct Page<T> {
 
 /// Fetches one page through `scan(range, order, limit)`, the only thing a store has to provide: one scan for
 /// the page (one item more than asked, to learn whether there is a next page) and, when the page starts at a
-/// cursor, one single-item scan for whether anything lies before it.
+/// cursor, one single-item scan for whether anything lies before it. Either list order is a scan in one
+/// direction of the same index: a page costs the same at any depth, in both orders.
 pub async fn fetch_page<T, E, F, Fut>(
     request: &PageRequest,
     key_of: impl Fn(&T) -> SortKey,
@@ -204,9 +224,15 @@ where
     F: Fn(KeyRange, ScanOrder, usize) -> Fut,
     Fut: Future<Output = Result<Vec<T>, E>>,
 {
-    let (order, starting_cursor) = match request.direction {
-        Direction::Forward => (ScanOrder::NewestFirst, &request.range.older_than),
-        Direction::Backward => (ScanOrder::OldestFirst, &request.range.newer_than),
+    // The scan runs the list's way for `first`, against it for `last`; it starts at the cursor on its side.
+    let order = match (request.order, request.direction) {
+        (ListOrder::NewestFirst, Direction::Forward)
+        | (ListOrder::OldestFirst, Direction::Backward) => ScanOrder::NewestFirst,
+        _ => ScanOrder::OldestFirst,
+    };
+    let starting_cursor = match order {
+        ScanOrder::NewestFirst => &request.range.older_than,
+        ScanOrder::OldestFirst => &request.range.newer_than,
     };
     let mut items = scan(request.range.clone(), order, request.size + 1).await?;
     let more_in_direction = items.len() > request.size;
@@ -217,15 +243,15 @@ where
         None => false,
         Some(cursor) => {
             let edge = items.first().map(&key_of).unwrap_or_else(|| cursor.clone());
-            let (behind, order) = match request.direction {
-                Direction::Forward => (
+            let (behind, behind_order) = match order {
+                ScanOrder::NewestFirst => (
                     KeyRange {
                         newer_than: Some(edge),
                         older_than: None,
                     },
                     ScanOrder::OldestFirst,
                 ),
-                Direction::Backward => (
+                ScanOrder::OldestFirst => (
                     KeyRange {
                         older_than: Some(edge),
                         newer_than: None,
@@ -233,15 +259,11 @@ where
                     ScanOrder::NewestFirst,
                 ),
             };
-            let beyond_the_edge = !scan(behind, order, 1).await?.is_empty();
+            let beyond_the_edge = !scan(behind, behind_order, 1).await?.is_empty();
             // An empty page's edge is the cursor's own item, which lies before the page too: with nothing
             // beyond it, the item at that end of the whole list is it, if it is still there.
             if items.is_empty() && !beyond_the_edge {
-                let end = match request.direction {
-                    Direction::Forward => ScanOrder::NewestFirst,
-                    Direction::Backward => ScanOrder::OldestFirst,
-                };
-                scan(KeyRange::default(), end, 1)
+                scan(KeyRange::default(), order, 1)
                     .await?
                     .first()
                     .is_some_and(|item| key_of(item) == *cursor)
@@ -436,6 +458,100 @@ mod tests {
         });
     }
 
+    /// Every item once, in the list's order, forwards with `first`/`after` and backwards with
+    /// `last`/`before`, with exact flags at every step, for both orders.
+    #[test]
+    fn both_orders_page_through_everything_once_in_both_directions() {
+        let keys: Vec<SortKey> = (0..23).map(|i| key(i / 3, &format!("id{i:02}"))).collect();
+        run(async {
+            for order in [ListOrder::NewestFirst, ListOrder::OldestFirst] {
+                let mut expected = keys.clone();
+                expected.sort();
+                if order == ListOrder::NewestFirst {
+                    expected.reverse();
+                }
+                for size in [1, 4, 5, 23, 30] {
+                    let mut seen = Vec::new();
+                    let mut after = None;
+                    loop {
+                        let p = page(
+                            &keys,
+                            PageArgs {
+                                first: Some(size),
+                                after: after.clone(),
+                                order,
+                                ..Default::default()
+                            },
+                        )
+                        .await;
+                        assert_eq!(p.has_previous_page, after.is_some(), "{order:?} {size}");
+                        seen.extend(p.items.iter().cloned());
+                        assert_eq!(p.has_next_page, seen.len() < keys.len(), "{order:?} {size}");
+                        if !p.has_next_page {
+                            break;
+                        }
+                        after = Some(encode_cursor(ListKind::Dialogs, p.items.last().unwrap()));
+                    }
+                    assert_eq!(seen, expected, "{order:?} forwards by {size}");
+
+                    let mut back = Vec::new();
+                    let mut before = None;
+                    loop {
+                        let p = page(
+                            &keys,
+                            PageArgs {
+                                last: Some(size),
+                                before: before.clone(),
+                                order,
+                                ..Default::default()
+                            },
+                        )
+                        .await;
+                        assert_eq!(p.has_next_page, before.is_some(), "{order:?} {size}");
+                        back.splice(0..0, p.items.iter().cloned());
+                        if !p.has_previous_page {
+                            break;
+                        }
+                        before = Some(encode_cursor(ListKind::Dialogs, p.items.first().unwrap()));
+                    }
+                    assert_eq!(back, expected, "{order:?} backwards by {size}");
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn an_empty_oldest_first_page_at_a_cursor_counts_the_cursors_own_item() {
+        let keys = [key(1, "a"), key(2, "b"), key(3, "c")];
+        let at = |k: &SortKey| Some(encode_cursor(ListKind::Dialogs, k));
+        run(async {
+            // Oldest first: a, b, c. After c (the last) nothing follows, but c itself precedes the page.
+            let past = page(
+                &keys,
+                PageArgs {
+                    first: Some(5),
+                    after: at(&keys[2]),
+                    order: ListOrder::OldestFirst,
+                    ..Default::default()
+                },
+            )
+            .await;
+            assert!(past.items.is_empty() && past.has_previous_page && !past.has_next_page);
+            let middle = page(
+                &keys,
+                PageArgs {
+                    first: Some(1),
+                    after: at(&keys[0]),
+                    order: ListOrder::OldestFirst,
+                    ..Default::default()
+                },
+            )
+            .await;
+            assert_eq!(middle.items, [keys[1].clone()]);
+            assert!(middle.has_previous_page && middle.has_next_page);
+        });
+    }
+
     #[test]
     fn empty_and_zero_size_pages_report_their_neighbours() {
         run(async {
@@ -567,7 +683,7 @@ mod tests {
                 before in proptest::option::of(".{0,40}"),
                 max in 1usize..5000,
             ) {
-                if let Ok(request) = (PageArgs { first, after, last, before }).parse(ListKind::Dialogs, max) {
+                if let Ok(request) = (PageArgs { first, after, last, before, order: ListOrder::default() }).parse(ListKind::Dialogs, max) {
                     prop_assert!(request.size <= max);
                 }
             }

@@ -21,9 +21,11 @@ use crate::error::ApiError;
 use crate::http::{AppState, Rejection};
 use crate::model::{
     ClientMessageId, CustomerId, DialogId, IncomingMessage, Language, MessageFate, MessageText,
-    rfc3339,
+    TimeWindow, rfc3339,
 };
-use crate::paging::{Direction, KeyRange, ListKind, PageRequest, decode_cursor, encode_cursor};
+use crate::paging::{
+    Direction, KeyRange, ListKind, ListOrder, PageRequest, decode_cursor, encode_cursor,
+};
 use crate::store::{MessageFilter, message_key};
 
 /// Page size of `GET /data/` without `limit`.
@@ -93,6 +95,8 @@ pub async fn no_such_route(State(state): State<AppState>) -> Response {
                        GraphQL `extensions.code`."
     ),
     paths(push_message, give_consent, list_messages),
+    // Referenced by a query parameter, which utoipa does not collect by itself.
+    components(schemas(ListingOrder)),
     modifiers(&BearerKeys),
     tags(
         (name = "ingest", description = "For the background job: a key with the ingest (or admin) role."),
@@ -643,13 +647,51 @@ pub struct ListParameters {
     /// Where to continue: the `nextCursor` of the previous page (or a cursor of GraphQL's `messages`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cursor: Option<String>,
+    /// Messages accepted at or after this time (RFC 3339; percent-encode a `+` offset as `%2B`, or use `Z`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[param(value_type = Option<String>, format = DateTime)]
+    pub since: Option<String>,
+    /// Messages accepted before this time (exclusive), which must be later than `since`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[param(value_type = Option<String>, format = DateTime)]
+    pub until: Option<String>,
+    /// `NEWEST_FIRST` (the default) or `OLDEST_FIRST`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order: Option<ListingOrder>,
+}
+
+/// The order of `GET /data/` (GraphQL's `ListOrder`).
+#[derive(Clone, Copy, Deserialize, Serialize, ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ListingOrder {
+    NewestFirst,
+    OldestFirst,
+}
+
+/// Parses an RFC 3339 query parameter into milliseconds since the epoch.
+fn time_parameter(field: &'static str, value: Option<&str>) -> Result<Option<i64>, ApiError> {
+    value
+        .map(|text| {
+            chrono::DateTime::parse_from_rfc3339(text)
+                .map(|time| time.timestamp_millis())
+                .map_err(|_| {
+                    ApiError::invalid(
+                        field,
+                        format!(
+                            "must be an RFC 3339 date-time such as 2026-11-28T09:30:00Z, got {text:?} \
+                             (percent-encode a `+` offset as %2B)"
+                        ),
+                    )
+                })
+        })
+        .transpose()
 }
 
 /// One page of `GET /data/`.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MessagePage {
-    /// Consented messages, most recent first.
+    /// Consented messages, most recent first (or in `order`).
     pub data: Vec<RecordedMessage>,
     /// The `cursor` of the next page; null on the last one. The `Link` header's `rel="next"` has the
     /// whole URL.
@@ -658,7 +700,8 @@ pub struct MessagePage {
 
 /// List the stored (consented) messages, most recent first (GraphQL: `messages`).
 ///
-/// Paged by cursor: each page but the last gives `nextCursor` and a `Link: <…>; rel="next"` header.
+/// Filters combine with AND; `since`/`until` keep the messages accepted in that range, `order=OLDEST_FIRST`
+/// reverses the list. Paged by cursor: each page but the last gives `nextCursor` and a `Link: <…>; rel="next"` header.
 /// Offsets (`page`, `skip`) are refused with a 400 that says so: see README "REST API".
 #[utoipa::path(
     get,
@@ -772,8 +815,8 @@ fn parse_listing(
         ApiError::invalid(
             "query",
             format!(
-                "is not valid ({error}): the parameters are language, customerId, dialogId, limit \
-                 and cursor, each at most once"
+                "is not valid ({error}): the parameters are language, customerId, dialogId, since, \
+                 until, order, limit and cursor, each at most once"
             ),
         )
     })?;
@@ -793,6 +836,11 @@ fn parse_listing(
             .clone()
             .map(|id| DialogId::parse("dialogId", id))
             .transpose()?,
+        window: TimeWindow::parse(
+            time_parameter("since", parameters.since.as_deref())?,
+            time_parameter("until", parameters.until.as_deref())?,
+            "until",
+        )?,
     };
     let size = match &parameters.limit {
         None => DEFAULT_LIMIT.min(max_page_size),
@@ -809,18 +857,33 @@ fn parse_listing(
             }
         },
     };
-    let older_than = parameters
+    let cursor = parameters
         .cursor
         .as_deref()
         .map(|cursor| decode_cursor(ListKind::Messages, "cursor", cursor))
         .transpose()?;
+    // The next page lies past the cursor in the list's order.
+    let (order, range) = match parameters.order {
+        None | Some(ListingOrder::NewestFirst) => (
+            ListOrder::NewestFirst,
+            KeyRange {
+                older_than: cursor,
+                newer_than: None,
+            },
+        ),
+        Some(ListingOrder::OldestFirst) => (
+            ListOrder::OldestFirst,
+            KeyRange {
+                older_than: None,
+                newer_than: cursor,
+            },
+        ),
+    };
     let request = PageRequest {
         direction: Direction::Forward,
         size,
-        range: KeyRange {
-            older_than,
-            newer_than: None,
-        },
+        range,
+        order,
     };
     Ok((parameters, filter, request))
 }
@@ -859,6 +922,13 @@ mod tests {
             ("language=", "language"),
             ("customerId=", "customerId"),
             ("cursor=garbage", "cursor"),
+            ("since=yesterday", "since"),
+            ("until=2026-11-28", "until"),
+            (
+                "since=2026-11-29T00:00:00Z&until=2026-11-28T00:00:00Z",
+                "until",
+            ),
+            ("order=UP", "query"),
         ] {
             match listing(query) {
                 Err(ApiError::InvalidInput { field: got, .. })
@@ -868,6 +938,26 @@ mod tests {
                 other => panic!("{query}: expected an invalid {field}, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn the_cursor_bounds_the_side_the_order_reads_towards() {
+        let key = crate::paging::SortKey {
+            at: 7,
+            id: "m".into(),
+        };
+        let cursor = encode_cursor(ListKind::Messages, &key);
+        let (filter, newest) = listing(&format!(
+            "cursor={cursor}&since=2026-11-28T10:00:00%2B01:00"
+        ))
+        .unwrap();
+        assert_eq!(newest.order, ListOrder::NewestFirst);
+        assert_eq!(newest.range.older_than, Some(key.clone()));
+        assert_eq!(filter.window.since, Some(1_795_856_400_000));
+        let (_, oldest) = listing(&format!("cursor={cursor}&order=OLDEST_FIRST")).unwrap();
+        assert_eq!(oldest.order, ListOrder::OldestFirst);
+        assert_eq!(oldest.range.newer_than, Some(key));
+        assert_eq!(oldest.range.older_than, None);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::auth::{Caller, Permission};
 use crate::error::ApiError;
 use crate::model::{
     ClientMessageId, CustomerId, DialogId, IncomingMessage, Language, MessageFate, MessageText,
+    TimeWindow,
 };
 use crate::paging::{ListKind, Page, PageArgs, encode_cursor};
 use crate::service::DialogService;
@@ -261,7 +262,9 @@ impl ScalarType for DateTime {
                         "expected an RFC 3339 date-time such as 2026-11-28T09:30:00Z",
                     )
                 }),
-            _ => Err(InputValueError::expected_type(value)),
+            other => Err(InputValueError::custom(format!(
+                "expected an RFC 3339 date-time string such as 2026-11-28T09:30:00Z, found {other}"
+            ))),
         }
     }
 
@@ -509,6 +512,30 @@ pub struct DialogFilter {
     /// Dialogs with at least one message in this language (case-insensitive).
     pub language: Option<String>,
     pub customer_id: Option<ID>,
+    /// Dialogs whose latest message is at or after this time.
+    pub since: Option<DateTime>,
+    /// Dialogs whose latest message is before this time (exclusive), which must be later than `since`.
+    pub until: Option<DateTime>,
+}
+
+/// The order of a listing, by its sort key (a dialog's latest message, a message's acceptance).
+#[derive(Enum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[graphql(name = "ListOrder")]
+pub enum Order {
+    /// Most recent first (the default).
+    #[default]
+    NewestFirst,
+    /// Oldest first, e.g. to read forward in time from `since`.
+    OldestFirst,
+}
+
+impl From<Order> for crate::paging::ListOrder {
+    fn from(order: Order) -> Self {
+        match order {
+            Order::NewestFirst => Self::NewestFirst,
+            Order::OldestFirst => Self::OldestFirst,
+        }
+    }
 }
 
 /// Parses an optional filter field.
@@ -525,6 +552,11 @@ impl DialogFilter {
         Ok(store::DialogFilter {
             language: parse_field(self.language, "filter.language", Language::parse)?,
             customer_id: parse_field(self.customer_id, "filter.customerId", CustomerId::parse)?,
+            window: TimeWindow::parse(
+                self.since.map(|time| time.0),
+                self.until.map(|time| time.0),
+                "filter.until",
+            )?,
         })
     }
 }
@@ -536,6 +568,10 @@ pub struct MessageFilter {
     pub language: Option<String>,
     pub customer_id: Option<ID>,
     pub dialog_id: Option<ID>,
+    /// Messages accepted at or after this time.
+    pub since: Option<DateTime>,
+    /// Messages accepted before this time (exclusive), which must be later than `since`.
+    pub until: Option<DateTime>,
 }
 
 impl MessageFilter {
@@ -544,6 +580,11 @@ impl MessageFilter {
             language: parse_field(self.language, "filter.language", Language::parse)?,
             customer_id: parse_field(self.customer_id, "filter.customerId", CustomerId::parse)?,
             dialog_id: parse_field(self.dialog_id, "filter.dialogId", DialogId::parse)?,
+            window: TimeWindow::parse(
+                self.since.map(|time| time.0),
+                self.until.map(|time| time.0),
+                "filter.until",
+            )?,
         })
     }
 }
@@ -597,12 +638,15 @@ pub struct QueryRoot;
 
 #[Object]
 impl QueryRoot {
-    /// Consented dialogs, most recent first (by their latest message; ties by id). Page forwards with
-    /// `first`/`after`, backwards with `last`/`before`; without either, the first 20.
+    /// Consented dialogs, most recent first (by their latest message; ties by id), or oldest first with
+    /// `order: OLDEST_FIRST`. Page forwards with `first`/`after`, backwards with `last`/`before`; without
+    /// either, the first 20. `filter.since`/`until` keep the dialogs whose latest message is in that range.
     #[graphql(
         guard = "require(Permission::Read)",
         complexity = "page_complexity(first, last, child_complexity)"
     )]
+    // One parameter per GraphQL argument.
+    #[allow(clippy::too_many_arguments)]
     async fn dialogs(
         &self,
         ctx: &Context<'_>,
@@ -611,6 +655,7 @@ impl QueryRoot {
         after: Option<String>,
         last: Option<i32>,
         before: Option<String>,
+        #[graphql(default)] order: Order,
     ) -> Result<Connection<String, Dialog, DialogListTotals>> {
         let limits = data::<Limits>(ctx)?;
         let filter = filter.unwrap_or_default().parse()?;
@@ -619,6 +664,7 @@ impl QueryRoot {
             after,
             last,
             before,
+            order: order.into(),
         }
         .parse(ListKind::Dialogs, limits.max_page_size)?;
         spend_store_call(ctx)?;
@@ -668,11 +714,15 @@ impl QueryRoot {
             .map(ConsentRecord))
     }
 
-    /// Stored messages of all consented dialogs, most recent first; the same paging rules as `dialogs`.
+    /// Stored messages of all consented dialogs, most recent first (by acceptance), or oldest first with
+    /// `order: OLDEST_FIRST`; the same paging rules as `dialogs`. `filter.since`/`until` keep the messages
+    /// accepted in that range.
     #[graphql(
         guard = "require(Permission::Read)",
         complexity = "page_complexity(first, last, child_complexity)"
     )]
+    // One parameter per GraphQL argument.
+    #[allow(clippy::too_many_arguments)]
     async fn messages(
         &self,
         ctx: &Context<'_>,
@@ -681,6 +731,7 @@ impl QueryRoot {
         after: Option<String>,
         last: Option<i32>,
         before: Option<String>,
+        #[graphql(default)] order: Order,
     ) -> Result<Connection<String, Message, MessageListTotals>> {
         let limits = data::<Limits>(ctx)?;
         let filter = filter.unwrap_or_default().parse()?;
@@ -689,6 +740,7 @@ impl QueryRoot {
             after,
             last,
             before,
+            order: order.into(),
         }
         .parse(ListKind::Messages, limits.max_page_size)?;
         spend_store_call(ctx)?;

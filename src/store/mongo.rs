@@ -184,6 +184,22 @@ fn range_filter(at_field: &str, range: &KeyRange, at_value: impl Fn(i64) -> Bson
     clauses
 }
 
+/// `since <= at < until` on `at_field`, each end when set.
+fn window_filter(
+    at_field: &str,
+    (since, until): (Option<i64>, Option<i64>),
+    at_value: impl Fn(i64) -> Bson,
+) -> Option<Document> {
+    let mut bounds = Document::new();
+    if let Some(since) = since {
+        bounds.insert("$gte", at_value(since));
+    }
+    if let Some(until) = until {
+        bounds.insert("$lt", at_value(until));
+    }
+    (!bounds.is_empty()).then(|| doc! { at_field: bounds })
+}
+
 fn and(mut clauses: Vec<Document>) -> Document {
     match clauses.len() {
         0 => Document::new(),
@@ -204,7 +220,9 @@ fn dialog_query(filter: &DialogFilter, range: &KeyRange) -> Document {
     if let Some(customer_id) = &filter.customer_id {
         clauses.push(doc! { "customerId": customer_id.as_str() });
     }
-    clauses.extend(range_filter("lastMessageAt", range, date));
+    let (window, range) = super::scan_bounds(filter.window.scaled(1), range);
+    clauses.extend(window_filter("lastMessageAt", window, date));
+    clauses.extend(range_filter("lastMessageAt", &range, date));
     and(clauses)
 }
 
@@ -219,7 +237,10 @@ fn message_query(filter: &MessageFilter, range: &KeyRange) -> Document {
     if let Some(dialog_id) = &filter.dialog_id {
         clauses.push(doc! { "dialogId": dialog_id.as_str() });
     }
-    clauses.extend(range_filter("seq", range, Bson::Int64));
+    // On the sort key itself, so that a range narrows the same index scan that orders the page.
+    let (window, range) = super::scan_bounds(filter.window.scaled(1000), range);
+    clauses.extend(window_filter("seq", window, Bson::Int64));
+    clauses.extend(range_filter("seq", &range, Bson::Int64));
     and(clauses)
 }
 
@@ -361,9 +382,21 @@ impl MongoStore {
                 .options(IndexOptions::builder().name(name.to_owned()).build())
                 .build()
         };
+        // `dialog_recent` replaced `dialog_order` (dialogId, seq): with `_id` last, a dialog's messages
+        // listed by page are read in index order, not sorted.
+        // 26 NamespaceNotFound (a new database), 27 IndexNotFound (already dropped).
+        let absent = |error: &mongodb::error::Error| {
+            matches!(*error.kind, mongodb::error::ErrorKind::Command(ref command)
+                if matches!(command.code, 26 | 27))
+        };
+        match self.messages.drop_index("dialog_order").await {
+            Ok(()) => tracing::info!("dropped messages.dialog_order (dialog_recent replaces it)"),
+            Err(error) if absent(&error) => {}
+            Err(error) => return Err(mongo_error("drop the old dialog_order index")(error)),
+        }
         self.messages
             .create_indexes([
-                index(doc! { "dialogId": 1, "seq": 1 }, "dialog_order"),
+                index(doc! { "dialogId": 1, "seq": 1, "_id": 1 }, "dialog_recent"),
                 index(doc! { "seq": -1, "_id": -1 }, "recent"),
                 index(
                     doc! { "language": 1, "seq": -1, "_id": -1 },
@@ -1056,6 +1089,7 @@ mod tests {
         let filter = DialogFilter {
             language: Some(Language::from_trusted("en".into())),
             customer_id: Some(CustomerId::from_trusted("c1".into())),
+            ..Default::default()
         };
         let range = KeyRange {
             older_than: Some(key(1000, "d9")),

@@ -18,7 +18,7 @@ use deadpool_sqlite::rusqlite::{
 
 use super::{
     Appended, Decision, DecisionWritten, DialogFilter, Erased, ErasureAudit,
-    MAX_DIALOGS_PER_ERASE_BATCH, MessageFilter, Store, StoreError, StoreResult,
+    MAX_DIALOGS_PER_ERASE_BATCH, MessageFilter, Store, StoreError, StoreResult, scan_bounds,
 };
 use crate::clock::now_millis;
 use crate::model::{
@@ -74,7 +74,10 @@ CREATE TABLE IF NOT EXISTS messages (
     seq         INTEGER NOT NULL,
     UNIQUE (dialog_id, id)
 );
-CREATE INDEX IF NOT EXISTS messages_dialog ON messages (dialog_id, seq);
+-- With `id` last, as the others: a dialog's messages listed by page are read in index order, not sorted
+-- (it replaced `messages_dialog (dialog_id, seq)`, dropped here).
+CREATE INDEX IF NOT EXISTS messages_dialog_recent ON messages (dialog_id, seq, id);
+DROP INDEX IF EXISTS messages_dialog;
 CREATE INDEX IF NOT EXISTS messages_recent ON messages (seq, id);
 CREATE INDEX IF NOT EXISTS messages_language_recent ON messages (language, seq, id);
 CREATE INDEX IF NOT EXISTS messages_customer_recent ON messages (customer_id, seq, id);
@@ -1049,6 +1052,16 @@ impl Conditions {
         }
     }
 
+    /// `since <= at < until` on the column `at`, each end when set.
+    fn add_window(&mut self, at: &str, (since, until): (Option<i64>, Option<i64>)) {
+        if let Some(since) = since {
+            self.add(&format!("{at} >= ?"), [Value::Integer(since)]);
+        }
+        if let Some(until) = until {
+            self.add(&format!("{at} < ?"), [Value::Integer(until)]);
+        }
+    }
+
     fn sql(&self) -> String {
         if self.clauses.is_empty() {
             String::new()
@@ -1071,7 +1084,11 @@ fn direction(order: ScanOrder) -> &'static str {
 
 /// The FROM clause and conditions for dialogs matching `filter`. With a language, the scan is driven by
 /// `dialog_languages` and its copy of the sort key.
-fn dialog_source(filter: &DialogFilter) -> (&'static str, &'static str, &'static str, Conditions) {
+/// The FROM clause and conditions of `filter`, with `window` (in ms) in place of the filter's own.
+fn dialog_source(
+    filter: &DialogFilter,
+    window: (Option<i64>, Option<i64>),
+) -> (&'static str, &'static str, &'static str, Conditions) {
     let mut conditions = Conditions::default();
     let (from, at, id) = match &filter.language {
         Some(language) => {
@@ -1087,10 +1104,52 @@ fn dialog_source(filter: &DialogFilter) -> (&'static str, &'static str, &'static
     if let Some(customer_id) = &filter.customer_id {
         conditions.add("d.customer_id = ?", [text(customer_id.as_str())]);
     }
+    conditions.add_window(at, window);
     (from, at, id, conditions)
 }
 
-fn message_conditions(filter: &MessageFilter) -> Conditions {
+/// The statement and parameters of a page of dialogs.
+fn dialog_scan(
+    filter: &DialogFilter,
+    range: &KeyRange,
+    order: ScanOrder,
+    limit: usize,
+) -> (String, Vec<Value>) {
+    let (window, range) = scan_bounds(filter.window.scaled(1), range);
+    let (from, at, id, mut conditions) = dialog_source(filter, window);
+    conditions.add_range(at, id, &range);
+    let sql = format!(
+        "SELECT {DIALOG_COLUMNS} FROM {from}{} ORDER BY {at} {dir}, {id} {dir} LIMIT ?",
+        conditions.sql(),
+        dir = direction(order),
+    );
+    let mut params = conditions.params;
+    params.push(limit_value(limit));
+    (sql, params)
+}
+
+/// The statement and parameters of a page of messages.
+fn message_scan(
+    filter: &MessageFilter,
+    range: &KeyRange,
+    order: ScanOrder,
+    limit: usize,
+) -> (String, Vec<Value>) {
+    let (window, range) = scan_bounds(filter.window.scaled(1000), range);
+    let mut conditions = message_conditions(filter, window);
+    conditions.add_range("seq", "id", &range);
+    let sql = format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages{} ORDER BY seq {dir}, id {dir} LIMIT ?",
+        conditions.sql(),
+        dir = direction(order),
+    );
+    let mut params = conditions.params;
+    params.push(limit_value(limit));
+    (sql, params)
+}
+
+/// The conditions of `filter`, with `window` (in µs of `seq`) in place of the filter's own.
+fn message_conditions(filter: &MessageFilter, window: (Option<i64>, Option<i64>)) -> Conditions {
     let mut conditions = Conditions::default();
     if let Some(language) = &filter.language {
         conditions.add("language = ?", [text(language.as_str())]);
@@ -1101,6 +1160,8 @@ fn message_conditions(filter: &MessageFilter) -> Conditions {
     if let Some(dialog_id) = &filter.dialog_id {
         conditions.add("dialog_id = ?", [text(dialog_id.as_str())]);
     }
+    // On the sort key itself, so that a range narrows the same index scan that orders the page.
+    conditions.add_window("seq", window);
     conditions
 }
 
@@ -1410,21 +1471,13 @@ impl Store for SqliteStore {
         order: ScanOrder,
         limit: usize,
     ) -> StoreResult<Vec<Dialog>> {
-        let (from, at, id, mut conditions) = dialog_source(filter);
-        conditions.add_range(at, id, range);
-        let sql = format!(
-            "SELECT {DIALOG_COLUMNS} FROM {from}{} ORDER BY {at} {dir}, {id} {dir} LIMIT ?",
-            conditions.sql(),
-            dir = direction(order),
-        );
-        let mut params = conditions.params;
-        params.push(limit_value(limit));
+        let (sql, params) = dialog_scan(filter, range, order, limit);
         self.with_connection(move |c| select(c, "scan dialogs", &sql, params, dialog_from_row))
             .await
     }
 
     async fn count_dialogs(&self, filter: &DialogFilter) -> StoreResult<u64> {
-        let (from, _, _, conditions) = dialog_source(filter);
+        let (from, _, _, conditions) = dialog_source(filter, filter.window.scaled(1));
         self.count(
             format!("SELECT count(*) FROM {from}{}", conditions.sql()),
             conditions.params,
@@ -1439,21 +1492,13 @@ impl Store for SqliteStore {
         order: ScanOrder,
         limit: usize,
     ) -> StoreResult<Vec<Message>> {
-        let mut conditions = message_conditions(filter);
-        conditions.add_range("seq", "id", range);
-        let sql = format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages{} ORDER BY seq {dir}, id {dir} LIMIT ?",
-            conditions.sql(),
-            dir = direction(order),
-        );
-        let mut params = conditions.params;
-        params.push(limit_value(limit));
+        let (sql, params) = message_scan(filter, range, order, limit);
         self.with_connection(move |c| select(c, "scan messages", &sql, params, message_from_row))
             .await
     }
 
     async fn count_messages(&self, filter: &MessageFilter) -> StoreResult<u64> {
-        let conditions = message_conditions(filter);
+        let conditions = message_conditions(filter, filter.window.scaled(1000));
         self.count(
             format!("SELECT count(*) FROM messages{}", conditions.sql()),
             conditions.params,
@@ -1506,6 +1551,93 @@ mod tests {
             .await
             .unwrap();
         store
+    }
+
+    /// Every listing, with any filter, time window and cursor bound, in either order, reads an index in its
+    /// order: no sort of the matching rows, so that a deep page or a narrow window costs what the first
+    /// page does.
+    #[tokio::test]
+    async fn every_listing_seeks_an_index_in_its_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = scratch_store(&dir).await;
+        let key = crate::paging::SortKey {
+            at: 5,
+            id: "x".into(),
+        };
+        let ranges = [
+            KeyRange::default(),
+            KeyRange {
+                older_than: Some(key.clone()),
+                newer_than: None,
+            },
+            KeyRange {
+                older_than: None,
+                newer_than: Some(key.clone()),
+            },
+        ];
+        let windows = [
+            crate::model::TimeWindow::default(),
+            crate::model::TimeWindow {
+                since: Some(1),
+                until: None,
+            },
+            crate::model::TimeWindow {
+                since: Some(1),
+                until: Some(9),
+            },
+        ];
+        let language = Some(Language::from_trusted("en".into()));
+        let customer_id = Some(CustomerId::from_trusted("c".into()));
+        let mut statements = Vec::new();
+        for window in windows {
+            for range in &ranges {
+                for order in [ScanOrder::NewestFirst, ScanOrder::OldestFirst] {
+                    for (language, customer_id) in [
+                        (None, None),
+                        (language.clone(), None),
+                        (None, customer_id.clone()),
+                        (language.clone(), customer_id.clone()),
+                    ] {
+                        let dialogs = DialogFilter {
+                            language: language.clone(),
+                            customer_id: customer_id.clone(),
+                            window,
+                        };
+                        statements.push(dialog_scan(&dialogs, range, order, 10));
+                        let messages = MessageFilter {
+                            language,
+                            customer_id,
+                            dialog_id: Some(DialogId::from_trusted("d".into())),
+                            window,
+                        };
+                        statements.push(message_scan(&messages, range, order, 10));
+                    }
+                }
+            }
+        }
+        let plans = store
+            .with_connection(move |c| {
+                let mut plans = Vec::new();
+                for (sql, params) in statements {
+                    let mut explain = c
+                        .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                        .map_err(sqlite_error("explain"))?;
+                    let steps: Vec<String> = explain
+                        .query_map(params_from_iter(params), |row| row.get::<_, String>(3))
+                        .and_then(|rows| rows.collect())
+                        .map_err(sqlite_error("explain"))?;
+                    plans.push((sql, steps.join(" / ")));
+                }
+                Ok(plans)
+            })
+            .await
+            .unwrap();
+        for (sql, plan) in plans {
+            assert!(
+                !plan.contains("TEMP B-TREE") && plan.contains("INDEX"),
+                "{sql}\n  {plan}"
+            );
+        }
     }
 
     /// A write that inserts `x`, counting its runs, then fails, panics or succeeds as `how` says.

@@ -82,6 +82,7 @@ mod graphiql;
 mod helpers;
 mod load;
 mod protection;
+mod reading;
 mod redis_access;
 mod redis_support;
 mod replicas;
