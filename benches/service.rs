@@ -889,6 +889,9 @@ async fn generate_paging_data(
             let mut language = tx.prepare("INSERT INTO dialog_languages (dialog_id, language, last_message_at) VALUES (?1, ?2, ?3)").unwrap();
             let mut consent = tx.prepare("INSERT INTO consents (dialog_id, customer_id, value, decided_at) VALUES (?1, ?2, 1, ?3)").unwrap();
             let base_seq = 1_790_000_000_000_000i64;
+            // One message every ~31.5 s: a million spread over a year, so that statistics by day have
+            // 365 days to group (and the year two clock changes in Europe/Berlin).
+            let step = 31_536_000_000_000 / (dialogs * per_dialog).max(1) as i64;
             let mut seq = base_seq;
             for d in 0..dialogs {
                 let id = format!("dialog-{d:06}");
@@ -896,7 +899,7 @@ async fn generate_paging_data(
                 let first_at = seq / 1000;
                 let mut used = std::collections::BTreeSet::new();
                 for m in 0..per_dialog {
-                    seq += 997;
+                    seq += step;
                     let lang = LANGUAGES[(d + m) % LANGUAGES.len()];
                     used.insert(lang);
                     let message_id = uuid::Uuid::now_v7().to_string();
@@ -1036,10 +1039,74 @@ async fn paging_benchmark(settings: &Settings, rows: &mut Vec<Row>) {
         }
     }
 
+    // Statistics (issue 11): by language and day over every message, against the same GROUP BY written by
+    // hand and run on the same file (read-only, outside the service), alternating.
+    let stats_query = json!({ "query": "{ stats(groupBy: [LANGUAGE], bucket: DAY) { language bucketStart messageCount dialogCount } }" });
+    let berlin_query = json!({ "query": "{ stats(groupBy: [LANGUAGE], bucket: DAY, timeZone: \"Europe/Berlin\") { language bucketStart messageCount dialogCount } }" });
+    let hand_written = "SELECT language, date(created_at / 1000, 'unixepoch'), count(*), count(DISTINCT dialog_id) \
+                        FROM messages GROUP BY 1, 2 ORDER BY 1, 2";
+    let reader = Connection::open_with_flags(
+        &database,
+        deadpool_sqlite::rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let stats_repeat = if settings.seconds < 3.0 { 3 } else { 7 };
+    let (mut service_times, mut sql_times, mut berlin_times) = (Vec::new(), Vec::new(), Vec::new());
+    let mut groups = 0;
+    for _ in 0..stats_repeat {
+        let started = Instant::now();
+        let answer = post(&client, &url, &stats_query).await;
+        service_times.push(started.elapsed().as_secs_f64() * 1000.0);
+        groups = answer["data"]["stats"].as_array().unwrap().len();
+        let started = Instant::now();
+        let rows: usize = {
+            let mut statement = reader.prepare_cached(hand_written).unwrap();
+            statement.query_map([], |_| Ok(())).unwrap().count()
+        };
+        sql_times.push(started.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(
+            rows, groups,
+            "the service and the hand-written query agree on the groups"
+        );
+        let started = Instant::now();
+        post(&client, &url, &berlin_query).await;
+        berlin_times.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    let median = |mut times: Vec<f64>| {
+        times.sort_by(f64::total_cmp);
+        times[times.len() / 2]
+    };
+    let (service_ms, sql_ms, berlin_ms) = (
+        median(service_times),
+        median(sql_times),
+        median(berlin_times),
+    );
+    println!(
+        "  stats by language and day: service {service_ms:.0} ms (Europe/Berlin {berlin_ms:.0} ms), hand-written GROUP BY {sql_ms:.0} ms, {groups} groups"
+    );
+
     let label = format!(
         "{} dialogs / {total_messages} messages, SQLite",
         settings.paging_dialogs
     );
+    rows.push(row(
+        &format!("`stats(groupBy: [LANGUAGE], bucket: DAY)` over every message ({groups} groups), {label}: service / hand-written `GROUP BY` on the same file"),
+        format!(
+            "{:.2}x ({service_ms:.0} ms / {sql_ms:.0} ms, median of {stats_repeat})",
+            service_ms / sql_ms
+        ),
+        "<= 1.5x",
+        Some(service_ms / sql_ms <= 1.5),
+    ));
+    rows.push(row(
+        "the same statistics in `Europe/Berlin` (two clock changes in the year)",
+        format!(
+            "{berlin_ms:.0} ms ({:.2}x the hand-written UTC query)",
+            berlin_ms / sql_ms
+        ),
+        "reported",
+        None,
+    ));
     for (list, order, first_ms, deep_ms) in ranged {
         let what = if list == "dialogs" {
             "`dialogs(first: 100)` with messages"

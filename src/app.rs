@@ -146,6 +146,7 @@ impl Application {
             max_query_complexity: config.limits.max_query_complexity,
             max_store_calls: config.limits.max_store_calls,
             max_loaded_messages: config.limits.max_loaded_messages,
+            max_stats_groups: config.limits.max_stats_groups,
         };
         let executor = Arc::new(Executor::new(
             service.clone(),

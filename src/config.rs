@@ -87,6 +87,8 @@ pub struct LimitsConfig {
     pub max_store_calls: usize,
     /// Messages one request's `Dialog.messages` fields may load together.
     pub max_loaded_messages: usize,
+    /// Groups one `stats` or `consentStats` field may return.
+    pub max_stats_groups: usize,
     /// Bytes of one operation's answer.
     pub max_response_bytes: usize,
 }
@@ -144,6 +146,7 @@ impl Default for Config {
                 max_query_complexity: 50_000,
                 max_store_calls: 50,
                 max_loaded_messages: 20_000,
+                max_stats_groups: 10_000,
                 max_response_bytes: 16 * 1024 * 1024,
             },
             buffer: BufferConfig {
@@ -344,6 +347,7 @@ impl Config {
                 d.max_loaded_messages,
                 1..=10_000_000,
             )?,
+            max_stats_groups: number("MAX_STATS_GROUPS", d.max_stats_groups, 1..=1_000_000)?,
             max_response_bytes: number(
                 "MAX_RESPONSE_BYTES",
                 d.max_response_bytes,
@@ -601,12 +605,24 @@ mod tests {
             config(&[("MAX_RESPONSE_BYTES", "10")]).unwrap_err().name,
             "MAX_RESPONSE_BYTES"
         );
-        let limits = config(&[("MAX_LOADED_MESSAGES", "500"), ("MAX_STORE_CALLS", "7")])
-            .unwrap()
-            .limits;
+        let limits = config(&[
+            ("MAX_LOADED_MESSAGES", "500"),
+            ("MAX_STORE_CALLS", "7"),
+            ("MAX_STATS_GROUPS", "30"),
+        ])
+        .unwrap()
+        .limits;
         assert_eq!(
-            (limits.max_loaded_messages, limits.max_store_calls),
-            (500, 7)
+            (
+                limits.max_loaded_messages,
+                limits.max_store_calls,
+                limits.max_stats_groups
+            ),
+            (500, 7, 30)
+        );
+        assert_eq!(
+            config(&[("MAX_STATS_GROUPS", "0")]).unwrap_err().name,
+            "MAX_STATS_GROUPS"
         );
         let missing = config(&[("API_KEYS_FILE", "/nonexistent/keys")]).unwrap_err();
         assert_eq!(missing.name, "API_KEYS_FILE");

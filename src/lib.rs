@@ -24,5 +24,6 @@ pub mod probe;
 pub mod rest;
 pub mod schema;
 pub mod service;
+pub mod stats;
 pub mod store;
 pub mod variables;

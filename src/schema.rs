@@ -9,8 +9,8 @@ use async_graphql::connection::{Connection, Edge};
 use async_graphql::dataloader::{DataLoader, HashMapCache, Loader};
 use async_graphql::{
     Context, EmptySubscription, Enum, ErrorExtensions, ID, InputObject, InputValueError,
-    InputValueResult, Object, Result, Scalar, ScalarType, Schema, SchemaBuilder, ValidationMode,
-    Value,
+    InputValueResult, Object, Result, Scalar, ScalarType, Schema, SchemaBuilder, SimpleObject,
+    ValidationMode, Value,
 };
 
 use crate::auth::{Caller, Permission};
@@ -37,6 +37,8 @@ pub struct Limits {
     pub max_store_calls: usize,
     /// Messages one request's `Dialog.messages` fields may load together.
     pub max_loaded_messages: usize,
+    /// Groups one statistics field may return.
+    pub max_stats_groups: usize,
 }
 
 /// What a request's queries may still ask of the database, shared by every operation of a batch:
@@ -65,9 +67,17 @@ impl RequestAllowance {
 
     /// Takes one call from the allowance, or refuses the field.
     fn spend(&self) -> Result<()> {
+        self.spend_many(1)
+    }
+
+    /// Takes `calls` calls from the allowance (a query that reads every matching row counts as several), or
+    /// refuses the field.
+    fn spend_many(&self, calls: usize) -> Result<()> {
         use std::sync::atomic::Ordering;
         self.store_calls
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| left.checked_sub(1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                left.checked_sub(calls)
+            })
             .map(|_| ())
             .map_err(|_| {
                 async_graphql::Error::new(format!(
@@ -753,6 +763,176 @@ impl QueryRoot {
             MessageListTotals(filter),
         ))
     }
+
+    /// Counts of stored messages and of their dialogs, computed by the database, over the same filter and
+    /// time range as `messages`; grouped by `groupBy` (language, customer) and by a time `bucket` in
+    /// `timeZone` (an IANA name, UTC when null; buckets start at local midnight, on Monday for weeks, on
+    /// the 1st for months). Groups come sorted by language, customer, then time; without any grouping, one group of
+    /// totals. At most MAX_STATS_GROUPS groups (10000 by default).
+    #[graphql(guard = "require(Permission::Read)")]
+    async fn stats(
+        &self,
+        ctx: &Context<'_>,
+        filter: Option<MessageFilter>,
+        group_by: Option<Vec<StatsDimension>>,
+        bucket: Option<TimeBucket>,
+        time_zone: Option<String>,
+    ) -> Result<Vec<StatsGroup>> {
+        let limits = data::<Limits>(ctx)?;
+        let filter = filter.unwrap_or_default().parse()?;
+        let group_by = group_by.unwrap_or_default();
+        let grouping = crate::stats::Grouping {
+            language: group_by.contains(&StatsDimension::Language),
+            customer: group_by.contains(&StatsDimension::Customer),
+            buckets: stats_buckets(bucket, time_zone.as_deref())?,
+        };
+        data::<RequestAllowance>(ctx)?.spend_many(STATS_STORE_CALLS)?;
+        let groups = service(ctx)?
+            .message_stats(&filter, &grouping, limits.max_stats_groups + 1)
+            .await?;
+        if groups.len() > limits.max_stats_groups {
+            return Err(stats_groups_refused(limits.max_stats_groups));
+        }
+        Ok(groups
+            .into_iter()
+            .map(|group| StatsGroup {
+                language: group.language.map(|language| language.to_string()),
+                customer_id: group.customer_id.map(|id| ID(id.to_string())),
+                bucket_start: group.bucket.map(DateTime),
+                message_count: group.messages,
+                dialog_count: group.dialogs,
+            })
+            .collect())
+    }
+
+    /// Consent decisions per time `bucket` in `timeZone` (UTC when null; or in all, without `bucket`), from
+    /// the recorded
+    /// history of every dialog's decision, so that a consent rate survives restarts: decisions `true`,
+    /// refusals, and withdrawals. Erased customers' decisions are gone from it. At most MAX_STATS_GROUPS
+    /// buckets, oldest first.
+    #[graphql(guard = "require(Permission::Read)")]
+    async fn consent_stats(
+        &self,
+        ctx: &Context<'_>,
+        filter: Option<ConsentStatsFilter>,
+        bucket: Option<TimeBucket>,
+        time_zone: Option<String>,
+    ) -> Result<Vec<ConsentStatsGroup>> {
+        let limits = data::<Limits>(ctx)?;
+        let filter = filter.unwrap_or_default();
+        let filter = store::ConsentFilter {
+            customer_id: parse_field(filter.customer_id, "filter.customerId", CustomerId::parse)?,
+            window: TimeWindow::parse(
+                filter.since.map(|time| time.0),
+                filter.until.map(|time| time.0),
+                "filter.until",
+            )?,
+        };
+        let buckets = stats_buckets(bucket, time_zone.as_deref())?;
+        data::<RequestAllowance>(ctx)?.spend_many(STATS_STORE_CALLS)?;
+        let groups = service(ctx)?
+            .consent_stats(&filter, buckets.as_ref(), limits.max_stats_groups + 1)
+            .await?;
+        if groups.len() > limits.max_stats_groups {
+            return Err(stats_groups_refused(limits.max_stats_groups));
+        }
+        Ok(groups
+            .into_iter()
+            .map(|group| ConsentStatsGroup {
+                bucket_start: group.bucket.map(DateTime),
+                granted: group.granted,
+                refused: group.refused,
+                withdrawn: group.withdrawn,
+            })
+            .collect())
+    }
+}
+
+/// What the statistics of messages are grouped by, besides a time bucket.
+#[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatsDimension {
+    Language,
+    Customer,
+}
+
+/// The length of a time bucket, in the query's time zone; weeks start on Monday.
+#[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimeBucket {
+    Hour,
+    Day,
+    Week,
+    Month,
+}
+
+impl From<TimeBucket> for crate::stats::BucketUnit {
+    fn from(bucket: TimeBucket) -> Self {
+        match bucket {
+            TimeBucket::Hour => Self::Hour,
+            TimeBucket::Day => Self::Day,
+            TimeBucket::Week => Self::Week,
+            TimeBucket::Month => Self::Month,
+        }
+    }
+}
+
+/// One group of `stats`: the values it is grouped by (null for a dimension not grouped by) and its counts.
+#[derive(SimpleObject)]
+pub struct StatsGroup {
+    language: Option<String>,
+    customer_id: Option<ID>,
+    /// When the time bucket starts (its local start in the query's time zone).
+    bucket_start: Option<DateTime>,
+    /// Stored messages.
+    message_count: u64,
+    /// Distinct dialogs among the group's messages (a dialog spanning two buckets counts in both).
+    dialog_count: u64,
+}
+
+/// Which consent decisions `consentStats` counts; the fields combine with AND.
+#[derive(InputObject, Default)]
+pub struct ConsentStatsFilter {
+    pub customer_id: Option<ID>,
+    /// Decisions made at or after this time.
+    pub since: Option<DateTime>,
+    /// Decisions made before this time (exclusive), which must be later than `since`.
+    pub until: Option<DateTime>,
+}
+
+/// Consent decisions of one time bucket (or of the whole period without `bucket`).
+#[derive(SimpleObject)]
+pub struct ConsentStatsGroup {
+    bucket_start: Option<DateTime>,
+    /// Decisions `true`: first ones, and consent given again after a withdrawal.
+    granted: u64,
+    /// Decisions `false` for dialogs that never had consent.
+    refused: u64,
+    /// Decisions `false` that took a consent back (withdrawals).
+    withdrawn: u64,
+}
+
+/// A statistics query reads every matching row: it counts as this many store calls of the request's
+/// MAX_STORE_CALLS, and a document that holds one runs on the lane for expensive documents.
+const STATS_STORE_CALLS: usize = 5;
+
+/// Past MAX_STATS_GROUPS groups, a statistics query is refused with the advice to narrow it.
+fn stats_groups_refused(limit: usize) -> async_graphql::Error {
+    async_graphql::Error::new(format!(
+        "the statistics have more than {limit} groups (MAX_STATS_GROUPS): narrow the filter (a time range, a \
+         language, a customer), use a longer time bucket, or group by fewer dimensions"
+    ))
+    .extend_with(|_, extensions| extensions.set("code", "RESPONSE_TOO_LARGE"))
+}
+
+/// Reads the buckets of a statistics query; the zone is UTC unless named.
+fn stats_buckets(
+    bucket: Option<TimeBucket>,
+    time_zone: Option<&str>,
+) -> Result<Option<crate::stats::Buckets>, ApiError> {
+    let zone = crate::stats::Buckets::parse_zone("timeZone", time_zone.unwrap_or("UTC"))?;
+    Ok(bucket.map(|unit| crate::stats::Buckets {
+        unit: unit.into(),
+        zone,
+    }))
 }
 
 /// The mutation root: the ingest operations and the privacy operations.

@@ -833,6 +833,24 @@ impl DialogService {
         Ok(self.store.count_messages(filter).await?)
     }
 
+    pub async fn message_stats(
+        &self,
+        filter: &MessageFilter,
+        grouping: &crate::stats::Grouping,
+        limit: usize,
+    ) -> Result<Vec<crate::stats::MessageStats>, ApiError> {
+        Ok(self.store.message_stats(filter, grouping, limit).await?)
+    }
+
+    pub async fn consent_stats(
+        &self,
+        filter: &crate::store::ConsentFilter,
+        buckets: Option<&crate::stats::Buckets>,
+        limit: usize,
+    ) -> Result<Vec<crate::stats::ConsentStats>, ApiError> {
+        Ok(self.store.consent_stats(filter, buckets, limit).await?)
+    }
+
     pub async fn messages_of_dialogs(
         &self,
         dialog_ids: &[DialogId],

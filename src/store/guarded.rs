@@ -16,12 +16,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::{
-    Appended, Decision, DecisionWritten, DialogFilter, Erased, ErasureAudit, MessageFilter,
-    SharedStore, Store, StoreError, StoreResult,
+    Appended, ConsentFilter, Decision, DecisionWritten, DialogFilter, Erased, ErasureAudit,
+    MessageFilter, SharedStore, Store, StoreError, StoreResult,
 };
 use crate::metrics::Metrics;
 use crate::model::{ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Message};
 use crate::paging::{KeyRange, ScanOrder};
+use crate::stats::{Buckets, ConsentStats, Grouping, MessageStats};
 
 pub struct GuardedStore {
     inner: SharedStore,
@@ -211,6 +212,32 @@ impl Store for GuardedStore {
     async fn count_messages(&self, filter: &MessageFilter) -> StoreResult<u64> {
         self.call("count_messages", self.inner.count_messages(filter))
             .await
+    }
+
+    async fn message_stats(
+        &self,
+        filter: &MessageFilter,
+        grouping: &Grouping,
+        limit: usize,
+    ) -> StoreResult<Vec<MessageStats>> {
+        self.call(
+            "message_stats",
+            self.inner.message_stats(filter, grouping, limit),
+        )
+        .await
+    }
+
+    async fn consent_stats(
+        &self,
+        filter: &ConsentFilter,
+        buckets: Option<&Buckets>,
+        limit: usize,
+    ) -> StoreResult<Vec<ConsentStats>> {
+        self.call(
+            "consent_stats",
+            self.inner.consent_stats(filter, buckets, limit),
+        )
+        .await
     }
 
     async fn messages_of_dialogs(

@@ -15,6 +15,7 @@ use crate::model::{
 };
 pub use crate::model::{Erased, ErasureAudit, TimeWindow};
 use crate::paging::{KeyRange, ScanOrder, SortKey};
+use crate::stats::{Buckets, ConsentStats, Grouping, MessageStats};
 
 pub mod guarded;
 pub mod mongo;
@@ -85,6 +86,14 @@ pub struct MessageFilter {
     pub customer_id: Option<CustomerId>,
     pub dialog_id: Option<DialogId>,
     /// Messages accepted in this window.
+    pub window: TimeWindow,
+}
+
+/// Which consent decisions the consent statistics count; set fields combine with AND.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConsentFilter {
+    pub customer_id: Option<CustomerId>,
+    /// Decisions made in this window.
     pub window: TimeWindow,
 }
 
@@ -243,6 +252,24 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<Message>>;
 
     async fn count_messages(&self, filter: &MessageFilter) -> StoreResult<u64>;
+
+    /// Stored messages matching `filter`, and their distinct dialogs, counted per group of `grouping`
+    /// (one query), ordered by group; at most `limit` groups.
+    async fn message_stats(
+        &self,
+        filter: &MessageFilter,
+        grouping: &Grouping,
+        limit: usize,
+    ) -> StoreResult<Vec<MessageStats>>;
+
+    /// Consent decisions matching `filter`, counted per time bucket (or in all without `buckets`), in time
+    /// order; at most `limit` buckets. Counts the changes of decision each dialog's history holds.
+    async fn consent_stats(
+        &self,
+        filter: &ConsentFilter,
+        buckets: Option<&Buckets>,
+        limit: usize,
+    ) -> StoreResult<Vec<ConsentStats>>;
 
     /// The messages of many dialogs at once (one round trip), each dialog's oldest first; at most `limit`
     /// of them (callers ask for one more than they accept, to tell that there were more).

@@ -20,7 +20,7 @@ use mongodb::{Client, ClientSession, Collection, IndexModel};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Appended, Decision, DecisionWritten, DialogFilter, Erased, ErasureAudit,
+    Appended, ConsentFilter, Decision, DecisionWritten, DialogFilter, Erased, ErasureAudit,
     MAX_DIALOGS_PER_ERASE_BATCH, MessageFilter, Store, StoreError, StoreResult,
 };
 use crate::model::{
@@ -28,6 +28,7 @@ use crate::model::{
     Message, MessageText,
 };
 use crate::paging::{KeyRange, ScanOrder};
+use crate::stats::{Buckets, ConsentStats, Grouping, MessageStats};
 
 /// How often a transaction that failed with a transient error (a write conflict, a failover) is retried.
 const TRANSACTION_ATTEMPTS: usize = 5;
@@ -198,6 +199,26 @@ fn window_filter(
         bounds.insert("$lt", at_value(until));
     }
     (!bounds.is_empty()).then(|| doc! { at_field: bounds })
+}
+
+/// `$dateTrunc` of a date field into `buckets` (weeks start on Monday).
+fn date_trunc(field: &str, buckets: &Buckets) -> Bson {
+    Bson::Document(doc! { "$dateTrunc": {
+        "date": field,
+        "unit": buckets.unit.mongo_name(),
+        "timezone": buckets.zone.name(),
+        "startOfWeek": "monday",
+    } })
+}
+
+/// A count in an aggregation's answer, whichever number type the server chose.
+fn count(row: &Document, field: &str) -> u64 {
+    match row.get(field) {
+        Some(Bson::Int32(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(Bson::Int64(n)) => u64::try_from(*n).unwrap_or(0),
+        Some(Bson::Double(n)) => *n as u64,
+        _ => 0,
+    }
 }
 
 fn and(mut clauses: Vec<Document>) -> Document {
@@ -1044,6 +1065,122 @@ impl Store for MongoStore {
             .count_documents(message_query(filter, &KeyRange::default()))
             .await
             .map_err(mongo_error("count messages"))
+    }
+
+    async fn message_stats(
+        &self,
+        filter: &MessageFilter,
+        grouping: &Grouping,
+        limit: usize,
+    ) -> StoreResult<Vec<MessageStats>> {
+        let mut key = Document::new();
+        if grouping.language {
+            key.insert("l", "$language");
+        }
+        if grouping.customer {
+            key.insert("c", "$customerId");
+        }
+        if let Some(buckets) = &grouping.buckets {
+            key.insert("b", date_trunc("$createdAt", buckets));
+        }
+        // First per dialog within each group, then per group: the dialogs are counted without keeping
+        // their ids in memory.
+        let mut per_dialog = key.clone();
+        per_dialog.insert("d", "$dialogId");
+        let mut group = Document::new();
+        for field in key.keys() {
+            group.insert(field.as_str(), format!("$_id.{field}"));
+        }
+        let pipeline = [
+            doc! { "$match": message_query(filter, &KeyRange::default()) },
+            doc! { "$group": { "_id": per_dialog, "n": { "$sum": 1 } } },
+            doc! { "$group": { "_id": group, "messages": { "$sum": "$n" }, "dialogs": { "$sum": 1 } } },
+            doc! { "$sort": { "_id": 1 } },
+            doc! { "$limit": i64::try_from(limit).unwrap_or(i64::MAX) },
+        ];
+        let rows: Vec<Document> = self
+            .messages
+            .aggregate(pipeline)
+            .await
+            .map_err(mongo_error("message statistics"))?
+            .try_collect()
+            .await
+            .map_err(mongo_error("message statistics"))?;
+        rows.into_iter()
+            .map(|row| {
+                let key = row.get_document("_id").cloned().unwrap_or_default();
+                Ok(MessageStats {
+                    language: key
+                        .get_str("l")
+                        .ok()
+                        .map(|l| Language::from_trusted(l.to_owned())),
+                    customer_id: key
+                        .get_str("c")
+                        .ok()
+                        .map(|c| CustomerId::from_trusted(c.to_owned())),
+                    bucket: key.get_datetime("b").ok().map(|b| b.timestamp_millis()),
+                    messages: count(&row, "messages"),
+                    dialogs: count(&row, "dialogs"),
+                })
+            })
+            .collect()
+    }
+
+    async fn consent_stats(
+        &self,
+        filter: &ConsentFilter,
+        buckets: Option<&Buckets>,
+        limit: usize,
+    ) -> StoreResult<Vec<ConsentStats>> {
+        let mut matched = Document::new();
+        if let Some(customer_id) = &filter.customer_id {
+            matched.insert("customerId", customer_id.as_str());
+        }
+        let bucket = match buckets {
+            Some(buckets) => date_trunc("$cur.decidedAt", buckets),
+            None => Bson::Null,
+        };
+        let is_false = doc! { "$eq": ["$cur.value", false] };
+        let after_true = doc! { "$eq": ["$prev.value", true] };
+        let pipeline = [
+            doc! { "$match": matched },
+            // Each change of decision with the one before it: a `false` after a `true` is a withdrawal.
+            doc! { "$project": { "pairs": { "$zip": {
+                "inputs": ["$history", { "$concatArrays": [[Bson::Null], "$history"] }],
+            } } } },
+            doc! { "$unwind": "$pairs" },
+            doc! { "$project": {
+                "cur": { "$arrayElemAt": ["$pairs", 0] },
+                "prev": { "$arrayElemAt": ["$pairs", 1] },
+            } },
+            doc! { "$match": and(window_filter("cur.decidedAt", filter.window.scaled(1), date).into_iter().collect()) },
+            doc! { "$group": {
+                "_id": bucket,
+                "granted": { "$sum": { "$cond": [{ "$eq": ["$cur.value", true] }, 1, 0] } },
+                "refused": { "$sum": { "$cond": [{ "$and": [is_false.clone(), { "$not": [after_true.clone()] }] }, 1, 0] } },
+                "withdrawn": { "$sum": { "$cond": [{ "$and": [is_false, after_true] }, 1, 0] } },
+            } },
+            doc! { "$sort": { "_id": 1 } },
+            doc! { "$limit": i64::try_from(limit).unwrap_or(i64::MAX) },
+        ];
+        let rows: Vec<Document> = self
+            .consents
+            .clone_with_type::<Document>()
+            .aggregate(pipeline)
+            .await
+            .map_err(mongo_error("consent statistics"))?
+            .try_collect()
+            .await
+            .map_err(mongo_error("consent statistics"))?;
+        Ok(rows
+            .into_iter()
+            .map(|row| ConsentStats {
+                bucket: row.get_datetime("_id").ok().map(|b| b.timestamp_millis()),
+                granted: count(&row, "granted"),
+                refused: count(&row, "refused"),
+                withdrawn: count(&row, "withdrawn"),
+            })
+            .collect())
     }
 
     async fn messages_of_dialogs(

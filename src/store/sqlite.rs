@@ -17,7 +17,7 @@ use deadpool_sqlite::rusqlite::{
 };
 
 use super::{
-    Appended, Decision, DecisionWritten, DialogFilter, Erased, ErasureAudit,
+    Appended, ConsentFilter, Decision, DecisionWritten, DialogFilter, Erased, ErasureAudit,
     MAX_DIALOGS_PER_ERASE_BATCH, MessageFilter, Store, StoreError, StoreResult, scan_bounds,
 };
 use crate::clock::now_millis;
@@ -26,6 +26,7 @@ use crate::model::{
     Message, MessageText,
 };
 use crate::paging::{KeyRange, ScanOrder};
+use crate::stats::{BucketUnit, Buckets, ConsentStats, Grouping, MessageStats};
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS consents (
@@ -1165,6 +1166,71 @@ fn message_conditions(filter: &MessageFilter, window: (Option<i64>, Option<i64>)
     conditions
 }
 
+/// A column's local time in a zone, as SQL: `local_ms` (the column plus the zone's offset) and
+/// `offset_ms`, both with the parameters of the offset expression (`params`, once per use).
+struct LocalTime {
+    local_ms: String,
+    offset_ms: String,
+    params: Vec<Value>,
+}
+
+/// The zone's offsets over the period the rows can span (the window, or else the table's first and last
+/// rows: two index look-ups), as one CASE expression on `column` (ms since the epoch). SQLite has no zone
+/// database; a zone changes its offset a few times a year, so the expression stays short.
+fn local_time(
+    c: &Connection,
+    buckets: &Buckets,
+    period_sql: &str,
+    column: &str,
+    window: crate::model::TimeWindow,
+) -> StoreResult<LocalTime> {
+    let (first, last): (Option<i64>, Option<i64>) = c
+        .query_row(period_sql, [], |row| Ok((row.get(0)?, row.get(1)?)))
+        .map_err(sqlite_error("statistics period"))?;
+    let from = window.since.or(first).unwrap_or(0);
+    let to = window.until.or(last).unwrap_or(from).max(from);
+    let segments = crate::stats::offsets(buckets.zone, from, to);
+    let mut case = String::from("CASE");
+    let mut params = Vec::new();
+    for (since, _) in segments.iter().skip(1) {
+        case.push_str(&format!(" WHEN {column} < ? THEN ?"));
+        params.push(Value::Integer(*since));
+        params.push(Value::Null);
+    }
+    // Each WHEN's value is the offset before its change; the last offset holds after.
+    for (n, (_, offset)) in segments.iter().enumerate().take(segments.len() - 1) {
+        params[n * 2 + 1] = Value::Integer(*offset);
+    }
+    let last_offset = segments.last().map_or(0, |(_, offset)| *offset);
+    case.push_str(&format!(" ELSE {last_offset} END"));
+    let offset_ms = if segments.len() == 1 {
+        last_offset.to_string()
+    } else {
+        format!("({case})")
+    };
+    Ok(LocalTime {
+        local_ms: format!("({column} + {offset_ms})"),
+        offset_ms,
+        params: if segments.len() == 1 {
+            Vec::new()
+        } else {
+            params
+        },
+    })
+}
+
+/// The label of the local bucket a local time (ms) falls in, as [`Buckets::start_of`] reads it.
+fn bucket_label(unit: BucketUnit, local_ms: &str) -> String {
+    let seconds = format!("{local_ms} / 1000, 'unixepoch'");
+    match unit {
+        BucketUnit::Hour => format!("strftime('%Y-%m-%dT%H:00:00', {seconds})"),
+        BucketUnit::Day => format!("date({seconds})"),
+        // The Monday on or before the day.
+        BucketUnit::Week => format!("date({seconds}, '-6 days', 'weekday 1')"),
+        BucketUnit::Month => format!("strftime('%Y-%m-01', {seconds})"),
+    }
+}
+
 /// Runs a query on `c` and maps every row.
 fn select<T>(
     c: &Connection,
@@ -1503,6 +1569,205 @@ impl Store for SqliteStore {
             format!("SELECT count(*) FROM messages{}", conditions.sql()),
             conditions.params,
         )
+        .await
+    }
+
+    async fn message_stats(
+        &self,
+        filter: &MessageFilter,
+        grouping: &Grouping,
+        limit: usize,
+    ) -> StoreResult<Vec<MessageStats>> {
+        let filter = filter.clone();
+        let grouping = *grouping;
+        self.with_connection(move |c| {
+            let bucket = match grouping.buckets {
+                Some(buckets) => Some((
+                    buckets,
+                    // By `seq`, whose index answers min and max at once (µs, so /1000).
+                    local_time(
+                        c,
+                        &buckets,
+                        "SELECT (SELECT min(seq) FROM messages) / 1000, \
+                                (SELECT max(seq) FROM messages) / 1000",
+                        "created_at",
+                        filter.window,
+                    )?,
+                )),
+                None => None,
+            };
+            let conditions = message_conditions(&filter, filter.window.scaled(1000));
+            let mut columns = vec![
+                if grouping.language {
+                    "language"
+                } else {
+                    "NULL"
+                }
+                .to_owned(),
+                if grouping.customer {
+                    "customer_id"
+                } else {
+                    "NULL"
+                }
+                .to_owned(),
+            ];
+            let mut params = conditions.params.clone();
+            match &bucket {
+                Some((buckets, local)) => {
+                    columns.push(bucket_label(buckets.unit, &local.local_ms));
+                    columns.push(if buckets.unit == BucketUnit::Hour {
+                        local.offset_ms.clone()
+                    } else {
+                        "0".to_owned()
+                    });
+                    // The offset expression appears in each of the two columns.
+                    let repeats = if buckets.unit == BucketUnit::Hour {
+                        2
+                    } else {
+                        1
+                    };
+                    let mut offset_params = Vec::new();
+                    for _ in 0..repeats {
+                        offset_params.extend(local.params.iter().cloned());
+                    }
+                    offset_params.extend(params);
+                    params = offset_params;
+                }
+                None => columns.extend(["NULL".to_owned(), "0".to_owned()]),
+            }
+            // In time order: a local hour that repeats comes first with the larger offset.
+            let sql = format!(
+                "SELECT {columns}, count(*), count(DISTINCT dialog_id) FROM messages{where_} \
+                 GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4 DESC LIMIT ?",
+                columns = columns.join(", "),
+                where_ = conditions.sql(),
+            );
+            params.push(limit_value(limit));
+            let rows = select(c, "message statistics", &sql, params, |row| {
+                Ok((
+                    row.get::<_, Option<String>>(0)?,
+                    row.get::<_, Option<String>>(1)?,
+                    row.get::<_, Option<String>>(2)?,
+                    row.get::<_, i64>(3)?,
+                    row.get::<_, i64>(4)?,
+                    row.get::<_, i64>(5)?,
+                ))
+            })?;
+            rows.into_iter()
+                .map(|(language, customer, label, offset, messages, dialogs)| {
+                    let bucket = match (&bucket, label) {
+                        (Some((buckets, _)), Some(label)) => {
+                            Some(buckets.start_of(&label, offset).ok_or_else(|| {
+                                StoreError(format!("message statistics: bucket label {label:?}"))
+                            })?)
+                        }
+                        _ => None,
+                    };
+                    Ok(MessageStats {
+                        language: language.map(Language::from_trusted),
+                        customer_id: customer.map(CustomerId::from_trusted),
+                        bucket,
+                        messages: messages as u64,
+                        dialogs: dialogs as u64,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn consent_stats(
+        &self,
+        filter: &ConsentFilter,
+        buckets: Option<&Buckets>,
+        limit: usize,
+    ) -> StoreResult<Vec<ConsentStats>> {
+        let filter = filter.clone();
+        let buckets = buckets.copied();
+        self.with_connection(move |c| {
+            // Each change of decision, with the one before it (a `false` after a `true` is a withdrawal).
+            let mut inner = Conditions::default();
+            if let Some(customer_id) = &filter.customer_id {
+                inner.add("c.customer_id = ?", [text(customer_id.as_str())]);
+            }
+            let changes = format!(
+                "SELECT e.value AS value, e.decided_at AS decided_at, \
+                        lag(e.value) OVER (PARTITION BY e.dialog_id ORDER BY e.id) AS previous \
+                 FROM consent_events e JOIN consents c ON c.dialog_id = e.dialog_id{}",
+                inner.sql()
+            );
+            let mut outer = Conditions::default();
+            outer.add_window("decided_at", filter.window.scaled(1));
+            let mut params = inner.params;
+            let (label, offset) = match &buckets {
+                Some(buckets) => {
+                    let local = local_time(
+                        c,
+                        buckets,
+                        "SELECT min(decided_at), max(decided_at) FROM consent_events",
+                        "decided_at",
+                        filter.window,
+                    )?;
+                    let label = bucket_label(buckets.unit, &local.local_ms);
+                    let offset = if buckets.unit == BucketUnit::Hour {
+                        local.offset_ms.clone()
+                    } else {
+                        "0".to_owned()
+                    };
+                    let repeats = if buckets.unit == BucketUnit::Hour {
+                        2
+                    } else {
+                        1
+                    };
+                    let mut offset_params = Vec::new();
+                    for _ in 0..repeats {
+                        offset_params.extend(local.params.iter().cloned());
+                    }
+                    offset_params.extend(params);
+                    params = offset_params;
+                    (label, offset)
+                }
+                None => ("NULL".to_owned(), "0".to_owned()),
+            };
+            params.extend(outer.params.iter().cloned());
+            params.push(limit_value(limit));
+            let sql = format!(
+                "SELECT {label}, {offset}, \
+                        sum(value = 1), sum(value = 0 AND coalesce(previous, 0) = 0), \
+                        sum(value = 0 AND previous = 1) \
+                 FROM ({changes}){where_} GROUP BY 1, 2 ORDER BY 1, 2 DESC LIMIT ?",
+                where_ = outer.sql(),
+            );
+            let rows = select(c, "consent statistics", &sql, params, |row| {
+                Ok((
+                    row.get::<_, Option<String>>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, Option<i64>>(2)?,
+                    row.get::<_, Option<i64>>(3)?,
+                    row.get::<_, Option<i64>>(4)?,
+                ))
+            })?;
+            rows.into_iter()
+                // Without buckets, no decision at all is one row of NULL sums: no group.
+                .filter(|(_, _, granted, _, _)| granted.is_some())
+                .map(|(label, offset, granted, refused, withdrawn)| {
+                    let bucket = match (&buckets, label) {
+                        (Some(buckets), Some(label)) => {
+                            Some(buckets.start_of(&label, offset).ok_or_else(|| {
+                                StoreError(format!("consent statistics: bucket label {label:?}"))
+                            })?)
+                        }
+                        _ => None,
+                    };
+                    Ok(ConsentStats {
+                        bucket,
+                        granted: granted.unwrap_or(0) as u64,
+                        refused: refused.unwrap_or(0) as u64,
+                        withdrawn: withdrawn.unwrap_or(0) as u64,
+                    })
+                })
+                .collect()
+        })
         .await
     }
 

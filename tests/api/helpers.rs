@@ -312,6 +312,26 @@ impl Store for InstrumentedStore {
         self.inner.count_messages(filter).await
     }
 
+    async fn message_stats(
+        &self,
+        filter: &MessageFilter,
+        grouping: &dataapi::stats::Grouping,
+        limit: usize,
+    ) -> StoreResult<Vec<dataapi::stats::MessageStats>> {
+        self.enter("message_stats").await?;
+        self.inner.message_stats(filter, grouping, limit).await
+    }
+
+    async fn consent_stats(
+        &self,
+        filter: &dataapi::store::ConsentFilter,
+        buckets: Option<&dataapi::stats::Buckets>,
+        limit: usize,
+    ) -> StoreResult<Vec<dataapi::stats::ConsentStats>> {
+        self.enter("consent_stats").await?;
+        self.inner.consent_stats(filter, buckets, limit).await
+    }
+
     async fn messages_of_dialogs(
         &self,
         dialog_ids: &[DialogId],

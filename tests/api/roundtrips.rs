@@ -140,6 +140,17 @@ async fn mongodb_round_trips_do_not_grow_with_dialog_length_or_page_size() {
         );
         assert_eq!(log.take(), ["find", "find"], "page of {page_size}");
     }
+
+    // Statistics are one aggregation, however many groups and rows they cover.
+    for query in [
+        "{ stats { messageCount } }",
+        "{ stats(groupBy: [LANGUAGE, CUSTOMER], bucket: DAY, timeZone: \"Europe/Berlin\") { messageCount } }",
+        "{ consentStats(bucket: WEEK) { granted } }",
+    ] {
+        log.take();
+        app.data(query, json!({})).await;
+        assert_eq!(log.take(), ["aggregate"], "{query}");
+    }
     store.drop_database().await.expect("drop the test database");
 }
 

@@ -62,6 +62,16 @@ const OPERATIONS: &[(&str, &str, &[Role])] = &[
         &[Role::Read, Role::Admin],
     ),
     (
+        "stats",
+        "{ stats(groupBy: [LANGUAGE], bucket: DAY) { messageCount } }",
+        &[Role::Read, Role::Admin],
+    ),
+    (
+        "consentStats",
+        "{ consentStats { granted } }",
+        &[Role::Read, Role::Admin],
+    ),
+    (
         "consent",
         r#"{ consent(dialogId: "x") { value } }"#,
         &[Role::Read, Role::Admin],
