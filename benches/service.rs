@@ -165,6 +165,19 @@ impl Server {
     }
 }
 
+/// Resident memory of process `pid`, in bytes.
+fn rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -1085,10 +1098,69 @@ async fn paging_benchmark(settings: &Settings, rows: &mut Vec<Row>) {
         "  stats by language and day: service {service_ms:.0} ms (Europe/Berlin {berlin_ms:.0} ms), hand-written GROUP BY {sql_ms:.0} ms, {groups} groups"
     );
 
+    // Exports (issue 11): every message, read to the end by a client as fast as it can; the service's
+    // resident memory sampled every 20 ms meanwhile.
+    let mut exports = Vec::new();
+    for format in ["ndjson", "parquet"] {
+        let before = server.rss();
+        let peak = Arc::new(std::sync::atomic::AtomicU64::new(before));
+        let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let sampler = {
+            let (peak, sampling) = (peak.clone(), sampling.clone());
+            let pid = server.child.id();
+            std::thread::spawn(move || {
+                while sampling.load(Ordering::Relaxed) {
+                    if let Some(rss) = rss_of(pid) {
+                        peak.fetch_max(rss, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        let started = Instant::now();
+        let mut response = client
+            .get(format!("{}/export/messages.{format}", server.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut bytes = 0usize;
+        while let Some(chunk) = response.chunk().await.unwrap() {
+            bytes += chunk.len();
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        sampling.store(false, Ordering::Relaxed);
+        sampler.join().unwrap();
+        let growth = peak.load(Ordering::Relaxed).saturating_sub(before);
+        let rate = total_messages as f64 / seconds;
+        println!(
+            "  export {format}: {total_messages} messages, {} MiB in {seconds:.2} s = {rate:.0} msg/s, RSS +{} MiB",
+            bytes >> 20,
+            growth >> 20
+        );
+        exports.push((format, rate, growth, bytes, seconds));
+    }
+
     let label = format!(
         "{} dialogs / {total_messages} messages, SQLite",
         settings.paging_dialogs
     );
+    for (format, rate, growth, bytes, seconds) in exports {
+        rows.push(row(
+            &format!(
+                "`GET /export/messages.{format}` of every message, {label}: messages per second"
+            ),
+            format!("{rate:.0} msg/s ({} MiB in {seconds:.2} s)", bytes >> 20),
+            ">= 300000",
+            Some(rate >= 300_000.0),
+        ));
+        rows.push(row(
+            "the same export: the service's resident memory growth (peak, sampled every 20 ms)",
+            format!("{:.1} MiB", growth as f64 / 1_048_576.0),
+            "< 64 MiB",
+            Some(growth < 64 << 20),
+        ));
+    }
     rows.push(row(
         &format!("`stats(groupBy: [LANGUAGE], bucket: DAY)` over every message ({groups} groups), {label}: service / hand-written `GROUP BY` on the same file"),
         format!(

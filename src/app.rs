@@ -174,6 +174,7 @@ impl Application {
                 admission: (config.clients.requests_per_second > 0
                     || config.clients.concurrent_requests > 0)
                     .then(|| Arc::new(crate::admission::Admission::new(config.clients))),
+                exports: Arc::new(tokio::sync::Semaphore::new(crate::export::EXPORTS_AT_ONCE)),
             },
             config.access.graphiql,
             &config.access.cors_origins,

@@ -42,6 +42,8 @@ pub struct AppState {
     pub keyless_hosts: Option<Arc<AllowedHosts>>,
     /// Per-client limits; None when both are off.
     pub admission: Option<Arc<Admission>>,
+    /// Exports that may run at once (see `export`).
+    pub exports: Arc<tokio::sync::Semaphore>,
 }
 
 pub fn router(state: AppState, graphiql: bool, cors: &crate::cors::AllowedOrigins) -> Router {
@@ -62,6 +64,7 @@ pub fn router(state: AppState, graphiql: bool, cors: &crate::cors::AllowedOrigin
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .merge(crate::rest::routes(cors))
+        .merge(crate::export::routes(cors))
         .fallback(crate::rest::no_such_route);
     if graphiql {
         router = router

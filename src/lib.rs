@@ -15,6 +15,7 @@ pub mod cors;
 pub mod error;
 pub mod execution;
 pub mod expansion;
+pub mod export;
 pub mod hosts;
 pub mod http;
 pub mod metrics;

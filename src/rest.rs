@@ -179,7 +179,7 @@ pub struct Problem {
 }
 
 /// Why a REST request was not served: refused before the service was asked, or by the service.
-enum Refused {
+pub(crate) enum Refused {
     Early(Rejection),
     Service(ApiError),
 }
@@ -197,10 +197,10 @@ impl From<ApiError> for Refused {
 }
 
 /// A handler's outcome: its answer, or why it refused.
-type Answer = Result<Response, Refused>;
+pub(crate) type Answer = Result<Response, Refused>;
 
 /// Writes a handler's outcome; a refusal as problem details.
-fn respond(state: &AppState, answer: Answer) -> Response {
+pub(crate) fn respond(state: &AppState, answer: Answer) -> Response {
     match answer {
         Ok(response) => response,
         Err(Refused::Early(rejection)) => problem(state, rejection, None),
@@ -271,7 +271,7 @@ fn service_problem(state: &AppState, error: ApiError) -> Response {
 /// What every REST request passes before its input is read: the host check and per-client limits, a valid
 /// key (when keys are configured), and the role `permission` names. The ticket counts the request as in
 /// flight until dropped.
-fn admit(
+pub(crate) fn admit(
     state: &AppState,
     parts: &axum::http::request::Parts,
     permission: Permission,
@@ -669,7 +669,10 @@ pub enum ListingOrder {
 }
 
 /// Parses an RFC 3339 query parameter into milliseconds since the epoch.
-fn time_parameter(field: &'static str, value: Option<&str>) -> Result<Option<i64>, ApiError> {
+pub(crate) fn time_parameter(
+    field: &'static str,
+    value: Option<&str>,
+) -> Result<Option<i64>, ApiError> {
     value
         .map(|text| {
             chrono::DateTime::parse_from_rfc3339(text)

@@ -833,6 +833,38 @@ impl DialogService {
         Ok(self.store.count_messages(filter).await?)
     }
 
+    /// One batch of an export: at most `limit` stored messages after `after` (a sort key) in `order`,
+    /// read by one indexed query.
+    pub async fn export_batch(
+        &self,
+        filter: &MessageFilter,
+        after: Option<&crate::paging::SortKey>,
+        order: crate::paging::ListOrder,
+        limit: usize,
+    ) -> Result<Vec<Message>, ApiError> {
+        use crate::paging::{KeyRange, ListOrder, ScanOrder};
+        let (range, scan) = match order {
+            ListOrder::NewestFirst => (
+                KeyRange {
+                    older_than: after.cloned(),
+                    newer_than: None,
+                },
+                ScanOrder::NewestFirst,
+            ),
+            ListOrder::OldestFirst => (
+                KeyRange {
+                    older_than: None,
+                    newer_than: after.cloned(),
+                },
+                ScanOrder::OldestFirst,
+            ),
+        };
+        Ok(self
+            .store
+            .scan_messages(filter, &range, scan, limit)
+            .await?)
+    }
+
     pub async fn message_stats(
         &self,
         filter: &MessageFilter,

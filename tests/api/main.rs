@@ -77,6 +77,7 @@ mod attacks;
 mod behaviour;
 mod documents;
 mod erasure;
+mod export;
 mod faults;
 mod graphiql;
 mod helpers;

@@ -295,7 +295,7 @@ fn ms(time: &str) -> i64 {
 
 /// Stores a consented dialog straight through the store, its messages at the given times and its decision
 /// at `decided`, so that statistics can be checked against known times.
-async fn store_dialog(
+pub(crate) async fn store_dialog(
     app: &TestApp,
     customer: &str,
     dialog: &str,

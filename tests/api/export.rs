@@ -1,0 +1,359 @@
+//! Bulk export (issue 11): NDJSON, CSV and Parquet of the stored messages with the filters of `messages`,
+//! streamed in batches, gzip when accepted; over real HTTP, on both stores.
+
+use std::io::Read;
+
+use dataapi::auth::Role;
+use serde_json::Value;
+
+use crate::helpers::{Backend, TestApp, run_with};
+use crate::reading::store_dialog;
+
+/// GET with the app's key and extra headers; status, headers and the raw body.
+async fn get(
+    app: &TestApp,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+    let mut request = app.http_client().get(app.url(path));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    if let Some(key) = &app.key {
+        request = request.bearer_auth(key);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    (status, headers, response.bytes().await.unwrap().to_vec())
+}
+
+fn ndjson(body: &[u8]) -> Vec<Value> {
+    std::str::from_utf8(body)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+fn ids(messages: &[Value]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn seed(app: &TestApp) {
+    store_dialog(
+        app,
+        "ada",
+        "x1",
+        &[
+            ("2026-11-01T10:00:00Z", "en"),
+            ("2026-11-01T10:01:00Z", "de"),
+        ],
+        "2026-11-01T11:00:00Z",
+    )
+    .await;
+    store_dialog(
+        app,
+        "bob",
+        "x2",
+        &[
+            ("2026-11-02T10:00:00Z", "en"),
+            ("2026-11-03T10:00:00Z", "de"),
+        ],
+        "2026-11-03T11:00:00Z",
+    )
+    .await;
+    // Texts a CSV must quote, through the API (so that they are stored as a client sends them).
+    app.push(
+        "cy",
+        "x3",
+        "a, \"quoted\"\nsecond line; ünïcode ✓",
+        "en",
+        Some("k1"),
+    )
+    .await;
+    app.consent("x3", true).await;
+}
+
+async fn every_format_exports_the_same_messages(app: TestApp) {
+    seed(&app).await;
+    // What the REST listing gives, oldest first: the export's default order.
+    let listed = {
+        let (status, _, body) = get(&app, "/data/?order=OLDEST_FIRST&limit=100", &[]).await;
+        assert_eq!(status, 200);
+        serde_json::from_slice::<Value>(&body).unwrap()["data"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(listed.len(), 5);
+
+    let (status, headers, body) = get(&app, "/export/messages.ndjson", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "application/x-ndjson");
+    assert!(
+        headers["content-disposition"]
+            .to_str()
+            .unwrap()
+            .contains("messages.ndjson")
+    );
+    assert_eq!(
+        ndjson(&body),
+        listed,
+        "NDJSON holds the messages as the API shows them"
+    );
+
+    let (status, headers, body) = get(&app, "/export/messages.csv", &[]).await;
+    assert_eq!(status, 200);
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/csv")
+    );
+    let mut reader = csv::Reader::from_reader(body.as_slice());
+    assert_eq!(
+        reader.headers().unwrap(),
+        vec![
+            "id",
+            "messageId",
+            "dialogId",
+            "customerId",
+            "language",
+            "createdAt",
+            "text"
+        ]
+    );
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), listed.len());
+    for (row, message) in rows.iter().zip(&listed) {
+        assert_eq!(&row[0], message["id"].as_str().unwrap());
+        assert_eq!(&row[1], message["messageId"].as_str().unwrap_or(""));
+        assert_eq!(&row[5], message["createdAt"].as_str().unwrap());
+        assert_eq!(&row[6], message["text"].as_str().unwrap());
+    }
+
+    let (status, headers, body) = get(&app, "/export/messages.parquet", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-type"], "application/vnd.apache.parquet");
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        axum::body::Bytes::from(body),
+    )
+    .unwrap()
+    .build()
+    .unwrap();
+    let mut exported = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let column = |name: &str| batch.column(batch.schema().index_of(name).unwrap()).clone();
+        let id = column("id");
+        let id = id
+            .as_any()
+            .downcast_ref::<arrow_array::StringArray>()
+            .unwrap();
+        let created = column("createdAt");
+        let created = created
+            .as_any()
+            .downcast_ref::<arrow_array::TimestampMillisecondArray>()
+            .expect("createdAt is a timestamp column");
+        for row in 0..batch.num_rows() {
+            exported.push((id.value(row).to_owned(), created.value(row)));
+        }
+    }
+    let expected: Vec<(String, i64)> = listed
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap().to_owned(),
+                chrono::DateTime::parse_from_rfc3339(m["createdAt"].as_str().unwrap())
+                    .unwrap()
+                    .timestamp_millis(),
+            )
+        })
+        .collect();
+    assert_eq!(exported, expected);
+
+    // The filters and the order of `messages`.
+    let (_, _, body) = get(
+        &app,
+        "/export/messages.ndjson?language=DE&since=2026-11-01T10:00:30Z&until=2026-11-04T00:00:00Z",
+        &[],
+    )
+    .await;
+    let german: Vec<Value> = listed
+        .iter()
+        .filter(|m| m["language"] == "de")
+        .cloned()
+        .collect();
+    assert_eq!(ndjson(&body), german);
+    let (_, _, body) = get(
+        &app,
+        "/export/messages.ndjson?order=NEWEST_FIRST&customerId=bob",
+        &[],
+    )
+    .await;
+    let bob_newest_first: Vec<Value> = listed
+        .iter()
+        .filter(|m| m["customerId"] == "bob")
+        .rev()
+        .cloned()
+        .collect();
+    assert_eq!(ids(&ndjson(&body)), ids(&bob_newest_first));
+
+    // gzip when accepted, for the text formats; Parquet is compressed inside.
+    for format in ["ndjson", "csv"] {
+        let (plain_status, _, plain) = get(&app, &format!("/export/messages.{format}"), &[]).await;
+        let (status, headers, zipped) = get(
+            &app,
+            &format!("/export/messages.{format}"),
+            &[("accept-encoding", "gzip")],
+        )
+        .await;
+        assert_eq!((plain_status, status), (200, 200));
+        assert_eq!(headers["content-encoding"], "gzip", "{format}");
+        let mut unzipped = Vec::new();
+        flate2::read::GzDecoder::new(zipped.as_slice())
+            .read_to_end(&mut unzipped)
+            .unwrap();
+        assert_eq!(unzipped, plain, "{format}");
+    }
+    let (_, headers, _) = get(
+        &app,
+        "/export/messages.parquet",
+        &[("accept-encoding", "gzip")],
+    )
+    .await;
+    assert!(headers.get("content-encoding").is_none());
+
+    // Nothing matches: an empty file of the format (CSV: its header).
+    let (status, _, body) = get(&app, "/export/messages.ndjson?customerId=nobody", &[]).await;
+    assert_eq!((status, body.len()), (200, 0));
+    let (_, _, body) = get(&app, "/export/messages.csv?customerId=nobody", &[]).await;
+    assert_eq!(String::from_utf8(body).unwrap().lines().count(), 1);
+}
+
+async fn bad_export_requests_are_refused(app: TestApp) {
+    for (query, field) in [
+        ("limit=10", "query"),
+        ("cursor=abc", "query"),
+        ("page=2", "query"),
+        ("language=english", "language"),
+        ("since=soon", "since"),
+        (
+            "since=2026-11-02T00:00:00Z&until=2026-11-01T00:00:00Z",
+            "until",
+        ),
+        ("order=UP", "query"),
+    ] {
+        let (status, headers, body) =
+            get(&app, &format!("/export/messages.csv?{query}"), &[]).await;
+        assert_eq!(status, 400, "{query}");
+        assert_eq!(headers["content-type"], "application/problem+json");
+        let problem: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(problem["field"], field, "{query}: {problem}");
+    }
+    let (status, _, _) = get(&app, "/export/messages.xlsx", &[]).await;
+    assert_eq!(status, 404);
+    // The database down: a 503 with advice before any byte of a file.
+    app.store.set_down(true);
+    let (status, headers, body) = get(&app, "/export/messages.parquet", &[]).await;
+    app.store.set_down(false);
+    assert_eq!(status, 503);
+    assert_eq!(headers["retry-after"], "5");
+    let problem: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(problem["code"], "STORE_UNAVAILABLE");
+}
+
+for_each_store!(
+    every_format_exports_the_same_messages,
+    bad_export_requests_are_refused
+);
+
+async fn roles(mut app: TestApp) {
+    for (key, status) in [
+        (None, 401),
+        (Some(crate::security::key(Role::Ingest)), 403),
+        (Some(crate::security::key(Role::Read)), 200),
+        (Some(crate::security::key(Role::Admin)), 200),
+    ] {
+        app.key = key.map(str::to_owned);
+        let (got, _, _) = get(&app, "/export/messages.ndjson", &[]).await;
+        assert_eq!(got, status, "{key:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_need_a_read_key() {
+    run_with(Backend::Sqlite, crate::security::keyed_config(), roles).await;
+}
+
+/// More than one batch, in order and whole; exports held open by clients that do not read are bounded
+/// (EXPORT_BUSY), and a client that goes away frees its place.
+async fn large_and_concurrent_exports(app: TestApp) {
+    let times: Vec<String> = (0..12_000)
+        .map(|n| {
+            chrono::DateTime::from_timestamp_millis(1_795_000_000_000 + n * 1000)
+                .unwrap()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        })
+        .collect();
+    let messages: Vec<(&str, &str)> = times.iter().map(|t| (t.as_str(), "en")).collect();
+    store_dialog(&app, "big", "big", &messages, "2026-11-28T00:00:00Z").await;
+    let (status, _, body) = get(&app, "/export/messages.ndjson", &[]).await;
+    assert_eq!(status, 200);
+    let exported = ndjson(&body);
+    assert_eq!(exported.len(), 12_000);
+    assert!(
+        exported
+            .windows(2)
+            .all(|pair| pair[0]["createdAt"].as_str() < pair[1]["createdAt"].as_str()),
+        "oldest first, nothing repeated"
+    );
+
+    // Four exports whose clients read nothing hold every place.
+    let mut held = Vec::new();
+    for _ in 0..dataapi::export::EXPORTS_AT_ONCE {
+        let response = app
+            .http_client()
+            .get(app.url("/export/messages.ndjson"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        held.push(response);
+    }
+    let (status, headers, body) = get(&app, "/export/messages.csv", &[]).await;
+    assert_eq!(status, 503);
+    assert_eq!(headers["retry-after"], "5");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap()["code"],
+        "EXPORT_BUSY"
+    );
+    // Those clients go away: their places come back.
+    drop(held);
+    let started = std::time::Instant::now();
+    loop {
+        let (status, _, _) = get(&app, "/export/messages.csv", &[]).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "the places of abandoned exports did not come back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_stream_in_batches_and_are_bounded() {
+    run_with(
+        Backend::Sqlite,
+        crate::helpers::test_config(),
+        large_and_concurrent_exports,
+    )
+    .await;
+}
