@@ -26,9 +26,9 @@ use tower_http::compression::predicate::{DefaultPredicate, NotForContentType, Pr
 use crate::auth::Permission;
 use crate::error::ApiError;
 use crate::http::{AppState, Rejection};
-use crate::model::{CustomerId, DialogId, Language, Message, TimeWindow};
+use crate::model::Message;
 use crate::paging::ListOrder;
-use crate::rest::{Answer, ListingOrder, RecordedMessage, admit, respond, time_parameter};
+use crate::rest::{Answer, ListingOrder, RecordedMessage, admit, message_filter, respond};
 use crate::store::{MessageFilter, message_key};
 
 /// Messages read per query.
@@ -116,26 +116,13 @@ fn parse_export(query: &str) -> Result<(MessageFilter, ListOrder), ApiError> {
             ),
         )
     })?;
-    let filter = MessageFilter {
-        language: parameters
-            .language
-            .as_deref()
-            .map(|language| Language::parse("language", language))
-            .transpose()?,
-        customer_id: parameters
-            .customer_id
-            .map(|id| CustomerId::parse("customerId", id))
-            .transpose()?,
-        dialog_id: parameters
-            .dialog_id
-            .map(|id| DialogId::parse("dialogId", id))
-            .transpose()?,
-        window: TimeWindow::parse(
-            time_parameter("since", parameters.since.as_deref())?,
-            time_parameter("until", parameters.until.as_deref())?,
-            "until",
-        )?,
-    };
+    let filter = message_filter(
+        parameters.language.as_deref(),
+        parameters.customer_id,
+        parameters.dialog_id,
+        parameters.since.as_deref(),
+        parameters.until.as_deref(),
+    )?;
     let order = match parameters.order {
         Some(ListingOrder::NewestFirst) => ListOrder::NewestFirst,
         None | Some(ListingOrder::OldestFirst) => ListOrder::OldestFirst,
@@ -437,6 +424,7 @@ impl Encoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{CustomerId, DialogId, Language};
 
     fn message(n: i64, text: &str) -> Message {
         let dialog_id = DialogId::from_trusted("d".into());

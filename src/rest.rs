@@ -791,6 +791,32 @@ async fn list_messages_answer(state: &AppState, request: Request) -> Answer {
     Ok(response)
 }
 
+/// The filter of a REST listing or export, from its query parameters (each named as the client spelled it).
+pub(crate) fn message_filter(
+    language: Option<&str>,
+    customer_id: Option<String>,
+    dialog_id: Option<String>,
+    since: Option<&str>,
+    until: Option<&str>,
+) -> Result<MessageFilter, ApiError> {
+    Ok(MessageFilter {
+        language: language
+            .map(|language| Language::parse("language", language))
+            .transpose()?,
+        customer_id: customer_id
+            .map(|id| CustomerId::parse("customerId", id))
+            .transpose()?,
+        dialog_id: dialog_id
+            .map(|id| DialogId::parse("dialogId", id))
+            .transpose()?,
+        window: TimeWindow::parse(
+            time_parameter("since", since)?,
+            time_parameter("until", until)?,
+            "until",
+        )?,
+    })
+}
+
 /// Validates the query string of `GET /data/`.
 fn parse_listing(
     query: &str,
@@ -823,28 +849,13 @@ fn parse_listing(
             ),
         )
     })?;
-    let filter = MessageFilter {
-        language: parameters
-            .language
-            .as_deref()
-            .map(|language| Language::parse("language", language))
-            .transpose()?,
-        customer_id: parameters
-            .customer_id
-            .clone()
-            .map(|id| CustomerId::parse("customerId", id))
-            .transpose()?,
-        dialog_id: parameters
-            .dialog_id
-            .clone()
-            .map(|id| DialogId::parse("dialogId", id))
-            .transpose()?,
-        window: TimeWindow::parse(
-            time_parameter("since", parameters.since.as_deref())?,
-            time_parameter("until", parameters.until.as_deref())?,
-            "until",
-        )?,
-    };
+    let filter = message_filter(
+        parameters.language.as_deref(),
+        parameters.customer_id.clone(),
+        parameters.dialog_id.clone(),
+        parameters.since.as_deref(),
+        parameters.until.as_deref(),
+    )?;
     let size = match &parameters.limit {
         None => DEFAULT_LIMIT.min(max_page_size),
         Some(limit) => match limit.parse::<usize>() {

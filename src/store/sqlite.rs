@@ -1219,6 +1219,21 @@ fn local_time(
     })
 }
 
+impl LocalTime {
+    /// The two grouping columns of a bucket: its label, and the offset that hour buckets are also grouped
+    /// by (a repeated local hour is two buckets); with the parameters of both, in order.
+    fn bucket_columns(&self, unit: BucketUnit) -> (String, String, Vec<Value>) {
+        let label = bucket_label(unit, &self.local_ms);
+        let mut params = self.params.clone();
+        if unit == BucketUnit::Hour {
+            params.extend(self.params.iter().cloned());
+            (label, self.offset_ms.clone(), params)
+        } else {
+            (label, "0".to_owned(), params)
+        }
+    }
+}
+
 /// The label of the local bucket a local time (ms) falls in, as [`Buckets::start_of`] reads it.
 fn bucket_label(unit: BucketUnit, local_ms: &str) -> String {
     let seconds = format!("{local_ms} / 1000, 'unixepoch'");
@@ -1611,30 +1626,16 @@ impl Store for SqliteStore {
                 }
                 .to_owned(),
             ];
-            let mut params = conditions.params.clone();
+            let mut params = Vec::new();
             match &bucket {
                 Some((buckets, local)) => {
-                    columns.push(bucket_label(buckets.unit, &local.local_ms));
-                    columns.push(if buckets.unit == BucketUnit::Hour {
-                        local.offset_ms.clone()
-                    } else {
-                        "0".to_owned()
-                    });
-                    // The offset expression appears in each of the two columns.
-                    let repeats = if buckets.unit == BucketUnit::Hour {
-                        2
-                    } else {
-                        1
-                    };
-                    let mut offset_params = Vec::new();
-                    for _ in 0..repeats {
-                        offset_params.extend(local.params.iter().cloned());
-                    }
-                    offset_params.extend(params);
-                    params = offset_params;
+                    let (label, offset, bucket_params) = local.bucket_columns(buckets.unit);
+                    columns.extend([label, offset]);
+                    params = bucket_params;
                 }
                 None => columns.extend(["NULL".to_owned(), "0".to_owned()]),
             }
+            params.extend(conditions.params.iter().cloned());
             // In time order: a local hour that repeats comes first with the larger offset.
             let sql = format!(
                 "SELECT {columns}, count(*), count(DISTINCT dialog_id) FROM messages{where_} \
@@ -1708,23 +1709,8 @@ impl Store for SqliteStore {
                         "decided_at",
                         filter.window,
                     )?;
-                    let label = bucket_label(buckets.unit, &local.local_ms);
-                    let offset = if buckets.unit == BucketUnit::Hour {
-                        local.offset_ms.clone()
-                    } else {
-                        "0".to_owned()
-                    };
-                    let repeats = if buckets.unit == BucketUnit::Hour {
-                        2
-                    } else {
-                        1
-                    };
-                    let mut offset_params = Vec::new();
-                    for _ in 0..repeats {
-                        offset_params.extend(local.params.iter().cloned());
-                    }
-                    offset_params.extend(params);
-                    params = offset_params;
+                    let (label, offset, bucket_params) = local.bucket_columns(buckets.unit);
+                    params = bucket_params.into_iter().chain(params).collect();
                     (label, offset)
                 }
                 None => ("NULL".to_owned(), "0".to_owned()),
