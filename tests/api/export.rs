@@ -357,3 +357,70 @@ async fn exports_stream_in_batches_and_are_bounded() {
     )
     .await;
 }
+
+/// README's pandas lines, run as they stand there (with this service's address and a read key), on the
+/// export of known messages: Parquet filtered, NDJSON and CSV whole, times parsed as times.
+async fn readme_pandas(mut app: TestApp) {
+    app.key = Some(crate::security::key(Role::Admin).to_owned());
+    seed(&app).await;
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("### Bulk export (data scientists)")
+        .nth(1)
+        .expect("README has the bulk export section");
+    let block = section
+        .split("```python\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the section has a Python block");
+    let script = block
+        .replace("http://localhost:8000", &app.url(""))
+        .replace("dak_…", crate::security::key(Role::Read))
+        + "
+assert len(german) == 2 and set(german.language) == {'de'}, german
+assert str(german.createdAt.dtype).startswith('datetime64') and str(german.createdAt.dt.tz) == 'UTC', german.dtypes
+assert len(lines) == 5 and str(lines.createdAt.dtype).startswith('datetime64'), lines.dtypes
+assert len(table) == 5 and str(table.createdAt.dtype).startswith('datetime64'), table.dtypes
+assert 'a, \"quoted\"\\nsecond line; ünïcode ✓' in set(table.text), table.text
+print('ok')
+";
+    let python = std::env::var("SECANTUS_PYTHON").unwrap_or_else(|_| {
+        panic!("SECANTUS_PYTHON is not set: run the suite with scripts/test, which installs pandas into .venv-test")
+    });
+    let output = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut child = std::process::Command::new(python)
+            .arg("-")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run Python");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success() && String::from_utf8_lossy(&output.stdout).contains("ok"),
+        "README's pandas lines failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_pandas_lines_load_every_format() {
+    run_with(
+        Backend::Sqlite,
+        crate::security::keyed_config(),
+        readme_pandas,
+    )
+    .await;
+}
