@@ -1,6 +1,7 @@
 //! The HTTP shell around the schema: `POST /graphql` (single and batch requests), GraphiQL at `GET /` and
 //! `GET /graphql`, `GET /health` (alive), `GET /ready` (the store answers) and `GET /metrics` (Prometheus);
-//! the REST routes (`rest`) are merged in and share the admission steps defined here.
+//! the REST routes (`rest`) and the exports (`export`) are merged in and share the admission steps defined
+//! here.
 //! GraphiQL's scripts and styles are compiled into the binary and served from `/graphiql/`, so the page works
 //! without internet access.
 //!
@@ -53,8 +54,8 @@ pub fn router(state: AppState, graphiql: bool, cors: &crate::cors::AllowedOrigin
     } else {
         get(graphql_get).post(graphql)
     };
-    // Only on /graphql and the REST routes (see `rest::routes`), and only when origins are allowed: every
-    // push would pay for a layer.
+    // Only on /graphql, the REST routes and the exports (see `rest::routes`, `export::routes`), and only
+    // when origins are allowed: every push would pay for a layer.
     if let Some(layer) = cors.layer() {
         graphql_route = graphql_route.layer(layer);
     }

@@ -528,7 +528,8 @@ pub struct DialogFilter {
     pub until: Option<DateTime>,
 }
 
-/// The order of a listing, by its sort key (a dialog's latest message, a message's acceptance).
+/// The order of a listing, by its sort key (a dialog's latest message, a message's acceptance); null or
+/// absent is `NEWEST_FIRST`.
 #[derive(Enum, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[graphql(name = "ListOrder")]
 pub enum Order {
@@ -665,7 +666,7 @@ impl QueryRoot {
         after: Option<String>,
         last: Option<i32>,
         before: Option<String>,
-        #[graphql(default)] order: Order,
+        order: Option<Order>,
     ) -> Result<Connection<String, Dialog, DialogListTotals>> {
         let limits = data::<Limits>(ctx)?;
         let filter = filter.unwrap_or_default().parse()?;
@@ -674,7 +675,7 @@ impl QueryRoot {
             after,
             last,
             before,
-            order: order.into(),
+            order: order.unwrap_or_default().into(),
         }
         .parse(ListKind::Dialogs, limits.max_page_size)?;
         spend_store_call(ctx)?;
@@ -741,7 +742,7 @@ impl QueryRoot {
         after: Option<String>,
         last: Option<i32>,
         before: Option<String>,
-        #[graphql(default)] order: Order,
+        order: Option<Order>,
     ) -> Result<Connection<String, Message, MessageListTotals>> {
         let limits = data::<Limits>(ctx)?;
         let filter = filter.unwrap_or_default().parse()?;
@@ -750,7 +751,7 @@ impl QueryRoot {
             after,
             last,
             before,
-            order: order.into(),
+            order: order.unwrap_or_default().into(),
         }
         .parse(ListKind::Messages, limits.max_page_size)?;
         spend_store_call(ctx)?;

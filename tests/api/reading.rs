@@ -253,6 +253,16 @@ async fn bad_time_ranges_are_refused(app: TestApp) {
         .error("{ dialogs(order: SIDEWAYS) { totalCount } }", json!({}))
         .await;
     assert_eq!(code(&error), "GRAPHQL_VALIDATION_FAILED");
+    // A dashboard's optional order variable, left out or null: the default order.
+    for variables in [json!({}), json!({ "o": null })] {
+        let data = app
+            .data(
+                "query($o: ListOrder) { dialogs(order: $o) { totalCount } messages(order: $o) { totalCount } }",
+                variables,
+            )
+            .await;
+        assert_eq!(data["dialogs"]["totalCount"], 0);
+    }
     // Far ends of the calendar are ranges like any other.
     let data = app
         .data(
