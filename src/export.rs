@@ -70,18 +70,9 @@ impl Format {
 
 pub fn routes(cors: &crate::cors::AllowedOrigins) -> Router<AppState> {
     let routes = Router::new()
-        .route(
-            "/export/messages.ndjson",
-            get(|state, request| export(state, request, Format::Ndjson)),
-        )
-        .route(
-            "/export/messages.csv",
-            get(|state, request| export(state, request, Format::Csv)),
-        )
-        .route(
-            "/export/messages.parquet",
-            get(|state, request| export(state, request, Format::Parquet)),
-        )
+        .route("/export/messages.ndjson", get(export_ndjson))
+        .route("/export/messages.csv", get(export_csv))
+        .route("/export/messages.parquet", get(export_parquet))
         // Parquet is compressed inside already.
         .layer(
             CompressionLayer::new()
@@ -94,16 +85,88 @@ pub fn routes(cors: &crate::cors::AllowedOrigins) -> Router<AppState> {
 }
 
 /// The query parameters of an export: the filters of `GET /data/`, without paging.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ExportParameters {
+#[into_params(parameter_in = Query)]
+pub struct ExportParameters {
+    /// Messages in this language (case-insensitive).
     language: Option<String>,
+    /// Messages of this customer.
     customer_id: Option<String>,
+    /// Messages of this dialog.
     dialog_id: Option<String>,
+    /// Messages accepted at or after this time (RFC 3339; percent-encode a `+` offset as `%2B`, or use `Z`).
+    #[param(value_type = Option<String>, format = DateTime)]
     since: Option<String>,
+    /// Messages accepted before this time (exclusive), which must be later than `since`.
+    #[param(value_type = Option<String>, format = DateTime)]
     until: Option<String>,
-    /// Oldest first by default: a file read from top to bottom follows time.
+    /// `OLDEST_FIRST` (the default for exports: a file read from top to bottom follows time) or
+    /// `NEWEST_FIRST`.
     order: Option<ListingOrder>,
+}
+
+/// Export the stored messages as NDJSON: one message per line, as `GET /data/` shows them.
+#[utoipa::path(
+    get,
+    path = "/export/messages.ndjson",
+    tag = "read",
+    operation_id = "exportNdjson",
+    params(ExportParameters),
+    responses(
+        (status = 200, description = "Every matching message, one JSON object per line (gzip when accepted)",
+            body = crate::rest::RecordedMessage, content_type = "application/x-ndjson"),
+        (status = 400, description = "Invalid parameter (`BAD_USER_INPUT`)", body = crate::rest::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid API key (`UNAUTHENTICATED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key's role may not read (`FORBIDDEN`), or the host is not served (`HOST_NOT_ALLOWED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`EXPORT_BUSY` or `STORE_UNAVAILABLE`: retry after Retry-After", body = crate::rest::Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("apiKey" = [])),
+)]
+pub async fn export_ndjson(state: State<AppState>, request: Request) -> Response {
+    export(state, request, Format::Ndjson).await
+}
+
+/// Export the stored messages as CSV (RFC 4180, a header row; the columns of `GET /data/`).
+#[utoipa::path(
+    get,
+    path = "/export/messages.csv",
+    tag = "read",
+    operation_id = "exportCsv",
+    params(ExportParameters),
+    responses(
+        (status = 200, description = "Every matching message, one row each after the header (gzip when accepted)",
+            body = String, content_type = "text/csv"),
+        (status = 400, description = "Invalid parameter (`BAD_USER_INPUT`)", body = crate::rest::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid API key (`UNAUTHENTICATED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key's role may not read (`FORBIDDEN`), or the host is not served (`HOST_NOT_ALLOWED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`EXPORT_BUSY` or `STORE_UNAVAILABLE`: retry after Retry-After", body = crate::rest::Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("apiKey" = [])),
+)]
+pub async fn export_csv(state: State<AppState>, request: Request) -> Response {
+    export(state, request, Format::Csv).await
+}
+
+/// Export the stored messages as Parquet: string columns, `createdAt` a UTC timestamp in milliseconds.
+#[utoipa::path(
+    get,
+    path = "/export/messages.parquet",
+    tag = "read",
+    operation_id = "exportParquet",
+    params(ExportParameters),
+    responses(
+        (status = 200, description = "Every matching message in one Parquet file (Snappy-compressed row groups)",
+            body = String, content_type = "application/vnd.apache.parquet"),
+        (status = 400, description = "Invalid parameter (`BAD_USER_INPUT`)", body = crate::rest::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid API key (`UNAUTHENTICATED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key's role may not read (`FORBIDDEN`), or the host is not served (`HOST_NOT_ALLOWED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`EXPORT_BUSY` or `STORE_UNAVAILABLE`: retry after Retry-After", body = crate::rest::Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("apiKey" = [])),
+)]
+pub async fn export_parquet(state: State<AppState>, request: Request) -> Response {
+    export(state, request, Format::Parquet).await
 }
 
 fn parse_export(query: &str) -> Result<(MessageFilter, ListOrder), ApiError> {

@@ -90,11 +90,18 @@ pub async fn no_such_route(State(state): State<AppState>) -> Response {
 #[openapi(
     info(
         title = "DataAPI REST",
-        description = "The REST endpoints of the system DataAPI replaces, on the same service as its \
-                       GraphQL API (/graphql). Errors are RFC 9457 problem details whose `code` is the \
-                       GraphQL `extensions.code`."
+        description = "The REST endpoints of the system DataAPI replaces, and the bulk exports, on the \
+                       same service as its GraphQL API (/graphql). Errors are RFC 9457 problem details whose \
+                       `code` is the GraphQL `extensions.code`."
     ),
-    paths(push_message, give_consent, list_messages),
+    paths(
+        push_message,
+        give_consent,
+        list_messages,
+        crate::export::export_ndjson,
+        crate::export::export_csv,
+        crate::export::export_parquet
+    ),
     // Referenced by a query parameter, which utoipa does not collect by itself.
     components(schemas(ListingOrder)),
     modifiers(&BearerKeys),
@@ -1030,5 +1037,8 @@ mod tests {
         assert!(paths["/data/{customerId}/{dialogId}"]["post"].is_object());
         assert!(paths["/consents/{dialogId}"]["post"].is_object());
         assert!(paths["/data/"]["get"].is_object());
+        for format in ["ndjson", "csv", "parquet"] {
+            assert!(paths[&format!("/export/messages.{format}")]["get"].is_object());
+        }
     }
 }

@@ -479,7 +479,12 @@ impl TestApp {
             buffer: config.buffer.backend,
             buffer_hooks,
             store,
-            http: reqwest::Client::new(),
+            // Bounded: a request that never gets an answer fails the test with an error instead of hanging
+            // the suite (REQUEST_TIMEOUT, 30 s, ends every request the service itself accepts).
+            http: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(120))
+                .build()
+                .expect("an HTTP client"),
             key: None,
             shutdown: Some(shutdown),
             stopped,
