@@ -29,6 +29,12 @@ pub enum ApiError {
         reason: String,
     },
 
+    /// A change-feed token that is malformed, or ahead of this database's changes.
+    InvalidChangeToken {
+        field: &'static str,
+        reason: String,
+    },
+
     MessageIdConflict {
         dialog_id: String,
         message_id: String,
@@ -77,6 +83,10 @@ impl ApiError {
             Self::InvalidCursor { field, reason } => format!(
                 "`{field}` is not a cursor of this list: {reason}; use a cursor returned by the same query"
             ),
+            Self::InvalidChangeToken { field, reason } => format!(
+                "`{field}` is not a change token of this database: {reason}; pass the token your last call \
+                 returned, or none to read every change from the start (and rebuild your copy from it)"
+            ),
             Self::MessageIdConflict {
                 dialog_id,
                 message_id,
@@ -123,6 +133,7 @@ impl ApiError {
             Self::InvalidInput { .. } | Self::InvalidInputAt { .. } => "BAD_USER_INPUT",
             Self::DialogNotFound(_) => "DIALOG_NOT_FOUND",
             Self::InvalidCursor { .. } => "INVALID_CURSOR",
+            Self::InvalidChangeToken { .. } => "INVALID_CHANGE_TOKEN",
             Self::MessageIdConflict { .. } => "MESSAGE_ID_CONFLICT",
             Self::CustomerMismatch { .. } => "CUSTOMER_MISMATCH",
             Self::StoreUnavailable(_) => "STORE_UNAVAILABLE",
@@ -158,9 +169,9 @@ impl ErrorExtensions for ApiError {
         async_graphql::Error::new(self.message()).extend_with(|_, extensions| {
             extensions.set("code", self.code());
             match self {
-                Self::InvalidInput { field, .. } | Self::InvalidCursor { field, .. } => {
-                    extensions.set("field", *field)
-                }
+                Self::InvalidInput { field, .. }
+                | Self::InvalidCursor { field, .. }
+                | Self::InvalidChangeToken { field, .. } => extensions.set("field", *field),
                 Self::InvalidInputAt { field, .. } => extensions.set("field", field.as_str()),
                 Self::DialogNotFound(dialog_id) => extensions.set("dialogId", dialog_id.as_str()),
                 _ => {}

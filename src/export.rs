@@ -1,19 +1,22 @@
-//! Bulk export of the stored messages for analysis: `GET /export/messages.ndjson`, `.csv` and `.parquet`,
-//! with the filters and time range of `messages` (`read` role). The answer is streamed: the messages are
-//! read in batches by keyset (each batch one indexed query, none held open), encoded a batch at a time off the
-//! async threads, and sent through a channel of two chunks, so that memory stays constant whatever the
-//! export's size and a slow client slows the reading down instead of filling memory. NDJSON and CSV are
-//! gzip-compressed when the client accepts it; Parquet is compressed inside (Snappy).
+//! Bulk export for analysis (`read` role), each as NDJSON, CSV and Parquet:
+//! - `GET /export/messages.*`: the stored messages, with the filters and time range of `messages`;
+//! - `GET /export/changes.*`: the change feed after a token (see `changes`), to keep a copy in step.
+//!
+//! The answer is streamed: rows are read in batches by keyset (each batch one indexed query, none held
+//! open), encoded a batch at a time off the async threads, and sent through a channel of two chunks, so that
+//! memory stays constant whatever the export's size and a slow client slows the reading down instead of
+//! filling memory. NDJSON and CSV are gzip-compressed when the client accepts it; Parquet is compressed
+//! inside (Snappy).
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use arrow_array::{ArrayRef, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray, TimestampMillisecondArray};
 use arrow_schema::{DataType, Field, Schema, TimeUnit};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use parquet::arrow::ArrowWriter;
@@ -24,9 +27,10 @@ use tower_http::compression::CompressionLayer;
 use tower_http::compression::predicate::{DefaultPredicate, NotForContentType, Predicate};
 
 use crate::auth::Permission;
+use crate::changes::ChangeToken;
 use crate::error::ApiError;
 use crate::http::{AppState, Rejection};
-use crate::model::Message;
+use crate::model::{Change, Message};
 use crate::paging::ListOrder;
 use crate::rest::{Answer, ListingOrder, RecordedMessage, admit, message_filter, respond};
 use crate::store::{MessageFilter, message_key};
@@ -59,20 +63,26 @@ impl Format {
         }
     }
 
-    fn file_name(self) -> &'static str {
+    fn extension(self) -> &'static str {
         match self {
-            Self::Ndjson => "attachment; filename=\"messages.ndjson\"",
-            Self::Csv => "attachment; filename=\"messages.csv\"",
-            Self::Parquet => "attachment; filename=\"messages.parquet\"",
+            Self::Ndjson => "ndjson",
+            Self::Csv => "csv",
+            Self::Parquet => "parquet",
         }
     }
 }
+
+/// The response header that carries the change token to pass next time, after a complete download.
+pub const CHANGE_TOKEN_HEADER: &str = "dataapi-change-token";
 
 pub fn routes(cors: &crate::cors::AllowedOrigins) -> Router<AppState> {
     let routes = Router::new()
         .route("/export/messages.ndjson", get(export_ndjson))
         .route("/export/messages.csv", get(export_csv))
         .route("/export/messages.parquet", get(export_parquet))
+        .route("/export/changes.ndjson", get(export_changes_ndjson))
+        .route("/export/changes.csv", get(export_changes_csv))
+        .route("/export/changes.parquet", get(export_changes_parquet))
         // Parquet is compressed inside already.
         .layer(
             CompressionLayer::new()
@@ -124,7 +134,7 @@ pub struct ExportParameters {
     security((), ("apiKey" = [])),
 )]
 pub async fn export_ndjson(state: State<AppState>, request: Request) -> Response {
-    export(state, request, Format::Ndjson).await
+    export(state, request, Format::Ndjson, Export::Messages).await
 }
 
 /// Export the stored messages as CSV (RFC 4180, a header row; the columns of `GET /data/`).
@@ -145,7 +155,7 @@ pub async fn export_ndjson(state: State<AppState>, request: Request) -> Response
     security((), ("apiKey" = [])),
 )]
 pub async fn export_csv(state: State<AppState>, request: Request) -> Response {
-    export(state, request, Format::Csv).await
+    export(state, request, Format::Csv, Export::Messages).await
 }
 
 /// Export the stored messages as Parquet: string columns, `createdAt` a UTC timestamp in milliseconds.
@@ -166,7 +176,97 @@ pub async fn export_csv(state: State<AppState>, request: Request) -> Response {
     security((), ("apiKey" = [])),
 )]
 pub async fn export_parquet(state: State<AppState>, request: Request) -> Response {
-    export(state, request, Format::Parquet).await
+    export(state, request, Format::Parquet, Export::Messages).await
+}
+
+/// The query parameters of a change export.
+#[derive(Deserialize, Default, utoipa::IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ChangeExportParameters {
+    /// The change token of the last download (its `DataAPI-Change-Token` header, or the largest `change`
+    /// in it); without it, every change from the start.
+    after: Option<String>,
+}
+
+/// Export the change feed after a token as NDJSON, one change per line.
+#[utoipa::path(
+    get,
+    path = "/export/changes.ndjson",
+    tag = "read",
+    operation_id = "exportChangesNdjson",
+    params(ChangeExportParameters),
+    responses(
+        (status = 200, description = "Every change after `after` up to the moment of the request, in order (gzip when accepted). `kind` is `stored` (a message, with its fields), `withdrawn` or `erased` (a dialog removed whole: `dialogId` and `removedAt`)",
+            body = ChangeRow, content_type = "application/x-ndjson",
+            headers(("DataAPI-Change-Token" = String, description = "Pass as `after` next time, once the whole file has arrived"))),
+        (status = 400, description = "`INVALID_CHANGE_TOKEN` (malformed, or ahead of this database), or an unknown parameter (`BAD_USER_INPUT`)", body = crate::rest::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid API key (`UNAUTHENTICATED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key's role may not read (`FORBIDDEN`), or the host is not served (`HOST_NOT_ALLOWED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`EXPORT_BUSY` or `STORE_UNAVAILABLE`: retry after Retry-After", body = crate::rest::Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("apiKey" = [])),
+)]
+pub async fn export_changes_ndjson(state: State<AppState>, request: Request) -> Response {
+    export(state, request, Format::Ndjson, Export::Changes).await
+}
+
+/// Export the change feed after a token as CSV (RFC 4180, a header row; empty cells where a kind has no value).
+#[utoipa::path(
+    get,
+    path = "/export/changes.csv",
+    tag = "read",
+    operation_id = "exportChangesCsv",
+    params(ChangeExportParameters),
+    responses(
+        (status = 200, description = "Every change after `after` up to the moment of the request, in order (gzip when accepted)",
+            body = String, content_type = "text/csv",
+            headers(("DataAPI-Change-Token" = String, description = "Pass as `after` next time, once the whole file has arrived"))),
+        (status = 400, description = "`INVALID_CHANGE_TOKEN` (malformed, or ahead of this database), or an unknown parameter (`BAD_USER_INPUT`)", body = crate::rest::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid API key (`UNAUTHENTICATED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key's role may not read (`FORBIDDEN`), or the host is not served (`HOST_NOT_ALLOWED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`EXPORT_BUSY` or `STORE_UNAVAILABLE`: retry after Retry-After", body = crate::rest::Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("apiKey" = [])),
+)]
+pub async fn export_changes_csv(state: State<AppState>, request: Request) -> Response {
+    export(state, request, Format::Csv, Export::Changes).await
+}
+
+/// Export the change feed after a token as Parquet: `change` an int64, the times UTC timestamps.
+#[utoipa::path(
+    get,
+    path = "/export/changes.parquet",
+    tag = "read",
+    operation_id = "exportChangesParquet",
+    params(ChangeExportParameters),
+    responses(
+        (status = 200, description = "Every change after `after` up to the moment of the request, in order, in one Parquet file",
+            body = String, content_type = "application/vnd.apache.parquet",
+            headers(("DataAPI-Change-Token" = String, description = "Pass as `after` next time, once the whole file has arrived"))),
+        (status = 400, description = "`INVALID_CHANGE_TOKEN` (malformed, or ahead of this database), or an unknown parameter (`BAD_USER_INPUT`)", body = crate::rest::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid API key (`UNAUTHENTICATED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The key's role may not read (`FORBIDDEN`), or the host is not served (`HOST_NOT_ALLOWED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`EXPORT_BUSY` or `STORE_UNAVAILABLE`: retry after Retry-After", body = crate::rest::Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("apiKey" = [])),
+)]
+pub async fn export_changes_parquet(state: State<AppState>, request: Request) -> Response {
+    export(state, request, Format::Parquet, Export::Changes).await
+}
+
+fn parse_change_export(query: &str) -> Result<ChangeToken, ApiError> {
+    let parameters: ChangeExportParameters =
+        serde_urlencoded::from_str(query).map_err(|error| {
+            ApiError::invalid(
+                "query",
+                format!("is not valid ({error}): the only parameter is `after`, at most once"),
+            )
+        })?;
+    match parameters.after {
+        Some(after) => ChangeToken::parse("after", &after),
+        None => Ok(ChangeToken::default()),
+    }
 }
 
 fn parse_export(query: &str) -> Result<(MessageFilter, ListOrder), ApiError> {
@@ -193,15 +293,57 @@ fn parse_export(query: &str) -> Result<(MessageFilter, ListOrder), ApiError> {
     Ok((filter, order))
 }
 
-async fn export(State(state): State<AppState>, request: Request, format: Format) -> Response {
-    let answer = start_export(&state, request, format).await;
+/// What is exported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Export {
+    Messages,
+    Changes,
+}
+
+async fn export(
+    State(state): State<AppState>,
+    request: Request,
+    format: Format,
+    what: Export,
+) -> Response {
+    let answer = start_export(&state, request, format, what).await;
     respond(&state, answer)
 }
 
-async fn start_export(state: &AppState, request: Request, format: Format) -> Answer {
+async fn start_export(state: &AppState, request: Request, format: Format, what: Export) -> Answer {
     let (parts, _) = request.into_parts();
-    let ticket = admit(state, &parts, Permission::Read, "GET /export/messages.*")?;
-    let (filter, order) = parse_export(parts.uri.query().unwrap_or_default())?;
+    let operation = match what {
+        Export::Messages => "GET /export/messages.*",
+        Export::Changes => "GET /export/changes.*",
+    };
+    let ticket = admit(state, &parts, Permission::Read, operation)?;
+    let query = parts.uri.query().unwrap_or_default();
+    match what {
+        Export::Messages => {
+            let (filter, order) = parse_export(query)?;
+            stream(state, ticket, format, MessageSource { filter, order }, None).await
+        }
+        Export::Changes => {
+            let after = parse_change_export(query)?;
+            let through = state.service.change_horizon("after", after).await?;
+            let token = HeaderValue::from(through);
+            let source = ChangeSource {
+                after: after.0,
+                through,
+            };
+            stream(state, ticket, format, source, Some(token)).await
+        }
+    }
+}
+
+/// Answers with the rows of `source` as one file in `format`, streamed.
+async fn stream<S: Source>(
+    state: &AppState,
+    ticket: Option<crate::admission::Ticket>,
+    format: Format,
+    source: S,
+    change_token: Option<HeaderValue>,
+) -> Answer {
     let permit = state.exports.clone().try_acquire_owned().map_err(|_| {
         let mut refusal = Rejection::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -216,10 +358,7 @@ async fn start_export(state: &AppState, request: Request, format: Format) -> Ans
     })?;
     // The first batch before answering: a database that fails now gets a 503 with advice, not a download
     // that breaks off.
-    let first = state
-        .service
-        .export_batch(&filter, None, order, BATCH)
-        .await?;
+    let first = source.batch(&state.service, None).await?;
     let (sender, receiver) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(2);
     let service = state.service.clone();
     tokio::spawn(async move {
@@ -227,17 +366,13 @@ async fn start_export(state: &AppState, request: Request, format: Format) -> Ans
         let _ticket = ticket;
         let _permit = permit;
         let started = std::time::Instant::now();
-        let exported = produce(&service, &filter, order, format, first, &sender).await;
+        let exported = produce(&service, &source, format, first, &sender).await;
         let metrics = service.metrics();
-        let label = match format {
-            Format::Ndjson => "export:ndjson",
-            Format::Csv => "export:csv",
-            Format::Parquet => "export:parquet",
-        };
-        metrics.operations.with_label_values(&[label]).inc();
+        let label = format!("export:{}:{}", S::NAME, format.extension());
+        metrics.operations.with_label_values(&[&label]).inc();
         metrics
             .operation_seconds
-            .with_label_values(&[label])
+            .with_label_values(&[&label])
             .observe(started.elapsed().as_secs_f64());
         if let Err(error) = exported {
             tracing::warn!(%error, "an export broke off");
@@ -251,34 +386,99 @@ async fn start_export(state: &AppState, request: Request, format: Format) -> Ans
         receiver,
         |mut receiver| async move { receiver.recv().await.map(|chunk| (chunk, receiver)) },
     )));
-    Ok((
+    let disposition = format!(
+        "attachment; filename=\"{}.{}\"",
+        S::NAME,
+        format.extension()
+    );
+    let mut response = (
         [
             (header::CONTENT_TYPE, format.media_type()),
-            (header::CONTENT_DISPOSITION, format.file_name()),
+            (header::CONTENT_DISPOSITION, disposition.as_str()),
         ],
         body,
     )
-        .into_response())
+        .into_response();
+    if let Some(token) = change_token {
+        response.headers_mut().insert(CHANGE_TOKEN_HEADER, token);
+    }
+    Ok(response)
+}
+
+/// Where an export's rows come from, a batch at a time.
+#[async_trait::async_trait]
+trait Source: Send + Sync + 'static {
+    type Row: Row;
+    /// Names the file and the metric.
+    const NAME: &'static str;
+    /// The rows after `last` (from the start without it), at most [`BATCH`].
+    async fn batch(
+        &self,
+        service: &crate::service::DialogService,
+        last: Option<&Self::Row>,
+    ) -> Result<Vec<Self::Row>, ApiError>;
+}
+
+struct MessageSource {
+    filter: MessageFilter,
+    order: ListOrder,
+}
+
+#[async_trait::async_trait]
+impl Source for MessageSource {
+    type Row = Message;
+    const NAME: &'static str = "messages";
+
+    async fn batch(
+        &self,
+        service: &crate::service::DialogService,
+        last: Option<&Message>,
+    ) -> Result<Vec<Message>, ApiError> {
+        let last = last.map(message_key);
+        service
+            .export_batch(&self.filter, last.as_ref(), self.order, BATCH)
+            .await
+    }
+}
+
+/// The changes in `(after, through]`: `through` is read once, when the export starts, so that a download
+/// ends and its token covers exactly what it holds.
+struct ChangeSource {
+    after: i64,
+    through: i64,
+}
+
+#[async_trait::async_trait]
+impl Source for ChangeSource {
+    type Row = Change;
+    const NAME: &'static str = "changes";
+
+    async fn batch(
+        &self,
+        service: &crate::service::DialogService,
+        last: Option<&Change>,
+    ) -> Result<Vec<Change>, ApiError> {
+        let after = last.map_or(self.after, Change::number);
+        service.change_batch(after, self.through, BATCH).await
+    }
 }
 
 /// Encodes and sends every batch; stops early (with `Ok`) when the client went away.
-async fn produce(
+async fn produce<S: Source>(
     service: &crate::service::DialogService,
-    filter: &MessageFilter,
-    order: ListOrder,
+    source: &S,
     format: Format,
-    first: Vec<Message>,
+    first: Vec<S::Row>,
     sender: &tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
 ) -> Result<(), String> {
-    let mut encoder = Encoder::new(format)?;
+    let mut encoder = Encoder::<S::Row>::new(format)?;
     let mut batch = first;
     loop {
-        let last = batch.last().map(message_key);
         let more = batch.len() == BATCH;
         // Encoding is CPU work: off the threads that serve requests.
-        let (returned, bytes) = tokio::task::spawn_blocking(move || {
+        let (returned, bytes, batch_back) = tokio::task::spawn_blocking(move || {
             let bytes = encoder.encode(&batch);
-            (encoder, bytes)
+            (encoder, bytes, batch)
         })
         .await
         .map_err(|error| error.to_string())?;
@@ -287,11 +487,11 @@ async fn produce(
         if !bytes.is_empty() && sender.send(Ok(bytes.into())).await.is_err() {
             return Ok(());
         }
-        let Some(last) = last.filter(|_| more) else {
+        let Some(last) = batch_back.last().filter(|_| more) else {
             break;
         };
-        batch = service
-            .export_batch(filter, Some(&last), order, BATCH)
+        batch = source
+            .batch(service, Some(last))
             .await
             .map_err(|error| error.message())?;
     }
@@ -328,22 +528,37 @@ impl Write for Drain {
     }
 }
 
-/// Turns batches of messages into the bytes of one file.
-enum Encoder {
-    Ndjson,
-    Csv {
-        header_written: bool,
-    },
-    Parquet {
-        // Boxed: the writer is large, the other formats hold nothing.
-        writer: Box<ArrowWriter<Drain>>,
-        out: Drain,
-        schema: Arc<Schema>,
-    },
+/// A row of an export: the same columns, named as in NDJSON and CSV, in every format.
+trait Row: Send + Sync + Sized + 'static {
+    const COLUMNS: &'static [&'static str];
+    fn parquet_schema() -> Schema;
+    fn parquet_columns(rows: &[Self]) -> Vec<ArrayRef>;
+    fn write_csv(&self, writer: &mut csv::Writer<Vec<u8>>) -> csv::Result<()>;
+    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()>;
 }
 
-/// The columns of every format, as named in NDJSON and CSV (the GraphQL and REST field names).
-const COLUMNS: [&str; 7] = [
+fn text(name: &str, nullable: bool) -> Field {
+    Field::new(name, DataType::Utf8, nullable)
+}
+
+fn time(name: &str, nullable: bool) -> Field {
+    Field::new(
+        name,
+        DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+        nullable,
+    )
+}
+
+fn strings<'a, T: 'a>(rows: &'a [T], get: impl Fn(&'a T) -> Option<&'a str>) -> ArrayRef {
+    Arc::new(StringArray::from_iter(rows.iter().map(get)))
+}
+
+fn times<T>(rows: &[T], get: impl Fn(&T) -> Option<i64>) -> ArrayRef {
+    Arc::new(TimestampMillisecondArray::from_iter(rows.iter().map(get)).with_timezone("UTC"))
+}
+
+/// The columns of the message export (the GraphQL and REST field names).
+const MESSAGE_COLUMNS: [&str; 7] = [
     "id",
     "messageId",
     "dialogId",
@@ -353,7 +568,210 @@ const COLUMNS: [&str; 7] = [
     "text",
 ];
 
-impl Encoder {
+impl Row for Message {
+    const COLUMNS: &'static [&'static str] = &MESSAGE_COLUMNS;
+
+    fn parquet_schema() -> Schema {
+        Schema::new(vec![
+            text("id", false),
+            text("messageId", true),
+            text("dialogId", false),
+            text("customerId", false),
+            text("language", false),
+            time("createdAt", false),
+            text("text", false),
+        ])
+    }
+
+    fn parquet_columns(rows: &[Self]) -> Vec<ArrayRef> {
+        vec![
+            strings(rows, |m| Some(m.id.as_str())),
+            strings(rows, |m| m.client_id.as_ref().map(|id| id.as_str())),
+            strings(rows, |m| Some(m.dialog_id.as_str())),
+            strings(rows, |m| Some(m.customer_id.as_str())),
+            strings(rows, |m| Some(m.language.as_str())),
+            times(rows, |m| Some(m.created_at)),
+            strings(rows, |m| Some(m.text.as_str())),
+        ]
+    }
+
+    fn write_csv(&self, writer: &mut csv::Writer<Vec<u8>>) -> csv::Result<()> {
+        let created_at = crate::model::rfc3339(self.created_at);
+        writer.write_record([
+            self.id.as_str(),
+            self.client_id.as_ref().map_or("", |id| id.as_str()),
+            self.dialog_id.as_str(),
+            self.customer_id.as_str(),
+            self.language.as_str(),
+            created_at.as_str(),
+            self.text.as_str(),
+        ])
+    }
+
+    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        serde_json::to_writer(out, &RecordedMessage::from(self.clone()))
+    }
+}
+
+/// One change as exported: `kind` says which fields it has (JSON: the others are null; CSV: empty).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChangeRow<'a> {
+    /// The change's position in the feed; the largest one downloaded is the token for next time.
+    change: i64,
+    /// `stored`: a message was stored. `withdrawn`, `erased`: the dialog `dialogId` was removed whole, so
+    /// drop every message of it copied before this change.
+    kind: &'a str,
+    dialog_id: &'a str,
+    id: Option<&'a str>,
+    message_id: Option<&'a str>,
+    customer_id: Option<&'a str>,
+    language: Option<&'a str>,
+    #[schema(format = DateTime)]
+    created_at: Option<String>,
+    text: Option<&'a str>,
+    #[schema(format = DateTime)]
+    removed_at: Option<String>,
+}
+
+/// The columns of the change export.
+const CHANGE_COLUMNS: [&str; 10] = [
+    "change",
+    "kind",
+    "dialogId",
+    "id",
+    "messageId",
+    "customerId",
+    "language",
+    "createdAt",
+    "text",
+    "removedAt",
+];
+
+impl Change {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Stored { .. } => "stored",
+            Self::Removed { reason, .. } => reason.as_str(),
+        }
+    }
+
+    fn dialog_id(&self) -> &str {
+        match self {
+            Self::Stored { message, .. } => message.dialog_id.as_str(),
+            Self::Removed { dialog_id, .. } => dialog_id.as_str(),
+        }
+    }
+
+    fn message(&self) -> Option<&Message> {
+        match self {
+            Self::Stored { message, .. } => Some(message),
+            Self::Removed { .. } => None,
+        }
+    }
+
+    fn removed_at(&self) -> Option<i64> {
+        match self {
+            Self::Stored { .. } => None,
+            Self::Removed { at, .. } => Some(*at),
+        }
+    }
+}
+
+impl<'a> From<&'a Change> for ChangeRow<'a> {
+    fn from(change: &'a Change) -> Self {
+        let message = change.message();
+        Self {
+            change: change.number(),
+            kind: change.kind(),
+            dialog_id: change.dialog_id(),
+            id: message.map(|m| m.id.as_str()),
+            message_id: message.and_then(|m| m.client_id.as_ref().map(|id| id.as_str())),
+            customer_id: message.map(|m| m.customer_id.as_str()),
+            language: message.map(|m| m.language.as_str()),
+            created_at: message.map(|m| crate::model::rfc3339(m.created_at)),
+            text: message.map(|m| m.text.as_str()),
+            removed_at: change.removed_at().map(crate::model::rfc3339),
+        }
+    }
+}
+
+impl Row for Change {
+    const COLUMNS: &'static [&'static str] = &CHANGE_COLUMNS;
+
+    fn parquet_schema() -> Schema {
+        Schema::new(vec![
+            Field::new("change", DataType::Int64, false),
+            text("kind", false),
+            text("dialogId", false),
+            text("id", true),
+            text("messageId", true),
+            text("customerId", true),
+            text("language", true),
+            time("createdAt", true),
+            text("text", true),
+            time("removedAt", true),
+        ])
+    }
+
+    fn parquet_columns(rows: &[Self]) -> Vec<ArrayRef> {
+        vec![
+            Arc::new(Int64Array::from_iter_values(
+                rows.iter().map(Change::number),
+            )),
+            strings(rows, |c| Some(c.kind())),
+            strings(rows, |c| Some(c.dialog_id())),
+            strings(rows, |c| c.message().map(|m| m.id.as_str())),
+            strings(rows, |c| {
+                c.message()
+                    .and_then(|m| m.client_id.as_ref().map(|id| id.as_str()))
+            }),
+            strings(rows, |c| c.message().map(|m| m.customer_id.as_str())),
+            strings(rows, |c| c.message().map(|m| m.language.as_str())),
+            times(rows, |c| c.message().map(|m| m.created_at)),
+            strings(rows, |c| c.message().map(|m| m.text.as_str())),
+            times(rows, Change::removed_at),
+        ]
+    }
+
+    fn write_csv(&self, writer: &mut csv::Writer<Vec<u8>>) -> csv::Result<()> {
+        let row = ChangeRow::from(self);
+        let number = row.change.to_string();
+        writer.write_record([
+            number.as_str(),
+            row.kind,
+            row.dialog_id,
+            row.id.unwrap_or_default(),
+            row.message_id.unwrap_or_default(),
+            row.customer_id.unwrap_or_default(),
+            row.language.unwrap_or_default(),
+            row.created_at.as_deref().unwrap_or_default(),
+            row.text.unwrap_or_default(),
+            row.removed_at.as_deref().unwrap_or_default(),
+        ])
+    }
+
+    fn write_json(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
+        serde_json::to_writer(out, &ChangeRow::from(self))
+    }
+}
+
+/// Turns batches of rows into the bytes of one file.
+enum Encoder<R: Row> {
+    Ndjson,
+    Csv {
+        header_written: bool,
+    },
+    Parquet {
+        // Boxed: the writer is large, the other formats hold nothing.
+        writer: Box<ArrowWriter<Drain>>,
+        out: Drain,
+        schema: Arc<Schema>,
+        rows: std::marker::PhantomData<R>,
+    },
+}
+
+impl<R: Row> Encoder<R> {
     fn new(format: Format) -> Result<Self, String> {
         Ok(match format {
             Format::Ndjson => Self::Ndjson,
@@ -361,20 +779,7 @@ impl Encoder {
                 header_written: false,
             },
             Format::Parquet => {
-                let text = |name: &str, nullable| Field::new(name, DataType::Utf8, nullable);
-                let schema = Arc::new(Schema::new(vec![
-                    text(COLUMNS[0], false),
-                    text(COLUMNS[1], true),
-                    text(COLUMNS[2], false),
-                    text(COLUMNS[3], false),
-                    text(COLUMNS[4], false),
-                    Field::new(
-                        COLUMNS[5],
-                        DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
-                        false,
-                    ),
-                    text(COLUMNS[6], false),
-                ]));
+                let schema = Arc::new(R::parquet_schema());
                 let properties = WriterProperties::builder()
                     .set_compression(Compression::SNAPPY)
                     .set_max_row_group_row_count(Some(ROW_GROUP))
@@ -386,18 +791,19 @@ impl Encoder {
                     writer: Box::new(writer),
                     out,
                     schema,
+                    rows: std::marker::PhantomData,
                 }
             }
         })
     }
 
     /// The bytes of `batch`, ready to send (for Parquet, the row groups completed so far).
-    fn encode(&mut self, batch: &[Message]) -> Result<Vec<u8>, String> {
+    fn encode(&mut self, batch: &[R]) -> Result<Vec<u8>, String> {
         match self {
             Self::Ndjson => {
                 let mut out = Vec::with_capacity(batch.len() * 256);
-                for message in batch {
-                    serde_json::to_writer(&mut out, &RecordedMessage::from(message.clone()))
+                for row in batch {
+                    row.write_json(&mut out)
                         .map_err(|error| error.to_string())?;
                     out.push(b'\n');
                 }
@@ -407,22 +813,12 @@ impl Encoder {
                 let mut writer = csv::Writer::from_writer(Vec::with_capacity(batch.len() * 256));
                 if !*header_written {
                     writer
-                        .write_record(COLUMNS)
+                        .write_record(R::COLUMNS)
                         .map_err(|error| error.to_string())?;
                     *header_written = true;
                 }
-                for message in batch {
-                    let created_at = crate::model::rfc3339(message.created_at);
-                    writer
-                        .write_record([
-                            message.id.as_str(),
-                            message.client_id.as_ref().map_or("", |id| id.as_str()),
-                            message.dialog_id.as_str(),
-                            message.customer_id.as_str(),
-                            message.language.as_str(),
-                            created_at.as_str(),
-                            message.text.as_str(),
-                        ])
+                for row in batch {
+                    row.write_csv(&mut writer)
                         .map_err(|error| error.to_string())?;
                 }
                 writer.into_inner().map_err(|error| error.to_string())
@@ -431,29 +827,9 @@ impl Encoder {
                 writer,
                 out,
                 schema,
+                ..
             } => {
-                let strings = |get: &dyn Fn(&Message) -> &str| -> ArrayRef {
-                    Arc::new(StringArray::from_iter_values(batch.iter().map(get)))
-                };
-                let columns: Vec<ArrayRef> = vec![
-                    strings(&|m| m.id.as_str()),
-                    Arc::new(StringArray::from_iter(
-                        batch
-                            .iter()
-                            .map(|m| m.client_id.as_ref().map(|id| id.as_str())),
-                    )),
-                    strings(&|m| m.dialog_id.as_str()),
-                    strings(&|m| m.customer_id.as_str()),
-                    strings(&|m| m.language.as_str()),
-                    Arc::new(
-                        TimestampMillisecondArray::from_iter_values(
-                            batch.iter().map(|m| m.created_at),
-                        )
-                        .with_timezone("UTC"),
-                    ),
-                    strings(&|m| m.text.as_str()),
-                ];
-                let records = RecordBatch::try_new(schema.clone(), columns)
+                let records = RecordBatch::try_new(schema.clone(), R::parquet_columns(batch))
                     .map_err(|error| error.to_string())?;
                 writer.write(&records).map_err(|error| error.to_string())?;
                 Ok(out.take())
@@ -469,10 +845,10 @@ impl Encoder {
                 if header_written {
                     return Ok(Vec::new());
                 }
-                // No message at all: the header alone.
+                // No row at all: the header alone.
                 let mut writer = csv::Writer::from_writer(Vec::new());
                 writer
-                    .write_record(COLUMNS)
+                    .write_record(R::COLUMNS)
                     .map_err(|error| error.to_string())?;
                 writer.into_inner().map_err(|error| error.to_string())
             }
@@ -506,28 +882,34 @@ mod tests {
 
     #[test]
     fn csv_quotes_what_needs_it_and_writes_the_header_once() {
-        let mut encoder = Encoder::new(Format::Csv).unwrap();
+        let mut encoder = Encoder::<Message>::new(Format::Csv).unwrap();
         let mut out = encoder
             .encode(&[message(0, "plain"), message(1, "a, \"quoted\"\nline")])
             .unwrap();
         out.extend(encoder.encode(&[message(2, "more")]).unwrap());
         out.extend(encoder.finish().unwrap());
         let mut reader = csv::Reader::from_reader(out.as_slice());
-        assert_eq!(reader.headers().unwrap(), COLUMNS.as_slice());
+        assert_eq!(reader.headers().unwrap(), MESSAGE_COLUMNS.as_slice());
         let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
         assert_eq!(rows.len(), 3);
         assert_eq!(&rows[1][6], "a, \"quoted\"\nline");
         assert_eq!(&rows[1][1], "");
         assert_eq!(&rows[0][5], "2026-11-28T09:00:00.000Z");
         // No message: the header alone.
-        let empty = Encoder::new(Format::Csv).unwrap().finish().unwrap();
-        assert_eq!(String::from_utf8(empty).unwrap().trim(), COLUMNS.join(","));
+        let empty = Encoder::<Message>::new(Format::Csv)
+            .unwrap()
+            .finish()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(empty).unwrap().trim(),
+            MESSAGE_COLUMNS.join(",")
+        );
     }
 
     #[test]
     fn parquet_comes_out_whole_with_typed_columns() {
         use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-        let mut encoder = Encoder::new(Format::Parquet).unwrap();
+        let mut encoder = Encoder::<Message>::new(Format::Parquet).unwrap();
         let mut out = Vec::new();
         for chunk in 0..3 {
             let batch: Vec<Message> = (0..1000)

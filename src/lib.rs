@@ -8,6 +8,7 @@ pub mod admission;
 pub mod app;
 pub mod auth;
 pub mod buffer;
+pub mod changes;
 pub mod clock;
 pub mod config;
 pub mod connections;

@@ -313,6 +313,57 @@ impl Message {
     }
 }
 
+/// Why a stored dialog was removed whole, as the change feed tells copies of the data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Removal {
+    /// Its consent was withdrawn.
+    Withdrawn,
+    /// Its customer was erased.
+    Erased,
+}
+
+impl Removal {
+    /// The name stored in the database and shown in exports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Withdrawn => "withdrawn",
+            Self::Erased => "erased",
+        }
+    }
+
+    pub fn from_stored(name: &str) -> Option<Self> {
+        match name {
+            "withdrawn" => Some(Self::Withdrawn),
+            "erased" => Some(Self::Erased),
+            _ => None,
+        }
+    }
+}
+
+/// One entry of the change feed. Entries are numbered store-wide in the order their writes committed,
+/// so that "everything after number N" is exact (see docs/decisions.md, "The change feed").
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    /// A message was stored: its dialog's consent arrived, or it was pushed to a consented dialog.
+    Stored { number: i64, message: Message },
+    /// A stored dialog was removed whole: every message of it numbered before this entry is gone.
+    Removed {
+        number: i64,
+        dialog_id: DialogId,
+        reason: Removal,
+        /// Milliseconds since the epoch.
+        at: i64,
+    },
+}
+
+impl Change {
+    pub fn number(&self) -> i64 {
+        match self {
+            Self::Stored { number, .. } | Self::Removed { number, .. } => *number,
+        }
+    }
+}
+
 /// What happened to a pushed message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MessageFate {

@@ -100,7 +100,10 @@ pub async fn no_such_route(State(state): State<AppState>) -> Response {
         list_messages,
         crate::export::export_ndjson,
         crate::export::export_csv,
-        crate::export::export_parquet
+        crate::export::export_parquet,
+        crate::export::export_changes_ndjson,
+        crate::export::export_changes_csv,
+        crate::export::export_changes_parquet
     ),
     // Referenced by a query parameter, which utoipa does not collect by itself.
     components(schemas(ListingOrder)),
@@ -219,9 +222,11 @@ pub(crate) fn respond(state: &AppState, answer: Answer) -> Response {
 fn problem(state: &AppState, rejection: Rejection, detail_of: Option<&ApiError>) -> Response {
     crate::http::count_error(state, rejection.code);
     let (field, dialog_id) = match detail_of {
-        Some(ApiError::InvalidInput { field, .. } | ApiError::InvalidCursor { field, .. }) => {
-            (Some((*field).to_owned()), None)
-        }
+        Some(
+            ApiError::InvalidInput { field, .. }
+            | ApiError::InvalidCursor { field, .. }
+            | ApiError::InvalidChangeToken { field, .. },
+        ) => (Some((*field).to_owned()), None),
         Some(ApiError::InvalidInputAt { field, .. }) => (Some(field.clone()), None),
         Some(ApiError::DialogNotFound(dialog_id)) => (None, Some(dialog_id.clone())),
         _ => (None, None),
@@ -250,7 +255,8 @@ fn service_problem(state: &AppState, error: ApiError) -> Response {
     let status = match &error {
         ApiError::InvalidInput { .. }
         | ApiError::InvalidInputAt { .. }
-        | ApiError::InvalidCursor { .. } => StatusCode::BAD_REQUEST,
+        | ApiError::InvalidCursor { .. }
+        | ApiError::InvalidChangeToken { .. } => StatusCode::BAD_REQUEST,
         ApiError::DialogNotFound(_) => StatusCode::NOT_FOUND,
         ApiError::MessageIdConflict { .. } | ApiError::CustomerMismatch { .. } => {
             StatusCode::CONFLICT
@@ -1039,6 +1045,7 @@ mod tests {
         assert!(paths["/data/"]["get"].is_object());
         for format in ["ndjson", "csv", "parquet"] {
             assert!(paths[&format!("/export/messages.{format}")]["get"].is_object());
+            assert!(paths[&format!("/export/changes.{format}")]["get"].is_object());
         }
     }
 }

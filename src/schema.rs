@@ -10,14 +10,15 @@ use async_graphql::dataloader::{DataLoader, HashMapCache, Loader};
 use async_graphql::{
     Context, EmptySubscription, Enum, ErrorExtensions, ID, InputObject, InputValueError,
     InputValueResult, Object, Result, Scalar, ScalarType, Schema, SchemaBuilder, SimpleObject,
-    ValidationMode, Value,
+    Union, ValidationMode, Value,
 };
 
 use crate::auth::{Caller, Permission};
+use crate::changes::ChangeToken;
 use crate::error::ApiError;
 use crate::model::{
     ClientMessageId, CustomerId, DialogId, IncomingMessage, Language, MessageFate, MessageText,
-    TimeWindow,
+    Removal, TimeWindow,
 };
 use crate::paging::{ListKind, Page, PageArgs, encode_cursor};
 use crate::service::DialogService;
@@ -765,6 +766,46 @@ impl QueryRoot {
         ))
     }
 
+    /// The change feed: every message stored and every dialog removed (consent withdrawn, customer
+    /// erased) after the token `after` (from the start without it), in the order the writes committed,
+    /// at most `first` (20 by default, up to MAX_PAGE_SIZE). Keep a copy in step by applying each page in
+    /// order (or: remove every dialog a page names as removed, then add its messages), and pass the
+    /// page's `token` as `after` next time; while `hasMore`, ask again at once. Nothing is missed or repeated,
+    /// however late a consent arrives and whichever replica wrote it.
+    #[graphql(
+        guard = "require(Permission::Read)",
+        complexity = "page_complexity(first, None, child_complexity)"
+    )]
+    async fn changes(
+        &self,
+        ctx: &Context<'_>,
+        after: Option<ChangeTokenValue>,
+        first: Option<i32>,
+    ) -> Result<ChangeFeedPage> {
+        let limits = data::<Limits>(ctx)?;
+        let after = match after {
+            Some(token) => ChangeToken::parse("after", &token.0)?,
+            None => ChangeToken::default(),
+        };
+        let first = match first {
+            None => crate::paging::DEFAULT_PAGE_SIZE.min(limits.max_page_size),
+            Some(n) if n >= 1 && n as usize <= limits.max_page_size => n as usize,
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "first",
+                    format!(
+                        "must be between 1 and {} (MAX_PAGE_SIZE); read on with the returned token",
+                        limits.max_page_size
+                    ),
+                )
+                .extend());
+            }
+        };
+        data::<RequestAllowance>(ctx)?.spend_many(CHANGES_STORE_CALLS)?;
+        let page = service(ctx)?.changes("after", after, first).await?;
+        Ok(ChangeFeedPage(page))
+    }
+
     /// Counts of stored messages and of their dialogs, computed by the database, over the same filter and
     /// time range as `messages`; grouped by `groupBy` (language, customer) and by a time `bucket` in
     /// `timeZone` (an IANA name, UTC when null; buckets start at local midnight, on Monday for weeks, on
@@ -847,6 +888,121 @@ impl QueryRoot {
             })
             .collect())
     }
+}
+
+/// Store calls one read of the change feed makes: the counter, then messages and removals.
+const CHANGES_STORE_CALLS: usize = 3;
+
+/// A position in the change feed, as `ChangeFeedPage.token` returns it: decimal digits. Pass it back
+/// unchanged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangeTokenValue(String);
+
+#[Scalar(name = "ChangeToken")]
+impl ScalarType for ChangeTokenValue {
+    fn parse(value: Value) -> InputValueResult<Self> {
+        // Any string: the resolver checks it, so that a bad token gets INVALID_CHANGE_TOKEN and advice.
+        match value {
+            Value::String(text) => Ok(Self(text)),
+            other => Err(InputValueError::custom(format!(
+                "expected a change token string such as \"1042\", found {other}"
+            ))),
+        }
+    }
+
+    fn to_value(&self) -> Value {
+        Value::String(self.0.clone())
+    }
+}
+
+impl From<ChangeToken> for ChangeTokenValue {
+    fn from(token: ChangeToken) -> Self {
+        Self(token.to_string())
+    }
+}
+
+/// One read of the change feed.
+pub struct ChangeFeedPage(crate::changes::ChangePage);
+
+/// One read of the change feed.
+#[Object]
+impl ChangeFeedPage {
+    /// In the order the writes committed.
+    async fn changes(&self) -> Vec<Change> {
+        self.0.changes.iter().cloned().map(Change::from).collect()
+    }
+
+    /// Pass as `after` next time. After the last change of this page; when the page holds every change
+    /// up to the moment of the read, after that moment.
+    async fn token(&self) -> ChangeTokenValue {
+        self.0.token.into()
+    }
+
+    /// More changes were committed before this read than the page holds: ask again with `token` now.
+    async fn has_more(&self) -> bool {
+        self.0.has_more
+    }
+}
+
+/// An entry of the change feed.
+#[derive(Union)]
+pub enum Change {
+    MessageStored(MessageStored),
+    DialogRemoved(DialogRemoved),
+}
+
+impl From<crate::model::Change> for Change {
+    fn from(change: crate::model::Change) -> Self {
+        match change {
+            crate::model::Change::Stored { number, message } => {
+                Self::MessageStored(MessageStored {
+                    change: ChangeToken(number).into(),
+                    message: Message(message),
+                })
+            }
+            crate::model::Change::Removed {
+                number,
+                dialog_id,
+                reason,
+                at,
+            } => Self::DialogRemoved(DialogRemoved {
+                change: ChangeToken(number).into(),
+                dialog_id: ID(dialog_id.to_string()),
+                reason: match reason {
+                    Removal::Withdrawn => RemovalReason::Withdrawn,
+                    Removal::Erased => RemovalReason::Erased,
+                },
+                removed_at: DateTime(at),
+            }),
+        }
+    }
+}
+
+/// A message was stored: its dialog's consent arrived, or it was pushed to a consented dialog.
+#[derive(SimpleObject)]
+pub struct MessageStored {
+    /// This change's position in the feed.
+    change: ChangeTokenValue,
+    message: Message,
+}
+
+/// A stored dialog was removed whole: drop every message of it you copied before this change.
+#[derive(SimpleObject)]
+pub struct DialogRemoved {
+    /// This change's position in the feed.
+    change: ChangeTokenValue,
+    dialog_id: ID,
+    reason: RemovalReason,
+    removed_at: DateTime,
+}
+
+/// Why a stored dialog was removed.
+#[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemovalReason {
+    /// Its consent was withdrawn.
+    Withdrawn,
+    /// Its customer was erased (the feed keeps the dialog id only, never the customer id).
+    Erased,
 }
 
 /// What the statistics of messages are grouped by, besides a time bucket.

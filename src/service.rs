@@ -24,6 +24,7 @@ use futures::future::{BoxFuture, Shared};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::buffer::{DecisionLease, DialogPush, Dropped, PushOutcome, SharedBuffer};
+use crate::changes::{ChangePage, ChangeToken};
 use crate::clock::now_millis;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -863,6 +864,43 @@ impl DialogService {
             .store
             .scan_messages(filter, &range, scan, limit)
             .await?)
+    }
+
+    /// One page of the change feed after `after`, at most `limit` changes (see `changes`).
+    pub async fn changes(
+        &self,
+        field: &'static str,
+        after: ChangeToken,
+        limit: usize,
+    ) -> Result<ChangePage, ApiError> {
+        let through = self.change_horizon(field, after).await?;
+        let changes = self
+            .store
+            .scan_changes(after.0, through, limit.saturating_add(1))
+            .await?;
+        Ok(ChangePage::new(changes, through, limit))
+    }
+
+    /// The last change committed, which a read of the feed after `after` goes up to; refuses a token ahead
+    /// of it.
+    pub async fn change_horizon(
+        &self,
+        field: &'static str,
+        after: ChangeToken,
+    ) -> Result<i64, ApiError> {
+        let through = self.store.last_change().await?;
+        crate::changes::check_not_ahead(field, after, through)?;
+        Ok(through)
+    }
+
+    /// Changes numbered in `(after, through]`, at most `limit`, for exports.
+    pub async fn change_batch(
+        &self,
+        after: i64,
+        through: i64,
+        limit: usize,
+    ) -> Result<Vec<crate::model::Change>, ApiError> {
+        Ok(self.store.scan_changes(after, through, limit).await?)
     }
 
     pub async fn message_stats(

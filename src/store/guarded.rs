@@ -20,7 +20,7 @@ use super::{
     MessageFilter, SharedStore, Store, StoreError, StoreResult,
 };
 use crate::metrics::Metrics;
-use crate::model::{ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Message};
+use crate::model::{Change, ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Message};
 use crate::paging::{KeyRange, ScanOrder};
 use crate::stats::{Buckets, ConsentStats, Grouping, MessageStats};
 
@@ -248,6 +248,23 @@ impl Store for GuardedStore {
         self.call(
             "messages_of_dialogs",
             self.inner.messages_of_dialogs(dialog_ids, limit),
+        )
+        .await
+    }
+
+    async fn last_change(&self) -> StoreResult<i64> {
+        self.call("last_change", self.inner.last_change()).await
+    }
+
+    async fn scan_changes(
+        &self,
+        after: i64,
+        through: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<Change>> {
+        self.call(
+            "scan_changes",
+            self.inner.scan_changes(after, through, limit),
         )
         .await
     }

@@ -4,14 +4,17 @@
 //! Invariants every implementation keeps:
 //! - only dialogs whose current decision is `true` have messages in the store;
 //! - each write is atomic (a transaction): a failure leaves nothing half-written;
-//! - writes are idempotent: message ids are decided before the write, so a retry inserts nothing twice.
+//! - writes are idempotent: message ids are decided before the write, so a retry inserts nothing twice;
+//! - every stored message and every dialog removed whole (a withdrawal, an erasure) gets a change number,
+//!   store-wide, in the order the writes commit: a write's numbers are taken inside its transaction from
+//!   one counter that serializes writers, so no change numbered below the counter can become visible later.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use crate::model::{
-    ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Language, Message,
+    Change, ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Language, Message,
 };
 pub use crate::model::{Erased, ErasureAudit, TimeWindow};
 use crate::paging::{KeyRange, ScanOrder, SortKey};
@@ -271,6 +274,18 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> StoreResult<Vec<ConsentStats>>;
 
+    /// The number of the latest change committed, 0 before any. Every change numbered up to it is visible to
+    /// the reads that start after this call returns, and no change numbered up to it can appear later.
+    async fn last_change(&self) -> StoreResult<i64>;
+
+    /// Changes numbered after `after` and up to `through`, in number order, at most `limit`.
+    async fn scan_changes(
+        &self,
+        after: i64,
+        through: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<Change>>;
+
     /// The messages of many dialogs at once (one round trip), each dialog's oldest first; at most `limit`
     /// of them (callers ask for one more than they accept, to tell that there were more).
     async fn messages_of_dialogs(
@@ -281,6 +296,28 @@ pub trait Store: Send + Sync + 'static {
 }
 
 pub type SharedStore = Arc<dyn Store>;
+
+/// Two runs of changes, each in number order, as one in number order; at most `limit`.
+pub fn merge_changes(stored: Vec<Change>, removed: Vec<Change>, limit: usize) -> Vec<Change> {
+    let mut changes = Vec::with_capacity((stored.len() + removed.len()).min(limit));
+    let (mut stored, mut removed) = (
+        stored.into_iter().peekable(),
+        removed.into_iter().peekable(),
+    );
+    while changes.len() < limit {
+        let next = match (stored.peek(), removed.peek()) {
+            (Some(a), Some(b)) if a.number() < b.number() => stored.next(),
+            (Some(_), Some(_)) | (None, Some(_)) => removed.next(),
+            (Some(_), None) => stored.next(),
+            (None, None) => None,
+        };
+        match next {
+            Some(change) => changes.push(change),
+            None => break,
+        }
+    }
+    changes
+}
 
 /// At most this many dialogs (or consent records) go in one erasure batch, whatever their size.
 pub const MAX_DIALOGS_PER_ERASE_BATCH: usize = 1_000;

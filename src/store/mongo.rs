@@ -3,7 +3,9 @@
 //! Collections (field names as a data scientist reading them with pymongo sees them):
 //! - `messages`: one document per stored message, `_id` the message id, dates as BSON dates;
 //! - `dialogs`: one summary document per stored dialog (`_id` the dialog id), kept in step with its messages;
-//! - `consents`: the audit record of each dialog's decision (`_id` the dialog id) with its `history`.
+//! - `consents`: the audit record of each dialog's decision (`_id` the dialog id) with its `history`;
+//! - `tombstones`: dialogs removed whole (`_id` the change number), for the change feed;
+//! - `settings`: among others `lastChange`, the counter change numbers are taken from.
 //!
 //! Every write runs in a transaction, so a consented dialog is never half-written; message ids are decided
 //! before the write, so a retried write inserts nothing twice.
@@ -23,9 +25,10 @@ use super::{
     Appended, ConsentFilter, Decision, DecisionWritten, DialogFilter, Erased, ErasureAudit,
     MAX_DIALOGS_PER_ERASE_BATCH, MessageFilter, Store, StoreError, StoreResult,
 };
+use crate::clock::now_millis;
 use crate::model::{
-    ClientMessageId, ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Language,
-    Message, MessageText,
+    Change, ClientMessageId, ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Language,
+    Message, MessageText, Removal,
 };
 use crate::paging::{KeyRange, ScanOrder};
 use crate::stats::{Buckets, ConsentStats, Grouping, MessageStats};
@@ -50,6 +53,9 @@ struct MessageDoc {
     created_at: BsonDateTime,
     /// Acceptance order in microseconds: orders messages within a dialog and in the flat listing.
     seq: i64,
+    /// Its number in the change feed, taken when it is stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    change_seq: Option<i64>,
 }
 
 impl From<&Message> for MessageDoc {
@@ -63,6 +69,7 @@ impl From<&Message> for MessageDoc {
             language: message.language.to_string(),
             created_at: BsonDateTime::from_millis(message.created_at),
             seq: message.seq,
+            change_seq: None,
         }
     }
 }
@@ -158,9 +165,22 @@ pub struct MongoStore {
     erasures: Collection<Document>,
     /// Erasures begun and not finished, by customer id (see [`Store::begin_erasure`]).
     erasures_running: Collection<Document>,
-    /// Values the service keeps for itself (the audit secret when AUDIT_SECRET is unset).
+    /// Values the service keeps for itself (the audit secret when AUDIT_SECRET is unset, `lastChange`).
     settings: Collection<Document>,
+    /// Dialogs removed whole, by change number (see [`Store::scan_changes`]).
+    tombstones: Collection<Document>,
+    /// Held by the writes that take change numbers, for their whole transaction. Two transactions taking
+    /// numbers conflict on the counter and one is aborted and retried: within this process they queue here
+    /// instead, so that a burst of consents is not a burst of aborts that runs out of retries; only
+    /// replicas conflict with each other.
+    numbering: tokio::sync::Mutex<()>,
 }
+
+/// The `settings` document holding the last change number taken.
+const LAST_CHANGE: &str = "lastChange";
+
+/// Messages stored before the change feed existed are numbered this many per transaction at startup.
+const NUMBERING_BATCH: usize = 1_000;
 
 fn mongo_error(context: &'static str) -> impl Fn(mongodb::error::Error) -> StoreError {
     move |error| StoreError::new(context, error)
@@ -329,13 +349,22 @@ macro_rules! in_transaction {
                     if error.contains_label(TRANSIENT_TRANSACTION_ERROR)
                         && attempt < TRANSACTION_ATTEMPTS =>
                 {
-                    // A write conflict: let the other transaction finish first.
-                    tokio::time::sleep(Duration::from_millis(10 << attempt)).await;
+                    // A write conflict: let the other transaction finish first. With jitter, so that
+                    // replicas that conflicted once do not retry in step and conflict again.
+                    tokio::time::sleep(backoff(attempt)).await;
                 }
                 other => break other.map_err(mongo_error("transaction")),
             }
         }
     }};
+}
+
+/// How long to wait before attempt `attempt + 1` of a transaction: 10 ms doubling, each time a random
+/// amount between half of it and all of it.
+fn backoff(attempt: usize) -> Duration {
+    let ceiling = 10u64 << attempt.min(10);
+    let random = u64::from(uuid::Uuid::new_v4().as_u128() as u32);
+    Duration::from_millis(ceiling / 2 + random % (ceiling / 2 + 1))
 }
 
 /// Commits, retrying a commit whose outcome is unknown (committing twice is safe).
@@ -387,11 +416,14 @@ impl MongoStore {
             erasures: db.collection("erasures"),
             erasures_running: db.collection("erasuresRunning"),
             settings: db.collection("settings"),
+            tombstones: db.collection("tombstones"),
+            numbering: tokio::sync::Mutex::new(()),
             database: database.to_owned(),
             hosts,
             client,
         };
         store.ping().await?;
+        store.number_old_messages().await?;
         store.create_indexes().await?;
         Ok(store)
     }
@@ -427,6 +459,7 @@ impl MongoStore {
                     doc! { "customerId": 1, "seq": -1, "_id": -1 },
                     "customer_recent",
                 ),
+                index(doc! { "changeSeq": 1 }, "changes"),
             ])
             .await
             .map_err(mongo_error("create message indexes"))?;
@@ -452,6 +485,104 @@ impl MongoStore {
             .create_index(index(doc! { "customerDigest": 1 }, "customer_digest"))
             .await
             .map_err(mongo_error("create erasure indexes"))?;
+        Ok(())
+    }
+
+    /// Gives the messages stored before the change feed existed their change numbers, oldest first, in
+    /// batches of one transaction each. Replicas starting together may run it at once: each batch takes
+    /// the counter, so their transactions conflict and one retries, finding the messages numbered.
+    async fn number_old_messages(&self) -> StoreResult<()> {
+        let unnumbered = doc! { "changeSeq": { "$exists": false } };
+        let mut numbered = 0u64;
+        loop {
+            let done = in_transaction!(self, session, async {
+                let ids: Vec<Bson> = self
+                    .messages
+                    .clone_with_type::<Document>()
+                    .find(unnumbered.clone())
+                    .sort(doc! { "seq": 1, "_id": 1 })
+                    .projection(doc! { "_id": 1 })
+                    .limit(NUMBERING_BATCH as i64)
+                    .session(&mut session)
+                    .await?
+                    .stream(&mut session)
+                    .try_filter_map(|d| async move { Ok(d.get("_id").cloned()) })
+                    .try_collect()
+                    .await?;
+                if ids.is_empty() {
+                    return Ok::<_, mongodb::error::Error>(true);
+                }
+                let first = self.take_changes(&mut session, ids.len()).await?;
+                // Each message's number is its place in the batch.
+                self.messages
+                    .update_many(
+                        doc! { "_id": { "$in": &ids }, "changeSeq": { "$exists": false } },
+                        vec![doc! { "$set": { "changeSeq": {
+                            "$add": [first, { "$indexOfArray": [&ids, "$_id"] }]
+                        } } }],
+                    )
+                    .session(&mut session)
+                    .await?;
+                numbered += ids.len() as u64;
+                Ok(false)
+            })?;
+            if done {
+                break;
+            }
+        }
+        if numbered > 0 {
+            tracing::info!(
+                numbered,
+                "numbered the messages stored before the change feed"
+            );
+        }
+        Ok(())
+    }
+
+    /// Takes `count` change numbers from the counter, in the caller's transaction; returns the first.
+    /// Two transactions taking numbers write the same document, so they conflict and one waits: numbers
+    /// become visible in the order they were taken.
+    async fn take_changes(
+        &self,
+        session: &mut ClientSession,
+        count: usize,
+    ) -> mongodb::error::Result<i64> {
+        let count = count as i64;
+        let counter = self
+            .settings
+            .find_one_and_update(
+                doc! { "_id": LAST_CHANGE },
+                doc! { "$inc": { "value": count } },
+            )
+            .upsert(true)
+            .return_document(mongodb::options::ReturnDocument::After)
+            .session(&mut *session)
+            .await?;
+        let last = counter
+            .and_then(|counter| counter.get_i64("value").ok())
+            .unwrap_or(count);
+        Ok(last - count + 1)
+    }
+
+    /// Numbers the removal of each of `dialog_ids` as a change (a tombstone), in the removing transaction.
+    async fn add_tombstones(
+        &self,
+        session: &mut ClientSession,
+        dialog_ids: &[String],
+        reason: Removal,
+        at: i64,
+    ) -> mongodb::error::Result<()> {
+        if dialog_ids.is_empty() {
+            return Ok(());
+        }
+        let first = self.take_changes(session, dialog_ids.len()).await?;
+        let at = BsonDateTime::from_millis(at);
+        self.tombstones
+            .insert_many(dialog_ids.iter().zip(first..).map(|(dialog_id, change)| {
+                doc! { "_id": change, "dialogId": dialog_id, "reason": reason.as_str(), "at": at }
+            }))
+            .session(&mut *session)
+            .await?;
         Ok(())
     }
 
@@ -531,17 +662,24 @@ impl MongoStore {
             .try_filter_map(|d| async move { Ok(d.get_str("_id").ok().map(str::to_owned)) })
             .try_collect()
             .await?;
-        let new: Vec<&MessageDoc> = messages
+        let mut new: Vec<MessageDoc> = messages
             .iter()
             .filter(|m| !existing.contains(&m.id))
+            .cloned()
             .collect();
         if new.is_empty() {
             return Ok(0);
         }
+        // As late as the transaction allows: from here to the commit, other writers wait for this one.
+        let first_change = self.take_changes(session, new.len()).await?;
+        for (message, change) in new.iter_mut().zip(first_change..) {
+            message.change_seq = Some(change);
+        }
         self.messages
-            .insert_many(new.iter().copied())
+            .insert_many(&new)
             .session(&mut *session)
             .await?;
+        let new: Vec<&MessageDoc> = new.iter().collect();
         self.dialogs
             .update_one(
                 doc! { "_id": &first.dialog_id },
@@ -577,10 +715,21 @@ impl MongoStore {
                 .session(&mut *session)
                 .await?
                 .deleted_count;
-            self.dialogs
+            let removed = self
+                .dialogs
                 .delete_one(doc! { "_id": dialog_id })
                 .session(&mut *session)
+                .await?
+                .deleted_count;
+            if removed > 0 {
+                self.add_tombstones(
+                    session,
+                    &[dialog_id.to_owned()],
+                    Removal::Withdrawn,
+                    decision.at,
+                )
                 .await?;
+            }
             Ok(DecisionWritten {
                 record,
                 inserted: 0,
@@ -674,6 +823,11 @@ impl MongoStore {
                 .session(&mut *session)
                 .await?
                 .deleted_count;
+            if erased.dialogs > 0 {
+                // The ids came from `dialogs`: each was a stored dialog, now removed.
+                self.add_tombstones(session, &ids, Removal::Erased, now_millis())
+                    .await?;
+            }
             erased.consents = self
                 .consents
                 .delete_many(doc! { "_id": { "$in": &ids } })
@@ -874,6 +1028,7 @@ impl Store for MongoStore {
         customer_id: &CustomerId,
         max_messages: usize,
     ) -> StoreResult<Option<Erased>> {
+        let _numbering = self.numbering.lock().await;
         in_transaction!(
             self,
             session,
@@ -985,6 +1140,7 @@ impl Store for MongoStore {
         } else {
             Vec::new()
         };
+        let _numbering = self.numbering.lock().await;
         in_transaction!(
             self,
             session,
@@ -994,6 +1150,7 @@ impl Store for MongoStore {
 
     async fn append_consented(&self, message: &Message) -> StoreResult<Appended> {
         let doc = MessageDoc::from(message);
+        let _numbering = self.numbering.lock().await;
         in_transaction!(self, session, self.append_in(&mut session, &doc))
     }
 
@@ -1181,6 +1338,61 @@ impl Store for MongoStore {
                 withdrawn: count(&row, "withdrawn"),
             })
             .collect())
+    }
+
+    async fn last_change(&self) -> StoreResult<i64> {
+        let counter = self
+            .settings
+            .find_one(doc! { "_id": LAST_CHANGE })
+            .await
+            .map_err(mongo_error("read the last change"))?;
+        Ok(counter
+            .and_then(|counter| counter.get_i64("value").ok())
+            .unwrap_or(0))
+    }
+
+    async fn scan_changes(
+        &self,
+        after: i64,
+        through: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<Change>> {
+        let limit_i64 = i64::try_from(limit).unwrap_or(i64::MAX);
+        let stored: Vec<Change> = self
+            .messages
+            .find(doc! { "changeSeq": { "$gt": after, "$lte": through } })
+            .sort(doc! { "changeSeq": 1 })
+            .limit(limit_i64)
+            .await
+            .map_err(mongo_error("read stored changes"))?
+            .map_ok(|doc| Change::Stored {
+                number: doc.change_seq.unwrap_or_default(),
+                message: doc.into(),
+            })
+            .try_collect()
+            .await
+            .map_err(mongo_error("read stored changes"))?;
+        let removed: Vec<Change> = self
+            .tombstones
+            .find(doc! { "_id": { "$gt": after, "$lte": through } })
+            .sort(doc! { "_id": 1 })
+            .limit(limit_i64)
+            .await
+            .map_err(mongo_error("read removals"))?
+            .map_ok(|doc| Change::Removed {
+                number: doc.get_i64("_id").unwrap_or_default(),
+                dialog_id: DialogId::from_trusted(
+                    doc.get_str("dialogId").unwrap_or_default().to_owned(),
+                ),
+                // An unknown reason still removes the dialog.
+                reason: Removal::from_stored(doc.get_str("reason").unwrap_or_default())
+                    .unwrap_or(Removal::Erased),
+                at: doc.get_datetime("at").map_or(0, |at| at.timestamp_millis()),
+            })
+            .try_collect()
+            .await
+            .map_err(mongo_error("read removals"))?;
+        Ok(super::merge_changes(stored, removed, limit))
     }
 
     async fn messages_of_dialogs(

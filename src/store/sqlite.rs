@@ -18,12 +18,13 @@ use deadpool_sqlite::rusqlite::{
 
 use super::{
     Appended, ConsentFilter, Decision, DecisionWritten, DialogFilter, Erased, ErasureAudit,
-    MAX_DIALOGS_PER_ERASE_BATCH, MessageFilter, Store, StoreError, StoreResult, scan_bounds,
+    MAX_DIALOGS_PER_ERASE_BATCH, MessageFilter, Store, StoreError, StoreResult, merge_changes,
+    scan_bounds,
 };
 use crate::clock::now_millis;
 use crate::model::{
-    ClientMessageId, ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Language,
-    Message, MessageText,
+    Change, ClientMessageId, ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Language,
+    Message, MessageText, Removal,
 };
 use crate::paging::{KeyRange, ScanOrder};
 use crate::stats::{BucketUnit, Buckets, ConsentStats, Grouping, MessageStats};
@@ -73,6 +74,8 @@ CREATE TABLE IF NOT EXISTS messages (
     language    TEXT NOT NULL,
     created_at  INTEGER NOT NULL,
     seq         INTEGER NOT NULL,
+    -- Its number in the change feed (see `change_counter`); 0 only while a migration numbers old rows.
+    change_seq  INTEGER NOT NULL DEFAULT 0,
     UNIQUE (dialog_id, id)
 );
 -- With `id` last, as the others: a dialog's messages listed by page are read in index order, not sorted
@@ -109,6 +112,19 @@ CREATE TABLE IF NOT EXISTS erasures_running (
     messages        INTEGER NOT NULL DEFAULT 0,
     consents        INTEGER NOT NULL DEFAULT 0
 );
+-- The last change number taken: every write that stores messages or removes dialogs takes its numbers
+-- from here, inside its transaction; one writer at a time, so numbers become visible in order.
+CREATE TABLE IF NOT EXISTS change_counter (
+    id   INTEGER PRIMARY KEY CHECK (id = 1),
+    last INTEGER NOT NULL
+);
+-- Dialogs removed whole (withdrawn, erased), for copies kept by the change feed: only the dialog id.
+CREATE TABLE IF NOT EXISTS tombstones (
+    change    INTEGER PRIMARY KEY,
+    dialog_id TEXT NOT NULL,
+    reason    TEXT NOT NULL,
+    at        INTEGER NOT NULL
+);
 -- Values the service keeps for itself, such as the audit secret when AUDIT_SECRET is unset.
 CREATE TABLE IF NOT EXISTS settings (
     name  TEXT PRIMARY KEY,
@@ -123,8 +139,21 @@ ALTER TABLE erasures ADD COLUMN erased_by TEXT;
 ";
 
 /// The layout `SCHEMA` creates, kept in `PRAGMA user_version`. Version 3 added `erasures_running` (an
-/// earlier version would not resume the erasures it lists).
-const SCHEMA_VERSION: i64 = 3;
+/// earlier version would not resume the erasures it lists); version 4 the change feed (an earlier version
+/// would store messages without a change number).
+const SCHEMA_VERSION: i64 = 4;
+
+/// Versions 1 to 3: messages get their change number column before `SCHEMA` indexes it.
+const MIGRATE_MESSAGES_TO_4: &str =
+    "ALTER TABLE messages ADD COLUMN change_seq INTEGER NOT NULL DEFAULT 0;";
+
+/// After `SCHEMA`: messages stored before version 4 are numbered in the order they were inserted (their
+/// rowid, already unique and increasing), and the counter starts after them.
+const NUMBER_CHANGES: &str = "
+UPDATE messages SET change_seq = rowid WHERE change_seq = 0;
+CREATE UNIQUE INDEX IF NOT EXISTS messages_changes ON messages (change_seq);
+INSERT OR IGNORE INTO change_counter (id, last) VALUES (1, (SELECT coalesce(max(change_seq), 0) FROM messages));
+";
 
 /// From the first layout (version 0, `messages` keyed by `id` alone) to version 1: the table is rebuilt
 /// under its new key, in the same transaction as the rest of `SCHEMA`.
@@ -458,6 +487,10 @@ fn erase_batch_in(
         erased.messages = delete("DELETE FROM messages WHERE dialog_id IN ({ids})")?;
         delete("DELETE FROM dialog_languages WHERE dialog_id IN ({ids})")?;
         erased.dialogs = delete("DELETE FROM dialogs WHERE id IN ({ids})")?;
+        if erased.dialogs > 0 {
+            // The ids came from `dialogs`: each was a stored dialog, now removed.
+            add_tombstones(tx, &dialog_ids, Removal::Erased, now)?;
+        }
         delete("DELETE FROM consent_events WHERE dialog_id IN ({ids})")?;
         erased.consents = delete("DELETE FROM consents WHERE dialog_id IN ({ids})")?;
     }
@@ -556,6 +589,20 @@ fn create_or_migrate_schema(connection: &mut Connection) -> StoreResult<()> {
         tx.execute_batch(MIGRATE_FROM_0)
             .map_err(sqlite_error("migrate the schema"))?;
     }
+    let unnumbered = has_messages
+        && (1..4).contains(&version)
+        && tx
+            .query_row(
+                "SELECT count(*) FROM pragma_table_info('messages') WHERE name = 'change_seq'",
+                [],
+                |row| row.get::<_, i64>(0),
+            )
+            .map_err(sqlite_error("read the schema"))?
+            == 0;
+    if unnumbered {
+        tx.execute_batch(MIGRATE_MESSAGES_TO_4)
+            .map_err(sqlite_error("add change numbers to the messages"))?;
+    }
     // An erasures table of version 0 or 1 (SCHEMA below leaves an existing table as it is).
     let old_erasures = tx
         .query_row(
@@ -576,10 +623,12 @@ fn create_or_migrate_schema(connection: &mut Connection) -> StoreResult<()> {
         tx.execute_batch(MIGRATE_FROM_0_COPY)
             .map_err(sqlite_error("migrate the schema"))?;
     }
+    tx.execute_batch(NUMBER_CHANGES)
+        .map_err(sqlite_error("number the stored messages"))?;
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(sqlite_error("write the schema version"))?;
     tx.commit().map_err(sqlite_error("commit the schema"))?;
-    if migrate || old_erasures {
+    if migrate || old_erasures || unnumbered {
         tracing::info!(
             from = version,
             to = SCHEMA_VERSION,
@@ -914,10 +963,13 @@ fn insert_messages(
     let Some(first) = messages.first() else {
         return Ok(0);
     };
+    // Only a conflict on the key means "stored already": any other (a change number taken twice) is an error.
     let mut insert = tx.prepare_cached(
-        "INSERT OR IGNORE INTO messages (id, dialog_id, customer_id, client_id, text, language, created_at, seq)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO messages (id, dialog_id, customer_id, client_id, text, language, created_at, seq, change_seq)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (dialog_id, id) DO NOTHING",
     )?;
+    let first_change = last_change_in(tx)? + 1;
     let mut inserted = 0u64;
     let mut first_at = i64::MAX;
     let mut last_at = i64::MIN;
@@ -932,6 +984,7 @@ fn insert_messages(
             message.language.as_str(),
             message.created_at,
             message.seq,
+            first_change + inserted as i64,
         ])?;
         if changed == 1 {
             inserted += 1;
@@ -943,6 +996,7 @@ fn insert_messages(
     if inserted == 0 {
         return Ok(0);
     }
+    set_last_change(tx, first_change + inserted as i64 - 1)?;
     let dialog_id = first.dialog_id.as_str();
     let (last_message_at, message_count): (i64, i64) = tx
         .prepare_cached(
@@ -980,6 +1034,47 @@ fn insert_messages(
         add_language.execute(params![dialog_id, language, last_message_at])?;
     }
     Ok(inserted)
+}
+
+/// Stored messages numbered in `(?1, ?2]`, at most ?3, in number order.
+fn stored_changes_sql() -> String {
+    format!(
+        "SELECT {MESSAGE_COLUMNS}, change_seq FROM messages
+         WHERE change_seq > ?1 AND change_seq <= ?2 ORDER BY change_seq LIMIT ?3"
+    )
+}
+
+/// Removals numbered in `(?1, ?2]`, at most ?3, in number order.
+const REMOVED_CHANGES_SQL: &str = "SELECT change, dialog_id, reason, at FROM tombstones
+     WHERE change > ?1 AND change <= ?2 ORDER BY change LIMIT ?3";
+
+fn last_change_in(tx: &Connection) -> rusqlite::Result<i64> {
+    tx.prepare_cached("SELECT last FROM change_counter WHERE id = 1")?
+        .query_row([], |row| row.get(0))
+}
+
+fn set_last_change(tx: &Connection, last: i64) -> rusqlite::Result<()> {
+    tx.prepare_cached("UPDATE change_counter SET last = ?1 WHERE id = 1")?
+        .execute([last])
+        .map(drop)
+}
+
+/// Numbers the removal of each of `dialog_ids` as a change (a tombstone), in the removing transaction.
+fn add_tombstones(
+    tx: &Connection,
+    dialog_ids: &[String],
+    reason: Removal,
+    at: i64,
+) -> rusqlite::Result<()> {
+    let mut change = last_change_in(tx)?;
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO tombstones (change, dialog_id, reason, at) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for dialog_id in dialog_ids {
+        change += 1;
+        insert.execute(params![change, dialog_id, reason.as_str(), at])?;
+    }
+    set_last_change(tx, change)
 }
 
 fn message_from_row(row: &Row<'_>) -> rusqlite::Result<Message> {
@@ -1480,7 +1575,16 @@ impl Store for SqliteStore {
                                 "DELETE FROM dialog_languages WHERE dialog_id = ?1",
                                 [dialog_id],
                             )?;
-                            tx.execute("DELETE FROM dialogs WHERE id = ?1", [dialog_id])?;
+                            let removed =
+                                tx.execute("DELETE FROM dialogs WHERE id = ?1", [dialog_id])?;
+                            if removed > 0 {
+                                add_tombstones(
+                                    tx,
+                                    &[dialog_id.to_owned()],
+                                    Removal::Withdrawn,
+                                    decision.at,
+                                )?;
+                            }
                             Ok(deleted)
                         })
                         .map_err(sqlite_error("delete withdrawn dialog"))?;
@@ -1757,6 +1861,49 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn last_change(&self) -> StoreResult<i64> {
+        self.with_connection(|c| last_change_in(c).map_err(sqlite_error("read the last change")))
+            .await
+    }
+
+    async fn scan_changes(
+        &self,
+        after: i64,
+        through: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<Change>> {
+        self.with_connection(move |c| {
+            let bounds = [
+                Value::Integer(after),
+                Value::Integer(through),
+                limit_value(limit),
+            ];
+            let stored = select(
+                c,
+                "read stored changes",
+                &stored_changes_sql(),
+                &bounds,
+                |row| {
+                    Ok(Change::Stored {
+                        number: row.get(8)?,
+                        message: message_from_row(row)?,
+                    })
+                },
+            )?;
+            let removed = select(c, "read removals", REMOVED_CHANGES_SQL, &bounds, |row| {
+                let reason: String = row.get(2)?;
+                Ok(Change::Removed {
+                    number: row.get(0)?,
+                    dialog_id: DialogId::from_trusted(row.get(1)?),
+                    reason: Removal::from_stored(&reason).unwrap_or(Removal::Erased),
+                    at: row.get(3)?,
+                })
+            })?;
+            Ok(merge_changes(stored, removed, limit))
+        })
+        .await
+    }
+
     async fn messages_of_dialogs(
         &self,
         dialog_ids: &[DialogId],
@@ -1866,6 +2013,10 @@ mod tests {
                 }
             }
         }
+        // The change feed's two reads.
+        let bounds = vec![Value::Integer(1), Value::Integer(9), Value::Integer(10)];
+        statements.push((stored_changes_sql(), bounds.clone()));
+        statements.push((REMOVED_CHANGES_SQL.to_owned(), bounds));
         let plans = store
             .with_connection(move |c| {
                 let mut plans = Vec::new();
@@ -1885,7 +2036,8 @@ mod tests {
             .unwrap();
         for (sql, plan) in plans {
             assert!(
-                !plan.contains("TEMP B-TREE") && plan.contains("INDEX"),
+                !plan.contains("TEMP B-TREE")
+                    && (plan.contains("INDEX") || plan.contains("PRIMARY KEY")),
                 "{sql}\n  {plan}"
             );
         }
@@ -2202,7 +2354,9 @@ mod tests {
                     .collect();
                 let duplicate = c
                     .execute(
-                        "INSERT OR IGNORE INTO messages VALUES ('m-1', 'd-1', 'c-1', 'a', 'x', 'en', 3, 30)",
+                        "INSERT OR IGNORE INTO messages
+                             (id, dialog_id, customer_id, client_id, text, language, created_at, seq, change_seq)
+                         VALUES ('m-1', 'd-1', 'c-1', 'a', 'x', 'en', 3, 30, 3)",
                         [],
                     )
                     .unwrap();
@@ -2219,9 +2373,86 @@ mod tests {
             ]
         );
         assert_eq!(duplicate, 0, "a stored message is still unique per dialog");
+        // The old messages are the first changes, in the order they were stored.
+        assert_eq!(store.last_change().await.unwrap(), 2);
+        let numbers: Vec<(i64, String)> = store
+            .scan_changes(0, 2, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|change| match change {
+                Change::Stored { number, message } => (number, message.id),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(numbers, [(1, "m-1".into()), (2, "m-2".into())]);
         drop(store);
         // Opening it again is a no-op.
         SqliteStore::open(&path).await.unwrap();
+    }
+
+    /// A database of version 3 (messages without change numbers) is numbered in the order its messages were
+    /// stored, and the next consent's messages follow them.
+    #[tokio::test]
+    async fn messages_stored_before_the_change_feed_are_numbered_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v3.sqlite3");
+        let store = SqliteStore::open(&path).await.unwrap();
+        let decide = |dialog: &str| Decision {
+            dialog_id: DialogId::from_trusted(dialog.into()),
+            customer_id: CustomerId::from_trusted("c".into()),
+            value: true,
+            at: 1,
+        };
+        for (dialog, texts) in [("d1", ["a", "b"]), ("d2", ["c", "d"])] {
+            let messages = texts
+                .iter()
+                .enumerate()
+                .map(|(n, text)| message(dialog, text, "en", n as i64 + 1))
+                .collect();
+            store
+                .record_decision(&decide(dialog), messages)
+                .await
+                .unwrap();
+        }
+        drop(store);
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "DROP INDEX messages_changes; ALTER TABLE messages DROP COLUMN change_seq;
+                 DROP TABLE change_counter; DROP TABLE tombstones; PRAGMA user_version = 3;",
+            )
+            .unwrap();
+        let store = SqliteStore::open(&path).await.unwrap();
+        assert_eq!(store.last_change().await.unwrap(), 4);
+        let texts = |changes: Vec<Change>| -> Vec<(i64, String)> {
+            changes
+                .into_iter()
+                .map(|change| match change {
+                    Change::Stored { number, message } => {
+                        (number, message.text.as_str().to_owned())
+                    }
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        assert_eq!(
+            texts(store.scan_changes(0, 4, 10).await.unwrap()),
+            [
+                (1, "a".into()),
+                (2, "b".into()),
+                (3, "c".into()),
+                (4, "d".into())
+            ]
+        );
+        store
+            .record_decision(&decide("d3"), vec![message("d3", "e", "en", 9)])
+            .await
+            .unwrap();
+        assert_eq!(
+            texts(store.scan_changes(4, 5, 10).await.unwrap()),
+            [(5, "e".into())]
+        );
     }
 
     #[tokio::test]

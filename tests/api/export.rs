@@ -269,8 +269,194 @@ async fn bad_export_requests_are_refused(app: TestApp) {
 
 for_each_store!(
     every_format_exports_the_same_messages,
-    bad_export_requests_are_refused
+    bad_export_requests_are_refused,
+    the_change_export_is_the_feed_in_every_format
 );
+
+/// The change feed as a file: the same changes as GraphQL's `changes`, in every format, with the token
+/// for next time in a header; a download after that token holds only what came since.
+async fn the_change_export_is_the_feed_in_every_format(app: TestApp) {
+    seed(&app).await;
+    app.consent("x2", false).await;
+    let feed = app
+        .data(
+            "{ changes(first: 1000) { token changes { __typename
+                ... on MessageStored { change message { id dialogId text } }
+                ... on DialogRemoved { change dialogId reason } } } }",
+            serde_json::json!({}),
+        )
+        .await["changes"]
+        .clone();
+    let expected: Vec<(i64, String, String)> = feed["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let number = c["change"].as_str().unwrap().parse().unwrap();
+            match c["__typename"].as_str().unwrap() {
+                "MessageStored" => (
+                    number,
+                    "stored".to_owned(),
+                    c["message"]["id"].as_str().unwrap().to_owned(),
+                ),
+                _ => (
+                    number,
+                    c["reason"].as_str().unwrap().to_lowercase(),
+                    c["dialogId"].as_str().unwrap().to_owned(),
+                ),
+            }
+        })
+        .collect();
+    // x2's messages were removed with it: the feed holds what is stored now, and the removal.
+    assert_eq!(
+        expected.len(),
+        4,
+        "3 messages stored, one dialog withdrawn: {feed}"
+    );
+    assert_eq!(expected[3].1, "withdrawn");
+    let token = feed["token"].as_str().unwrap();
+
+    let (status, headers, body) = get(&app, "/export/changes.ndjson", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["dataapi-change-token"], token);
+    assert!(
+        headers["content-disposition"]
+            .to_str()
+            .unwrap()
+            .contains("changes.ndjson")
+    );
+    let rows = ndjson(&body);
+    let got: Vec<(i64, String, String)> = rows
+        .iter()
+        .map(|row| {
+            let key = match row["kind"].as_str().unwrap() {
+                "stored" => &row["id"],
+                _ => &row["dialogId"],
+            };
+            (
+                row["change"].as_i64().unwrap(),
+                row["kind"].as_str().unwrap().to_owned(),
+                key.as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(got, expected);
+    // A removal names the dialog and when, nothing of the customer.
+    let removal = &rows[3];
+    assert_eq!(removal["dialogId"], "x2");
+    assert!(removal["customerId"].is_null() && removal["text"].is_null());
+    assert!(removal["removedAt"].as_str().unwrap().ends_with('Z'));
+
+    let (status, headers, body) = get(&app, "/export/changes.csv", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["dataapi-change-token"], token);
+    let mut reader = csv::Reader::from_reader(body.as_slice());
+    assert_eq!(
+        reader.headers().unwrap(),
+        vec![
+            "change",
+            "kind",
+            "dialogId",
+            "id",
+            "messageId",
+            "customerId",
+            "language",
+            "createdAt",
+            "text",
+            "removedAt"
+        ]
+    );
+    let csv_rows: Vec<(i64, String)> = reader
+        .records()
+        .map(|row| {
+            let row = row.unwrap();
+            (row[0].parse().unwrap(), row[1].to_owned())
+        })
+        .collect();
+    assert_eq!(
+        csv_rows,
+        expected
+            .iter()
+            .map(|(n, kind, _)| (*n, kind.clone()))
+            .collect::<Vec<_>>()
+    );
+
+    let (status, headers, body) = get(&app, "/export/changes.parquet", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["dataapi-change-token"], token);
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        axum::body::Bytes::from(body),
+    )
+    .unwrap()
+    .build()
+    .unwrap();
+    let mut numbers = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let change = batch
+            .column(batch.schema().index_of("change").unwrap())
+            .clone();
+        let change = change
+            .as_any()
+            .downcast_ref::<arrow_array::Int64Array>()
+            .expect("change is an int64 column");
+        let removed = batch
+            .column(batch.schema().index_of("removedAt").unwrap())
+            .clone();
+        assert!(
+            removed
+                .as_any()
+                .downcast_ref::<arrow_array::TimestampMillisecondArray>()
+                .is_some(),
+            "removedAt is a timestamp column"
+        );
+        numbers.extend(change.values().iter().copied());
+    }
+    assert_eq!(
+        numbers,
+        expected.iter().map(|(n, _, _)| *n).collect::<Vec<_>>()
+    );
+
+    // After the token: what came since, and only that.
+    let (status, headers, body) =
+        get(&app, &format!("/export/changes.ndjson?after={token}"), &[]).await;
+    assert_eq!((status, body.len()), (200, 0));
+    assert_eq!(headers["dataapi-change-token"], token);
+    app.push("cy", "x3", "one more", "en", None).await;
+    let (_, headers, body) = get(&app, &format!("/export/changes.ndjson?after={token}"), &[]).await;
+    let since = ndjson(&body);
+    assert_eq!(since.len(), 1);
+    assert_eq!(since[0]["text"], "one more");
+    assert_eq!(
+        headers["dataapi-change-token"].to_str().unwrap(),
+        since[0]["change"].to_string()
+    );
+
+    // Bad input: a 400 problem that names the parameter, before any byte of a file.
+    let ahead = token.parse::<i64>().unwrap() + 100;
+    for (query, field, code) in [
+        ("after=abc".to_owned(), "after", "INVALID_CHANGE_TOKEN"),
+        ("after=-1".to_owned(), "after", "INVALID_CHANGE_TOKEN"),
+        (format!("after={ahead}"), "after", "INVALID_CHANGE_TOKEN"),
+        ("after=1&after=2".to_owned(), "query", "BAD_USER_INPUT"),
+        (
+            "since=2026-11-01T00:00:00Z".to_owned(),
+            "query",
+            "BAD_USER_INPUT",
+        ),
+    ] {
+        let (status, headers, body) =
+            get(&app, &format!("/export/changes.parquet?{query}"), &[]).await;
+        assert_eq!(status, 400, "{query}");
+        assert_eq!(headers["content-type"], "application/problem+json");
+        let problem: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (problem["field"].as_str(), problem["code"].as_str()),
+            (Some(field), Some(code)),
+            "{query}: {problem}"
+        );
+    }
+}
 
 async fn roles(mut app: TestApp) {
     for (key, status) in [
@@ -282,6 +468,8 @@ async fn roles(mut app: TestApp) {
         app.key = key.map(str::to_owned);
         let (got, _, _) = get(&app, "/export/messages.ndjson", &[]).await;
         assert_eq!(got, status, "{key:?}");
+        let (got, _, _) = get(&app, "/export/changes.parquet", &[]).await;
+        assert_eq!(got, status, "changes, {key:?}");
     }
 }
 

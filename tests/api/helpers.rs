@@ -340,6 +340,21 @@ impl Store for InstrumentedStore {
         self.enter("messages_of_dialogs").await?;
         self.inner.messages_of_dialogs(dialog_ids, limit).await
     }
+
+    async fn last_change(&self) -> StoreResult<i64> {
+        self.enter("last_change").await?;
+        self.inner.last_change().await
+    }
+
+    async fn scan_changes(
+        &self,
+        after: i64,
+        through: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<dataapi::model::Change>> {
+        self.enter("scan_changes").await?;
+        self.inner.scan_changes(after, through, limit).await
+    }
 }
 
 /// What a test's database needs after the test.

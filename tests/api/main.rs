@@ -75,6 +75,7 @@ macro_rules! for_each_setup {
 
 mod attacks;
 mod behaviour;
+mod changes;
 mod documents;
 mod erasure;
 mod export;

@@ -3,7 +3,8 @@
 //! give consent on random replicas; retired customers are erased on random replicas; one replica is killed
 //! with SIGKILL and started again, and Redis is killed and started again, while the load runs. Afterwards
 //! every acknowledged message of a consented dialog is stored exactly once, and nothing else is stored or
-//! left in the buffer.
+//! left in the buffer; and a reader that followed the change feed through whichever replica answered all
+//! along holds exactly what is stored.
 //!
 //! Bounded: the load runs `DATAAPI_SCALE_SECONDS` (default 15) and stops by itself; everything is on
 //! 127.0.0.1.
@@ -164,6 +165,73 @@ fn pushed(answer: &Value) -> bool {
     )
 }
 
+const CHANGES: &str = "query($after: ChangeToken) { changes(after: $after, first: 500) {
+    token hasMore
+    changes {
+        ... on MessageStored { change message { dialogId messageId } }
+        ... on DialogRemoved { change dialogId }
+    }
+} }";
+
+/// An analyst's copy kept by the change feed: (dialogId, messageId) of every message.
+#[derive(Default)]
+struct FeedCopy {
+    token: Option<String>,
+    last_change: u64,
+    rows: BTreeSet<(String, String)>,
+}
+
+impl FeedCopy {
+    /// Reads pages through any replica until the feed has caught up.
+    async fn sync(&mut self, cluster: &Cluster, client: &reqwest::Client, deadline: Instant) {
+        loop {
+            let replica = cluster.random() as usize;
+            let answer = cluster
+                .send_until(
+                    client,
+                    replica,
+                    &json!({ "query": CHANGES, "variables": { "after": self.token } }),
+                    |answer| answer["data"]["changes"]["token"].is_string(),
+                    deadline,
+                )
+                .await;
+            let page = &answer["data"]["changes"];
+            for change in page["changes"].as_array().unwrap() {
+                let number: u64 = change["change"].as_str().unwrap().parse().unwrap();
+                assert!(number > self.last_change, "changes come once, in order");
+                self.last_change = number;
+                let message = &change["message"];
+                if message.is_object() {
+                    let row = (
+                        message["dialogId"].as_str().unwrap().to_owned(),
+                        message["messageId"].as_str().unwrap().to_owned(),
+                    );
+                    assert!(self.rows.insert(row), "a message came twice: {change}");
+                } else {
+                    let dialog = change["dialogId"].as_str().unwrap();
+                    self.rows.retain(|(d, _)| d != dialog);
+                }
+            }
+            self.token = Some(page["token"].as_str().unwrap().to_owned());
+            if !page["hasMore"].as_bool().unwrap() {
+                return;
+            }
+        }
+    }
+}
+
+/// Follows the change feed while the load runs, as an analyst's sync job would.
+async fn follower(cluster: Arc<Cluster>, until: Instant) -> FeedCopy {
+    let client = reqwest::Client::new();
+    let mut copy = FeedCopy::default();
+    while Instant::now() < until {
+        copy.sync(&cluster, &client, until + Duration::from_secs(90))
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    copy
+}
+
 /// A background job: dialogs of 1 to 8 messages, each pushed round-robin, then a decision on a random
 /// replica; a new customer every few dialogs, the old one retired (handed to the eraser).
 async fn job(
@@ -307,6 +375,7 @@ async fn three_replicas_lose_nothing_acknowledged_through_a_killed_replica_and_a
         retired.clone(),
         until,
     )));
+    let feed = tokio::spawn(follower(cluster.clone(), until));
 
     // A replica dies without warning and comes back; later Redis does.
     tokio::time::sleep(duration / 3).await;
@@ -321,6 +390,7 @@ async fn three_replicas_lose_nothing_acknowledged_through_a_killed_replica_and_a
     for task in tasks {
         task.await.expect("a job failed");
     }
+    let mut feed = feed.await.expect("the feed follower failed");
     let failures = cluster.failures.load(Ordering::Relaxed);
     assert!(
         failures > 0,
@@ -396,6 +466,14 @@ async fn three_replicas_lose_nothing_acknowledged_through_a_killed_replica_and_a
         expected.len()
     );
     assert!(erased_customers > 0, "some customers were erased");
+    // The copy kept by the feed, read on from where it stopped: exactly what is stored.
+    feed.sync(&cluster, &client, Instant::now() + Duration::from_secs(60))
+        .await;
+    let stored_rows: BTreeSet<(String, String)> = stored.iter().cloned().collect();
+    assert_eq!(
+        feed.rows, stored_rows,
+        "the copy kept by the change feed holds exactly what is stored"
+    );
     assert!(
         redis_support::buffered_dialog_keys_at(&redis.url(), &env_value(&env, "BUFFER_KEY_PREFIX"))
             .await
