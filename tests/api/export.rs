@@ -551,18 +551,7 @@ async fn exports_stream_in_batches_and_are_bounded() {
 async fn readme_pandas(mut app: TestApp) {
     app.key = Some(crate::security::key(Role::Admin).to_owned());
     seed(&app).await;
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let section = readme
-        .split("### Bulk export (data scientists)")
-        .nth(1)
-        .expect("README has the bulk export section");
-    let block = section
-        .split("```python\n")
-        .nth(1)
-        .and_then(|rest| rest.split("```").next())
-        .expect("the section has a Python block");
-    let script = block
+    let script = readme_python("### Bulk export (data scientists)")
         .replace("http://localhost:8000", &app.url(""))
         .replace("dak_…", crate::security::key(Role::Read))
         + "
@@ -573,12 +562,38 @@ assert len(table) == 5 and str(table.createdAt.dtype).startswith('datetime64'), 
 assert 'a, \"quoted\"\\nsecond line; ünïcode ✓' in set(table.text), table.text
 print('ok')
 ";
+    run_python(script, None).await;
+}
+
+/// The first Python block after `heading` in README.md, as it stands there.
+fn readme_python(heading: &str) -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split(heading)
+        .nth(1)
+        .unwrap_or_else(|| panic!("README has the section {heading}"));
+    section
+        .split("```python\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the section has a Python block")
+        .to_owned()
+}
+
+/// Runs `script` with the suite's Python (which has pandas and pyarrow), in `dir` if given; it must
+/// succeed and print `ok`. Returns what it printed.
+async fn run_python(script: String, dir: Option<std::path::PathBuf>) -> String {
     let python = std::env::var("SECANTUS_PYTHON").unwrap_or_else(|_| {
         panic!("SECANTUS_PYTHON is not set: run the suite with scripts/test, which installs pandas into .venv-test")
     });
     let output = tokio::task::spawn_blocking(move || {
         use std::io::Write;
-        let mut child = std::process::Command::new(python)
+        let mut command = std::process::Command::new(python);
+        if let Some(dir) = dir {
+            command.current_dir(dir);
+        }
+        let mut child = command
             .arg("-")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -595,12 +610,96 @@ print('ok')
     })
     .await
     .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
-        output.status.success() && String::from_utf8_lossy(&output.stdout).contains("ok"),
-        "README's pandas lines failed:\n{}{}",
-        String::from_utf8_lossy(&output.stdout),
+        output.status.success() && stdout.contains("ok"),
+        "README's pandas lines failed:\n{stdout}{}",
         String::from_utf8_lossy(&output.stderr)
     );
+    stdout
+}
+
+/// Every stored message id, sorted, through `messages`.
+async fn stored_ids(app: &TestApp) -> Vec<String> {
+    let data = app
+        .data(
+            "{ messages(first: 1000) { nodes { id } } }",
+            serde_json::json!({}),
+        )
+        .await;
+    let mut ids: Vec<String> = data["messages"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// README's change-feed loop, as it stands there, run three times in one directory while dialogs are
+/// consented, withdrawn and erased in between: each time its Parquet copy holds exactly the stored messages.
+/// Then once more after losing its token (a sync cut short): the same copy.
+async fn readme_change_feed_loop(mut app: TestApp) {
+    app.key = Some(crate::security::key(Role::Admin).to_owned());
+    let script = readme_python("### Keeping a copy in step: the change feed")
+        .replace("http://localhost:8000", &app.url(""))
+        .replace("dak_…", crate::security::key(Role::Read))
+        + "
+print('ids', ','.join(sorted(copy.id)))
+assert str(copy.createdAt.dtype).startswith('datetime64'), copy.dtypes
+print('ok')
+";
+    let dir = tempfile::tempdir().unwrap();
+    let synced = |script: String| {
+        let dir = dir.path().to_owned();
+        async move {
+            let printed = run_python(script, Some(dir)).await;
+            let ids = printed
+                .lines()
+                .find_map(|line| line.strip_prefix("ids "))
+                .unwrap()
+                .to_owned();
+            let mut ids: Vec<String> = ids
+                .split(',')
+                .filter(|id| !id.is_empty())
+                .map(str::to_owned)
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    seed(&app).await;
+    assert_eq!(synced(script.clone()).await, stored_ids(&app).await);
+    assert_eq!(stored_ids(&app).await.len(), 5);
+
+    app.consent("x2", false).await;
+    app.push("cy", "x3", "later", "en", None).await;
+    app.push("dee", "x4", "new", "en", None).await;
+    app.consent("x4", true).await;
+    app.data(
+        "mutation { eraseCustomer(customerId: \"ada\") { dialogCount } }",
+        serde_json::json!({}),
+    )
+    .await;
+    let after = stored_ids(&app).await;
+    assert_eq!(after.len(), 3, "x3's two messages and x4's");
+    assert_eq!(synced(script.clone()).await, after);
+    // Nothing new: the same copy.
+    assert_eq!(synced(script.clone()).await, after);
+    // A sync cut short before it saved its token reads again from the start: still the same copy.
+    std::fs::remove_file(dir.path().join("messages.token")).unwrap();
+    assert_eq!(synced(script).await, after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_change_feed_loop_keeps_a_parquet_copy_in_step() {
+    run_with(
+        Backend::Sqlite,
+        crate::security::keyed_config(),
+        readme_change_feed_loop,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
