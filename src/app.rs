@@ -147,6 +147,7 @@ impl Application {
             max_store_calls: config.limits.max_store_calls,
             max_loaded_messages: config.limits.max_loaded_messages,
             max_stats_groups: config.limits.max_stats_groups,
+            max_subscriptions_per_key: config.limits.max_subscriptions_per_key,
         };
         let executor = Arc::new(Executor::new(
             service.clone(),
@@ -175,6 +176,7 @@ impl Application {
                     || config.clients.concurrent_requests > 0)
                     .then(|| Arc::new(crate::admission::Admission::new(config.clients))),
                 exports: Arc::new(tokio::sync::Semaphore::new(crate::export::EXPORTS_AT_ONCE)),
+                allowed_origins: Arc::new(config.access.cors_origins.clone()),
             },
             config.access.graphiql,
             &config.access.cors_origins,
@@ -218,6 +220,7 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let sweeper = self.service.spawn_sweeper(sweep_period(&self.config));
+        let live_poller = self.service.live().spawn_poller();
         // Another replica's erasure writes a batch at least once per STORE_TIMEOUT while it runs.
         let erasure_resumer = self
             .service
@@ -226,8 +229,11 @@ impl Application {
         let stopping = Arc::new(tokio::sync::Notify::new());
         let signalled = stopping.clone();
         let limits = self.config.connections.fitted_to_open_file_limit();
+        let live = self.service.live().clone();
         let server = connections::serve(self.listener, self.router, limits, async move {
             shutdown.await;
+            // Connections of subscribers would otherwise hold the shutdown up to its deadline.
+            live.shut_down();
             signalled.notify_one();
         });
         let deadline = self.config.shutdown_timeout;
@@ -241,6 +247,7 @@ impl Application {
             }
         };
         sweeper.abort();
+        live_poller.abort();
         erasure_resumer.abort();
         if let Some(reloader) = key_reloader {
             reloader.abort();

@@ -89,6 +89,8 @@ pub struct LimitsConfig {
     pub max_loaded_messages: usize,
     /// Groups one `stats` or `consentStats` field may return.
     pub max_stats_groups: usize,
+    /// Subscriptions one key may have open at once.
+    pub max_subscriptions_per_key: usize,
     /// Bytes of one operation's answer.
     pub max_response_bytes: usize,
 }
@@ -147,6 +149,7 @@ impl Default for Config {
                 max_store_calls: 50,
                 max_loaded_messages: 20_000,
                 max_stats_groups: 10_000,
+                max_subscriptions_per_key: 16,
                 max_response_bytes: 16 * 1024 * 1024,
             },
             buffer: BufferConfig {
@@ -348,6 +351,11 @@ impl Config {
                 1..=10_000_000,
             )?,
             max_stats_groups: number("MAX_STATS_GROUPS", d.max_stats_groups, 1..=1_000_000)?,
+            max_subscriptions_per_key: number(
+                "MAX_SUBSCRIPTIONS_PER_KEY",
+                d.max_subscriptions_per_key,
+                1..=10_000,
+            )?,
             max_response_bytes: number(
                 "MAX_RESPONSE_BYTES",
                 d.max_response_bytes,
@@ -623,6 +631,21 @@ mod tests {
         assert_eq!(
             config(&[("MAX_STATS_GROUPS", "0")]).unwrap_err().name,
             "MAX_STATS_GROUPS"
+        );
+        for bad in ["0", "10001", "many"] {
+            assert_eq!(
+                config(&[("MAX_SUBSCRIPTIONS_PER_KEY", bad)])
+                    .unwrap_err()
+                    .name,
+                "MAX_SUBSCRIPTIONS_PER_KEY"
+            );
+        }
+        assert_eq!(
+            config(&[("MAX_SUBSCRIPTIONS_PER_KEY", "3")])
+                .unwrap()
+                .limits
+                .max_subscriptions_per_key,
+            3
         );
         let missing = config(&[("API_KEYS_FILE", "/nonexistent/keys")]).unwrap_err();
         assert_eq!(missing.name, "API_KEYS_FILE");

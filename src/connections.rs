@@ -19,9 +19,8 @@ use axum::Router;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::ServiceExt;
 
 /// Descriptors kept for everything but clients: database and Redis pools, SQLite's files, logs.
@@ -62,8 +61,14 @@ impl ConnectionLimits {
     }
 }
 
+/// A connection's place under `MAX_CONNECTIONS`, in each of its requests' extensions: a request that
+/// upgrades the connection to a WebSocket keeps it for as long as the WebSocket lasts.
+#[derive(Clone)]
+pub struct ConnectionSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+
 /// Serves `router` on `listener` until `shutdown` completes; then stops accepting and waits for the open
-/// connections to finish their requests (the caller bounds that wait).
+/// connections to finish their requests (the caller bounds that wait). Upgraded connections (WebSockets)
+/// are not waited for: the application closes them.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -71,7 +76,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    // hyper-util's GracefulShutdown does not take connections that may upgrade: the same, by hand. Each
+    // connection's task holds a sender; once all are dropped, every connection has finished.
+    let (stopping, stop) = tokio::sync::watch::channel(false);
+    let (open, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
@@ -95,21 +103,39 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let router = router.clone();
+        let slot = ConnectionSlot(Arc::new(slot));
         let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
             let mut request = request.map(axum::body::Body::new);
             request.extensions_mut().insert(ConnectInfo(peer));
+            request.extensions_mut().insert(slot.clone());
             let response = router.clone().oneshot(request);
             async move { Ok::<_, Infallible>(response.await.unwrap_or_else(|never| match never {})) }
         });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        // With upgrades: GraphQL subscriptions run over WebSockets.
+        let connection = http
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let mut stop = stop.clone();
+        let open = open.clone();
         tokio::spawn(async move {
+            let _open = open;
+            tokio::pin!(connection);
+            let finished = tokio::select! {
+                finished = connection.as_mut() => finished,
+                () = async { drop(stop.wait_for(|stopping| *stopping).await) } => {
+                    // Ends the connection once its request in progress (if any) is answered.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
             // Timeouts and clients that go away end here; nothing to tell anyone.
-            if let Err(error) = connection.await {
+            if let Err(error) = finished {
                 tracing::debug!(%error, %peer, "connection closed with an error");
             }
-            drop(slot);
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    stopping.send_replace(true);
+    drop(open);
+    let _ = all_closed.recv().await;
 }

@@ -52,6 +52,15 @@ impl AllowedOrigins {
         self.0.is_empty()
     }
 
+    /// Whether `origin` (a request's `Origin` header) is one of these.
+    pub fn allows(&self, origin: &HeaderValue) -> bool {
+        origin.to_str().is_ok_and(|origin| {
+            self.0
+                .iter()
+                .any(|allowed| allowed == origin.to_ascii_lowercase().as_str())
+        })
+    }
+
     /// The layer answering preflights and marking answers for the allowed origins; `None` when none are
     /// allowed (then nothing is added to any request's path).
     pub fn layer(&self) -> Option<CorsLayer> {

@@ -53,6 +53,16 @@ pub enum ApiError {
     /// The buffer cannot take the message; the text says which bound was hit.
     BufferFull(String),
 
+    /// A key has MAX_SUBSCRIPTIONS_PER_KEY subscriptions open already.
+    TooManySubscriptions {
+        max: usize,
+    },
+
+    /// A subscriber fell too far behind the live feed; `last` is the last change it was given or skipped.
+    SubscriberTooSlow {
+        last: crate::changes::ChangeToken,
+    },
+
     /// No valid API key was sent.
     Unauthenticated,
 
@@ -82,6 +92,15 @@ impl ApiError {
             ),
             Self::InvalidCursor { field, reason } => format!(
                 "`{field}` is not a cursor of this list: {reason}; use a cursor returned by the same query"
+            ),
+            Self::TooManySubscriptions { max } => format!(
+                "this key has {max} subscriptions open already (MAX_SUBSCRIPTIONS_PER_KEY): end one, or \
+                 subscribe to several dialogs with one filter"
+            ),
+            Self::SubscriberTooSlow { last } => format!(
+                "the subscriber fell {} changes behind the live feed and was disconnected: read faster, or \
+                 subscribe again with `after: \"{last}\"` to resume where it stopped",
+                crate::live::SUBSCRIBER_BACKLOG
             ),
             Self::InvalidChangeToken { field, reason } => format!(
                 "`{field}` is not a change token of this database: {reason}; pass the token your last call \
@@ -134,6 +153,8 @@ impl ApiError {
             Self::DialogNotFound(_) => "DIALOG_NOT_FOUND",
             Self::InvalidCursor { .. } => "INVALID_CURSOR",
             Self::InvalidChangeToken { .. } => "INVALID_CHANGE_TOKEN",
+            Self::TooManySubscriptions { .. } => "TOO_MANY_SUBSCRIPTIONS",
+            Self::SubscriberTooSlow { .. } => "SUBSCRIBER_TOO_SLOW",
             Self::MessageIdConflict { .. } => "MESSAGE_ID_CONFLICT",
             Self::CustomerMismatch { .. } => "CUSTOMER_MISMATCH",
             Self::StoreUnavailable(_) => "STORE_UNAVAILABLE",

@@ -172,6 +172,11 @@ impl Ran {
 }
 
 impl Executor {
+    /// The schema with every validation rule, for subscriptions (run by the WebSocket transport).
+    pub fn schema(&self) -> &DataApiSchema {
+        &self.strict
+    }
+
     pub fn new(service: Arc<DialogService>, limits: Limits, introspection: bool) -> Self {
         let strict = schema::build(
             service.clone(),

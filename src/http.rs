@@ -45,6 +45,8 @@ pub struct AppState {
     pub admission: Option<Arc<Admission>>,
     /// Exports that may run at once (see `export`).
     pub exports: Arc<tokio::sync::Semaphore>,
+    /// Web pages that may call the service (CORS_ALLOWED_ORIGINS), also checked on WebSocket upgrades.
+    pub allowed_origins: Arc<crate::cors::AllowedOrigins>,
 }
 
 pub fn router(state: AppState, graphiql: bool, cors: &crate::cors::AllowedOrigins) -> Router {
@@ -228,7 +230,7 @@ fn refuse(state: &AppState, status: StatusCode, code: &'static str, message: &st
 }
 
 /// A [`Rejection`] in GraphQL's error shape, counted in the error metrics.
-fn reject(state: &AppState, rejection: Rejection) -> Response {
+pub(crate) fn reject(state: &AppState, rejection: Rejection) -> Response {
     count_error(state, rejection.code);
     let body = json!({ "errors": [{
         "message": rejection.message,
@@ -505,6 +507,9 @@ struct GetParameters {
 /// `GET /graphql` with GraphiQL on: a browser (asking for HTML), or anyone sending no query, gets the page;
 /// any other client's query runs.
 async fn graphql_get_or_graphiql(state: State<AppState>, request: Request) -> Response {
+    if crate::websocket::is_upgrade(request.headers()) {
+        return crate::websocket::upgrade(state.0, request).await;
+    }
     let has_query = request.uri().query().is_some_and(|parameters| {
         parameters
             .split('&')
@@ -541,6 +546,9 @@ fn accepts_html(headers: &HeaderMap) -> bool {
 /// in the URL; a mutation is refused with 405 (a GET must not change anything: caches and prefetchers
 /// repeat it).
 async fn graphql_get(State(state): State<AppState>, request: Request) -> Response {
+    if crate::websocket::is_upgrade(request.headers()) {
+        return crate::websocket::upgrade(state, request).await;
+    }
     let (parts, _) = request.into_parts();
     let Admitted {
         _ticket,
@@ -781,6 +789,9 @@ async fn metrics(State(state): State<AppState>, request: Request) -> Response {
         metrics.buffer_messages.set(buffer.messages as i64);
         metrics.buffer_bytes.set(buffer.bytes as i64);
     }
+    metrics
+        .live_subscriptions
+        .set(state.service.live().open_subscriptions() as i64);
     let scrub = state.service.store().scrub_status();
     metrics.store_scrub_pending.set(i64::from(scrub.pending));
     let counted = metrics.store_scrub_failures.get();

@@ -33,6 +33,8 @@ pub struct Metrics {
     /// Removed data that may still be on the store's disk (see `Store::scrub_status`).
     pub store_scrub_pending: IntGauge,
     pub store_scrub_failures: IntCounter,
+    /// Subscriptions open on this replica.
+    pub live_subscriptions: IntGauge,
 }
 
 impl Default for Metrics {
@@ -103,6 +105,10 @@ impl Metrics {
                 &["lane"],
             ),
             consents: counter_vec("consents_total", "Consent decisions recorded", &["value"]),
+            live_subscriptions: gauge(
+                "live_subscriptions",
+                "GraphQL subscriptions open on this replica",
+            ),
             store_seconds: histogram_vec(
                 "store_call_duration_seconds",
                 "Time of one store call, by call",

@@ -266,6 +266,9 @@ fn service_problem(state: &AppState, error: ApiError) -> Response {
         | ApiError::BufferFull(_) => StatusCode::SERVICE_UNAVAILABLE,
         ApiError::Unauthenticated => StatusCode::UNAUTHORIZED,
         ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
+        // Subscriptions only; never from a REST route.
+        ApiError::TooManySubscriptions { .. } => StatusCode::TOO_MANY_REQUESTS,
+        ApiError::SubscriberTooSlow { .. } => StatusCode::CONFLICT,
     };
     match &error {
         ApiError::StoreUnavailable(source) => tracing::warn!(error = %source, "store call failed"),

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use async_graphql::connection::{Connection, Edge};
 use async_graphql::dataloader::{DataLoader, HashMapCache, Loader};
 use async_graphql::{
-    Context, EmptySubscription, Enum, ErrorExtensions, ID, InputObject, InputValueError,
-    InputValueResult, Object, Result, Scalar, ScalarType, Schema, SchemaBuilder, SimpleObject,
-    Union, ValidationMode, Value,
+    Context, Enum, ErrorExtensions, ID, InputObject, InputValueError, InputValueResult, Object,
+    Result, Scalar, ScalarType, Schema, SchemaBuilder, SimpleObject, Subscription, Union,
+    ValidationMode, Value,
 };
 
 use crate::auth::{Caller, Permission};
@@ -24,7 +24,7 @@ use crate::paging::{ListKind, Page, PageArgs, encode_cursor};
 use crate::service::DialogService;
 use crate::store::{self, dialog_key, message_key};
 
-pub type DataApiSchema = Schema<QueryRoot, MutationRoot, EmptySubscription>;
+pub type DataApiSchema = Schema<QueryRoot, MutationRoot, SubscriptionRoot>;
 
 /// Limits the schema enforces, from the configuration.
 #[derive(Clone, Copy, Debug)]
@@ -40,6 +40,8 @@ pub struct Limits {
     pub max_loaded_messages: usize,
     /// Groups one statistics field may return.
     pub max_stats_groups: usize,
+    /// Subscriptions one key may have open at once.
+    pub max_subscriptions_per_key: usize,
 }
 
 /// What a request's queries may still ask of the database, shared by every operation of a batch:
@@ -200,8 +202,8 @@ pub fn sdl() -> String {
     builder().finish().sdl()
 }
 
-fn builder() -> SchemaBuilder<QueryRoot, MutationRoot, EmptySubscription> {
-    Schema::build(QueryRoot, MutationRoot::default(), EmptySubscription)
+fn builder() -> SchemaBuilder<QueryRoot, MutationRoot, SubscriptionRoot> {
+    Schema::build(QueryRoot, MutationRoot::default(), SubscriptionRoot)
 }
 
 /// The per-request loader of dialogs' messages.
@@ -888,6 +890,85 @@ impl QueryRoot {
             })
             .collect())
     }
+}
+
+/// Live updates over WebSocket at `/graphql` (protocols `graphql-transport-ws` and the legacy `graphql-ws`),
+/// with the key in the connection's init payload: `{"Authorization": "Bearer <key>"}`.
+pub struct SubscriptionRoot;
+
+#[Subscription]
+impl SubscriptionRoot {
+    /// Every message stored from now on (its dialog's consent arrived, or it was pushed to a consented
+    /// dialog) that matches `filter`, whichever replica stored it, in the order the writes committed,
+    /// within a fraction of a second. With `after` (a change token, e.g. the last `change` received before
+    /// a disconnection), first everything since then: nothing is missed. A subscriber that falls 1024
+    /// changes behind is disconnected (close code 4008) rather than buffered without limit.
+    #[graphql(guard = "require(Permission::Read)")]
+    async fn message_stored(
+        &self,
+        ctx: &Context<'_>,
+        filter: Option<LiveMessageFilter>,
+        after: Option<ChangeTokenValue>,
+    ) -> Result<impl futures::Stream<Item = Result<MessageStored>> + use<>> {
+        let filter = filter.unwrap_or_default();
+        let interest = crate::live::Interest::Messages {
+            language: parse_field(filter.language, "filter.language", Language::parse)?,
+            customer_id: parse_field(filter.customer_id, "filter.customerId", CustomerId::parse)?,
+            dialog_id: parse_field(filter.dialog_id, "filter.dialogId", DialogId::parse)?,
+        };
+        let stream = live_changes(ctx, interest, after).await?;
+        Ok(futures::StreamExt::map(
+            stream,
+            |change| match Change::from(change?) {
+                Change::MessageStored(stored) => Ok(stored),
+                Change::DialogRemoved(_) => unreachable!("the interest takes stored messages only"),
+            },
+        ))
+    }
+
+    /// Every stored dialog removed whole from now on (consent withdrawn, customer erased), whichever replica
+    /// removed it: drop its messages from any copy. `after` and the bounds as for `messageStored`.
+    #[graphql(guard = "require(Permission::Read)")]
+    async fn dialog_removed(
+        &self,
+        ctx: &Context<'_>,
+        after: Option<ChangeTokenValue>,
+    ) -> Result<impl futures::Stream<Item = Result<DialogRemoved>> + use<>> {
+        let stream = live_changes(ctx, crate::live::Interest::Removals, after).await?;
+        Ok(futures::StreamExt::map(
+            stream,
+            |change| match Change::from(change?) {
+                Change::DialogRemoved(removed) => Ok(removed),
+                Change::MessageStored(_) => unreachable!("the interest takes removals only"),
+            },
+        ))
+    }
+}
+
+/// Opens a subscription of the caller to `interest`, counted against its key's bound.
+async fn live_changes(
+    ctx: &Context<'_>,
+    interest: crate::live::Interest,
+    after: Option<ChangeTokenValue>,
+) -> Result<impl futures::Stream<Item = Result<crate::model::Change, ApiError>> + use<>> {
+    let limits = data::<Limits>(ctx)?;
+    let caller = data::<CallerName>(ctx)?;
+    let after = after
+        .map(|token| ChangeToken::parse("after", &token.0))
+        .transpose()?;
+    let live = service(ctx)?.live().clone();
+    let slot = live.reserve(&caller.0, limits.max_subscriptions_per_key)?;
+    let close = ctx.data_opt::<Arc<crate::live::CloseSignal>>().cloned();
+    Ok(crate::live::subscribe(live, interest, after, slot, close).await?)
+}
+
+/// Which stored messages a `messageStored` subscription receives; set fields combine with AND.
+#[derive(InputObject, Default)]
+pub struct LiveMessageFilter {
+    /// Messages in this language (case-insensitive).
+    pub language: Option<String>,
+    pub customer_id: Option<ID>,
+    pub dialog_id: Option<ID>,
 }
 
 /// Store calls one read of the change feed makes: the counter, then messages and removals.

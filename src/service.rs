@@ -79,6 +79,8 @@ pub struct DialogService {
     /// which may get no CPU time while the cores are busy, whereas an erasure holds up every decision at
     /// its end.
     runtime: Option<tokio::runtime::Handle>,
+    /// What subscribers hear about: the change feed, polled while anyone listens.
+    live: Arc<crate::live::LiveFeed>,
 }
 
 /// The outcome of an erasure running in a task of its own, for every caller waiting for it.
@@ -134,6 +136,7 @@ impl DialogService {
         metrics: Arc<Metrics>,
         audit_key: AuditKey,
     ) -> Self {
+        let store_for_live = store.clone();
         Self {
             store,
             buffer,
@@ -144,7 +147,13 @@ impl DialogService {
             erasures: std::sync::Mutex::default(),
             erasure_batch_messages: ERASURE_BATCH_MESSAGES,
             runtime: tokio::runtime::Handle::try_current().ok(),
+            live: crate::live::LiveFeed::new(store_for_live),
         }
+    }
+
+    /// The live updates of subscriptions.
+    pub fn live(&self) -> &Arc<crate::live::LiveFeed> {
+        &self.live
     }
 
     /// About how many stored messages one erasure batch deletes, in one store transaction that must end

@@ -82,6 +82,7 @@ mod export;
 mod faults;
 mod graphiql;
 mod helpers;
+mod live;
 mod load;
 mod protection;
 mod reading;

@@ -312,6 +312,29 @@ pub(crate) async fn store_dialog(
     messages: &[(&str, &str)],
     decided: &str,
 ) {
+    store_dialog_texts(app, customer, dialog, messages, decided, None).await;
+}
+
+/// Like [`store_dialog`], every message with `text`.
+pub(crate) async fn store_dialog_with_text(
+    app: &TestApp,
+    customer: &str,
+    dialog: &str,
+    messages: &[(&str, &str)],
+    decided: &str,
+    text: &str,
+) {
+    store_dialog_texts(app, customer, dialog, messages, decided, Some(text)).await;
+}
+
+async fn store_dialog_texts(
+    app: &TestApp,
+    customer: &str,
+    dialog: &str,
+    messages: &[(&str, &str)],
+    decided: &str,
+    text: Option<&str>,
+) {
     use dataapi::model::{CustomerId, DialogId, Language, Message, MessageText};
     let customer_id = CustomerId::parse("customerId", customer).unwrap();
     let dialog_id = DialogId::parse("dialogId", dialog).unwrap();
@@ -325,7 +348,11 @@ pub(crate) async fn store_dialog(
                 client_id: None,
                 dialog_id: dialog_id.clone(),
                 customer_id: customer_id.clone(),
-                text: MessageText::parse("text", format!("message {n}")).unwrap(),
+                text: MessageText::parse(
+                    "text",
+                    text.map_or_else(|| format!("message {n}"), str::to_owned),
+                )
+                .unwrap(),
                 language: Language::parse("language", language).unwrap(),
                 created_at,
                 seq: created_at * 1000 + n as i64,

@@ -612,6 +612,35 @@ async fn the_same_consent_on_two_replicas_at_once_is_written_once(replicas: Vec<
     assert!(stored_texts(a, "torn").await.is_empty());
 }
 
+/// A subscriber connected to one replica hears what the others store and remove, in commit order: the
+/// events come from the shared change feed, not from the replica that wrote.
+async fn a_subscriber_on_one_replica_hears_what_the_others_store(replicas: Vec<TestApp>) {
+    use crate::live::{NEW, STORED, Subscriber, eventually_live, text_of};
+    let (a, b, c) = (&replicas[0], &replicas[1], &replicas[2]);
+    let mut subscriber = Subscriber::ready(a, NEW, None).await;
+    subscriber.subscribe("s", STORED, json!({})).await;
+    subscriber
+        .subscribe(
+            "r",
+            "subscription { dialogRemoved { dialogId reason } }",
+            json!({}),
+        )
+        .await;
+    eventually_live(a, 2).await;
+    b.push("ada", "live", "one", "en", None).await;
+    c.push("ada", "live", "two", "en", None).await;
+    c.consent("live", true).await;
+    b.push("ada", "live", "three", "en", None).await;
+    for expected in ["one", "two", "three"] {
+        let (id, payload) = subscriber.event().await;
+        assert_eq!((id.as_str(), text_of(&payload)), ("s", expected.to_owned()));
+    }
+    b.consent("live", false).await;
+    let (id, payload) = subscriber.event().await;
+    assert_eq!(id, "r");
+    assert_eq!(payload["data"]["dialogRemoved"]["dialogId"], "live");
+}
+
 macro_rules! on_replicas {
     ($count:expr, $kind:ident, $config:expr; $($test:ident),* $(,)?) => {
         $(
@@ -633,6 +662,7 @@ mod redis {
         erasure_on_one_replica_removes_what_every_replica_buffered,
         the_same_consent_on_two_replicas_at_once_is_written_once,
         two_erasures_at_once_both_complete,
+        a_subscriber_on_one_replica_hears_what_the_others_store,
     );
     on_replicas!(3, Redis, tight_budget();
         the_dialog_cap_and_the_budget_count_what_every_replica_buffered,

@@ -77,6 +77,11 @@ const OPERATIONS: &[(&str, &str, &[Role])] = &[
         &[Role::Read, Role::Admin],
     ),
     (
+        "changes",
+        "{ changes { token } }",
+        &[Role::Read, Role::Admin],
+    ),
+    (
         "eraseCustomer",
         r#"mutation { eraseCustomer(customerId: "nobody") { messageCount } }"#,
         &[Role::Admin],
