@@ -869,6 +869,16 @@ const GRAPHIQL_ASSETS: &[(&str, &str, &[u8])] = &[
         "text/css; charset=utf-8",
         include_bytes!("../assets/graphiql/dist/graphiql.min.css"),
     ),
+    (
+        "graphiql-plugin-explorer.umd.js",
+        "text/javascript; charset=utf-8",
+        include_bytes!("../assets/graphiql/dist/graphiql-plugin-explorer.umd.js"),
+    ),
+    (
+        "graphiql-plugin-explorer.css",
+        "text/css; charset=utf-8",
+        include_bytes!("../assets/graphiql/dist/graphiql-plugin-explorer.css"),
+    ),
 ];
 
 async fn graphiql_asset(

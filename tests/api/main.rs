@@ -78,6 +78,7 @@ mod behaviour;
 mod changes;
 mod documents;
 mod erasure;
+mod examples;
 mod export;
 mod faults;
 mod graphiql;

@@ -1,5 +1,8 @@
 // Opens DataAPI's GraphiQL in headless Chromium, runs the default `dialogs` query with the run button,
-// waits for the result, and saves a screenshot. Fails if the page asks for anything outside the service.
+// waits for the result, and saves a screenshot; opens the Explorer and finds the schema's fields in it;
+// checks that the Headers tab is remembered across a reload; runs a subscription (opened from a
+// `?query=` link) and sees the message a consent stores meanwhile. Fails if the page asks for anything
+// outside the service or its Content-Security-Policy blocks anything.
 //
 //   node tests/browser/graphiql.mjs BASE_URL SCREENSHOT_PATH EXPECTED_TEXT
 //
@@ -47,6 +50,44 @@ try {
   await resultPane.getByText(expectedText, { exact: false }).first().waitFor({ timeout: 30_000 });
   const result = await resultPane.innerText();
   await page.screenshot({ path: screenshotPath, fullPage: true });
+
+  // The Explorer plugin: point-and-click query building, from the schema.
+  await page.getByLabel("Show GraphiQL Explorer").click();
+  await page.locator(".graphiql-plugin").getByText("dialogs", { exact: true }).first()
+    .waitFor({ timeout: 30_000 });
+
+  // The Headers tab is remembered across reloads.
+  await page.evaluate(() => localStorage.setItem("graphiql:headers", '{"X-Remembered": "yes"}'));
+  await page.reload({ waitUntil: "load" });
+  await page.waitForSelector(".graphiql-execute-button", { timeout: 30_000 });
+  await page.getByText("X-Remembered", { exact: false }).first().waitFor({ timeout: 30_000 });
+  await page.evaluate(() => localStorage.removeItem("graphiql:headers"));
+
+  // A subscription from a link, over the WebSocket; a consent meanwhile shows up in the result pane.
+  const subscription = "subscription { messageStored { message { dialogId text } } }";
+  await page.goto(`${baseUrl}?query=${encodeURIComponent(subscription)}`, { waitUntil: "load" });
+  await page.waitForSelector(".graphiql-execute-button", { timeout: 30_000 });
+  await page.click(".graphiql-execute-button");
+  const live = "Live from GraphiQL";
+  // The subscription starts once the server has read it: store a message until one shows up.
+  for (let attempt = 0; ; attempt++) {
+    await page.evaluate(async ([n, text]) => {
+      const post = (query) => fetch("/graphql", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ query }),
+      });
+      await post(`mutation { pushMessage(input: {customerId: "c", dialogId: "live-${n}", text: "${text}", language: "en"}) { status } }`);
+      await post(`mutation { giveConsent(dialogId: "live-${n}", value: true) { value } }`);
+    }, [attempt, live]);
+    try {
+      await page.locator(".result-window").getByText(live, { exact: false }).first()
+        .waitFor({ timeout: 3_000 });
+      break;
+    } catch (error) {
+      if (attempt >= 10) throw new Error(`the subscription showed nothing: ${error}`);
+    }
+  }
 
   if (pageErrors.length > 0) {
     throw new Error(`the page raised errors: ${pageErrors.join("; ")}`);
