@@ -1,12 +1,13 @@
 //! Live updates: the events of GraphQL subscriptions (`messageStored`, `dialogRemoved`), fed by the change
-//! feed (see `changes`). Each replica polls the store's change counter while it has subscribers and
-//! broadcasts what is new to them, so every subscriber sees what every replica wrote, in commit order, and a
-//! subscriber can resume from a change token after a disconnection without missing anything. The transport
-//! (WebSocket, both protocols) is in `http`.
+//! feed (see `changes`). Each replica polls the store's change counter while it has subscribers and hands
+//! what is new to each subscriber's queue, so every subscriber sees what every replica wrote, in commit
+//! order, and a subscriber can resume from a change token after a disconnection without missing anything.
+//! The transport (WebSocket, both protocols) is in `websocket`.
 //!
-//! Bounded: at most MAX_SUBSCRIPTIONS_PER_KEY subscriptions per key, and a subscriber that falls more than
-//! [`SUBSCRIBER_BACKLOG`] changes behind (it does not read its socket) has its connection closed with
-//! [`SLOW_SUBSCRIBER_CLOSE`] instead of being buffered without limit.
+//! Bounded: at most MAX_SUBSCRIPTIONS_PER_KEY subscriptions per key, and a subscriber whose queue of
+//! [`SUBSCRIBER_BACKLOG`] changes stays full for [`SLOW_SUBSCRIBER_GRACE`] (it does not read its socket) is
+//! dropped, and its connection closed with [`SLOW_SUBSCRIBER_CLOSE`], instead of being buffered without
+//! limit.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -19,7 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::changes::ChangeToken;
 use crate::error::ApiError;
-use crate::model::{Change, CustomerId, DialogId, Language};
+use crate::model::{Change, CustomerId, DecisionEvent, DialogId, Language};
 use crate::store::{SharedStore, StoreResult};
 
 /// How often a replica with subscribers looks for new changes: the latency of live updates.
@@ -38,6 +39,48 @@ pub const SLOW_SUBSCRIBER_CLOSE: u16 = 4008;
 /// Changes read from the store per query, when catching up.
 const BATCH: usize = 1_000;
 
+/// What subscribers hear about: the changes of the feed, and the decision events numbered with them.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LiveEvent {
+    Change(Change),
+    Decided(DecisionEvent),
+}
+
+impl LiveEvent {
+    pub fn number(&self) -> i64 {
+        match self {
+            Self::Change(change) => change.number(),
+            Self::Decided(event) => event.number,
+        }
+    }
+}
+
+/// The events numbered in `(after, through]`, in number order, up to a batch of each kind; and the
+/// position they cover (`through`, or less when a batch was full).
+async fn read_events(
+    store: &SharedStore,
+    after: i64,
+    through: i64,
+) -> StoreResult<(Vec<LiveEvent>, i64)> {
+    let changes = store.scan_changes(after, through, BATCH).await?;
+    let decisions = store.scan_decisions(after, through, BATCH).await?;
+    let mut covered = through;
+    if let Some(last) = changes.last().filter(|_| changes.len() == BATCH) {
+        covered = covered.min(last.number());
+    }
+    if let Some(last) = decisions.last().filter(|_| decisions.len() == BATCH) {
+        covered = covered.min(last.number);
+    }
+    let mut events: Vec<LiveEvent> = changes
+        .into_iter()
+        .map(LiveEvent::Change)
+        .chain(decisions.into_iter().map(LiveEvent::Decided))
+        .filter(|event| event.number() <= covered)
+        .collect();
+    events.sort_by_key(LiveEvent::number);
+    Ok((events, covered))
+}
+
 /// The changes of this replica's subscribers: one poller, and a bounded queue per subscriber.
 pub struct LiveFeed {
     store: SharedStore,
@@ -52,7 +95,7 @@ pub struct LiveFeed {
 
 /// One subscription's queue, as the poller holds it.
 struct Listener {
-    sender: mpsc::Sender<Arc<Change>>,
+    sender: mpsc::Sender<Arc<LiveEvent>>,
     /// Set when the poller dropped it for not making room in time.
     too_slow: Arc<AtomicBool>,
 }
@@ -98,7 +141,9 @@ impl LiveFeed {
         })
     }
 
-    /// Hands the changes committed since the last poll to every listener, if there are any.
+    /// Hands the changes committed since the last poll to every listener, if there are any. (Subscriptions
+    /// that start meanwhile wait for the poll: at most [`SLOW_SUBSCRIBER_GRACE`] longer when a listener is
+    /// being dropped for being slow.)
     async fn poll(&self) -> StoreResult<()> {
         let mut guard = self.listeners.lock().await;
         let (position, listeners) = &mut *guard;
@@ -112,11 +157,7 @@ impl LiveFeed {
         };
         let through = self.store.last_change().await?;
         while after < through && !listeners.is_empty() {
-            let batch = self.store.scan_changes(after, through, BATCH).await?;
-            let next = match batch.last() {
-                Some(last) if batch.len() == BATCH => last.number(),
-                _ => through,
-            };
+            let (batch, next) = read_events(&self.store, after, through).await?;
             for change in batch {
                 let change = Arc::new(change);
                 let mut kept = Vec::with_capacity(listeners.len());
@@ -136,7 +177,9 @@ impl LiveFeed {
 
     /// Starts listening: the queue, the flag set if it is dropped for being slow, and the last change
     /// before what it will receive.
-    async fn join(&self) -> Result<(mpsc::Receiver<Arc<Change>>, Arc<AtomicBool>, i64), ApiError> {
+    async fn join(
+        &self,
+    ) -> Result<(mpsc::Receiver<Arc<LiveEvent>>, Arc<AtomicBool>, i64), ApiError> {
         let mut guard = self.listeners.lock().await;
         let (position, listeners) = &mut *guard;
         let after = match *position {
@@ -185,7 +228,7 @@ impl LiveFeed {
 
 /// Queues `change` for `listener`, waiting up to [`SLOW_SUBSCRIBER_GRACE`] for room. False: the listener is
 /// gone, or too slow and now dropped (its subscription ends with `SUBSCRIBER_TOO_SLOW`).
-async fn deliver(listener: &Listener, change: Arc<Change>) -> bool {
+async fn deliver(listener: &Listener, change: Arc<LiveEvent>) -> bool {
     match listener.sender.try_send(change) {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -261,10 +304,17 @@ pub enum Interest {
     /// Dialogs removed whole.
     #[default]
     Removals,
+    /// Consent decisions that changed a dialog's decision.
+    Decisions,
 }
 
 impl Interest {
-    fn wants(&self, change: &Change) -> bool {
+    fn wants(&self, event: &LiveEvent) -> bool {
+        let change = match (self, event) {
+            (Self::Decisions, LiveEvent::Decided(_)) => return true,
+            (_, LiveEvent::Decided(_)) | (Self::Decisions, _) => return false,
+            (_, LiveEvent::Change(change)) => change,
+        };
         match (self, change) {
             (
                 Self::Messages {
@@ -298,13 +348,13 @@ enum Phase {
 
 struct Subscription {
     feed: Arc<LiveFeed>,
-    receiver: mpsc::Receiver<Arc<Change>>,
+    receiver: mpsc::Receiver<Arc<LiveEvent>>,
     too_slow: Arc<AtomicBool>,
     interest: Interest,
     phase: Phase,
     /// The last change this subscriber has been given or skipped.
     last: i64,
-    ready: std::collections::VecDeque<Change>,
+    ready: std::collections::VecDeque<LiveEvent>,
     close: Option<Arc<CloseSignal>>,
     _slot: Slot,
 }
@@ -318,7 +368,7 @@ pub async fn subscribe(
     after: Option<ChangeToken>,
     slot: Slot,
     close: Option<Arc<CloseSignal>>,
-) -> Result<impl Stream<Item = Result<Change, ApiError>>, ApiError> {
+) -> Result<impl Stream<Item = Result<LiveEvent, ApiError>>, ApiError> {
     let (receiver, too_slow, joined_after) = feed.join().await?;
     let (phase, last) = match after {
         Some(after) => {
@@ -350,7 +400,7 @@ pub async fn subscribe(
 }
 
 impl Subscription {
-    async fn next(&mut self) -> Option<Result<Change, ApiError>> {
+    async fn next(&mut self) -> Option<Result<LiveEvent, ApiError>> {
         loop {
             if let Some(change) = self.ready.pop_front() {
                 return Some(Ok(change));
@@ -362,21 +412,15 @@ impl Subscription {
                         self.phase = Phase::Live;
                         continue;
                     }
-                    let batch = match self
-                        .feed
-                        .store
-                        .scan_changes(self.last, through, BATCH)
-                        .await
-                    {
-                        Ok(batch) => batch,
+                    let batch = match read_events(&self.feed.store, self.last, through).await {
+                        Ok((batch, covered)) => {
+                            self.last = covered;
+                            batch
+                        }
                         Err(error) => {
                             self.phase = Phase::Ended;
                             return Some(Err(ApiError::StoreUnavailable(error)));
                         }
-                    };
-                    self.last = match batch.last() {
-                        Some(last) if batch.len() == BATCH => last.number(),
-                        _ => through,
                     };
                     let interest = &self.interest;
                     self.ready
@@ -387,7 +431,7 @@ impl Subscription {
                         if change.number() > self.last {
                             self.last = change.number();
                             if self.interest.wants(&change) {
-                                return Some(Ok(Change::clone(&change)));
+                                return Some(Ok(LiveEvent::clone(&change)));
                             }
                         }
                     }

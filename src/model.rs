@@ -340,6 +340,58 @@ impl Removal {
     }
 }
 
+/// What a consent decision did to its dialog (a repeated decision does nothing, and is no event).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DecisionKind {
+    /// `true`: a first consent, or consent given again after a withdrawal.
+    Granted,
+    /// `false` for a dialog that never had consent.
+    Refused,
+    /// `false` for a dialog that had consent.
+    Withdrawn,
+}
+
+impl DecisionKind {
+    /// The name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Granted => "granted",
+            Self::Refused => "refused",
+            Self::Withdrawn => "withdrawn",
+        }
+    }
+
+    pub fn from_stored(name: &str) -> Option<Self> {
+        match name {
+            "granted" => Some(Self::Granted),
+            "refused" => Some(Self::Refused),
+            "withdrawn" => Some(Self::Withdrawn),
+            _ => None,
+        }
+    }
+
+    /// What deciding `value` does to a dialog whose decision in force was `previous` (none, or the other
+    /// value: deciding the value in force again changes nothing and is no event).
+    pub fn of(previous: Option<bool>, value: bool) -> Self {
+        match (previous, value) {
+            (_, true) => Self::Granted,
+            (Some(true), false) => Self::Withdrawn,
+            (_, false) => Self::Refused,
+        }
+    }
+}
+
+/// A consent decision that changed its dialog's decision, numbered with the changes (in the same order
+/// as they commit) for live updates.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecisionEvent {
+    pub number: i64,
+    pub dialog_id: DialogId,
+    pub kind: DecisionKind,
+    /// When it was decided, ms since the epoch.
+    pub at: i64,
+}
+
 /// One entry of the change feed. Entries are numbered store-wide in the order their writes committed,
 /// so that "everything after number N" is exact (see docs/decisions.md, "The change feed").
 #[derive(Clone, Debug, PartialEq)]

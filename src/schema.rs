@@ -917,13 +917,15 @@ impl SubscriptionRoot {
             dialog_id: parse_field(filter.dialog_id, "filter.dialogId", DialogId::parse)?,
         };
         let stream = live_changes(ctx, interest, after).await?;
-        Ok(futures::StreamExt::map(
-            stream,
-            |change| match Change::from(change?) {
+        Ok(futures::StreamExt::map(stream, |event| match event? {
+            crate::live::LiveEvent::Change(change) => match Change::from(change) {
                 Change::MessageStored(stored) => Ok(stored),
                 Change::DialogRemoved(_) => unreachable!("the interest takes stored messages only"),
             },
-        ))
+            crate::live::LiveEvent::Decided(_) => {
+                unreachable!("the interest takes stored messages only")
+            }
+        }))
     }
 
     /// Every stored dialog removed whole from now on (consent withdrawn, customer erased), whichever replica
@@ -935,14 +937,62 @@ impl SubscriptionRoot {
         after: Option<ChangeTokenValue>,
     ) -> Result<impl futures::Stream<Item = Result<DialogRemoved>> + use<>> {
         let stream = live_changes(ctx, crate::live::Interest::Removals, after).await?;
-        Ok(futures::StreamExt::map(
-            stream,
-            |change| match Change::from(change?) {
+        Ok(futures::StreamExt::map(stream, |event| match event? {
+            crate::live::LiveEvent::Change(change) => match Change::from(change) {
                 Change::DialogRemoved(removed) => Ok(removed),
                 Change::MessageStored(_) => unreachable!("the interest takes removals only"),
             },
-        ))
+            crate::live::LiveEvent::Decided(_) => unreachable!("the interest takes removals only"),
+        }))
     }
+
+    /// Every consent decision from now on that changed its dialog's decision, whichever replica recorded
+    /// it, in commit order: `GRANTED` (a first consent, or consent given again), `REFUSED`, `WITHDRAWN`.
+    /// Repeating the decision in force is no event. For a live consent rate next to `consentStats`.
+    /// `after` and the bounds as for `messageStored` (an erased customer's decisions are gone from what
+    /// `after` replays).
+    #[graphql(guard = "require(Permission::Read)")]
+    async fn consent_decided(
+        &self,
+        ctx: &Context<'_>,
+        after: Option<ChangeTokenValue>,
+    ) -> Result<impl futures::Stream<Item = Result<ConsentDecided>> + use<>> {
+        let stream = live_changes(ctx, crate::live::Interest::Decisions, after).await?;
+        Ok(futures::StreamExt::map(stream, |event| match event? {
+            crate::live::LiveEvent::Decided(event) => Ok(ConsentDecided {
+                change: ChangeToken(event.number).into(),
+                dialog_id: ID(event.dialog_id.to_string()),
+                decision: match event.kind {
+                    crate::model::DecisionKind::Granted => ConsentDecision::Granted,
+                    crate::model::DecisionKind::Refused => ConsentDecision::Refused,
+                    crate::model::DecisionKind::Withdrawn => ConsentDecision::Withdrawn,
+                },
+                decided_at: DateTime(event.at),
+            }),
+            crate::live::LiveEvent::Change(_) => unreachable!("the interest takes decisions only"),
+        }))
+    }
+}
+
+/// A consent decision that changed its dialog's decision.
+#[derive(SimpleObject)]
+pub struct ConsentDecided {
+    /// This event's position, for `after` when resuming.
+    change: ChangeTokenValue,
+    dialog_id: ID,
+    decision: ConsentDecision,
+    decided_at: DateTime,
+}
+
+/// What a consent decision did.
+#[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsentDecision {
+    /// Consent given: the first decision of the dialog, or consent given again after a withdrawal.
+    Granted,
+    /// Consent refused for a dialog that never had it: nothing of it was stored.
+    Refused,
+    /// Consent taken back: the dialog's stored messages were deleted.
+    Withdrawn,
 }
 
 /// Opens a subscription of the caller to `interest`, counted against its key's bound.
@@ -950,7 +1000,7 @@ async fn live_changes(
     ctx: &Context<'_>,
     interest: crate::live::Interest,
     after: Option<ChangeTokenValue>,
-) -> Result<impl futures::Stream<Item = Result<crate::model::Change, ApiError>> + use<>> {
+) -> Result<impl futures::Stream<Item = Result<crate::live::LiveEvent, ApiError>> + use<>> {
     let limits = data::<Limits>(ctx)?;
     let caller = data::<CallerName>(ctx)?;
     let after = after

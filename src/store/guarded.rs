@@ -20,7 +20,9 @@ use super::{
     MessageFilter, SharedStore, Store, StoreError, StoreResult,
 };
 use crate::metrics::Metrics;
-use crate::model::{Change, ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Message};
+use crate::model::{
+    Change, ConsentHistory, ConsentRecord, CustomerId, DecisionEvent, Dialog, DialogId, Message,
+};
 use crate::paging::{KeyRange, ScanOrder};
 use crate::stats::{Buckets, ConsentStats, Grouping, MessageStats};
 
@@ -254,6 +256,19 @@ impl Store for GuardedStore {
 
     async fn last_change(&self) -> StoreResult<i64> {
         self.call("last_change", self.inner.last_change()).await
+    }
+
+    async fn scan_decisions(
+        &self,
+        after: i64,
+        through: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<DecisionEvent>> {
+        self.call(
+            "scan_decisions",
+            self.inner.scan_decisions(after, through, limit),
+        )
+        .await
     }
 
     async fn scan_changes(

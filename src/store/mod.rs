@@ -14,7 +14,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::model::{
-    Change, ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Language, Message,
+    Change, ConsentHistory, ConsentRecord, CustomerId, DecisionEvent, Dialog, DialogId, Language,
+    Message,
 };
 pub use crate::model::{Erased, ErasureAudit, TimeWindow};
 use crate::paging::{KeyRange, ScanOrder, SortKey};
@@ -285,6 +286,15 @@ pub trait Store: Send + Sync + 'static {
         through: i64,
         limit: usize,
     ) -> StoreResult<Vec<Change>>;
+
+    /// Decision events (numbered with the changes) after `after` and up to `through`, in number order, at
+    /// most `limit`.
+    async fn scan_decisions(
+        &self,
+        after: i64,
+        through: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<DecisionEvent>>;
 
     /// The messages of many dialogs at once (one round trip), each dialog's oldest first; at most `limit`
     /// of them (callers ask for one more than they accept, to tell that there were more).

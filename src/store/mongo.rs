@@ -27,8 +27,8 @@ use super::{
 };
 use crate::clock::now_millis;
 use crate::model::{
-    Change, ClientMessageId, ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Language,
-    Message, MessageText, Removal,
+    Change, ClientMessageId, ConsentHistory, ConsentRecord, CustomerId, DecisionEvent,
+    DecisionKind, Dialog, DialogId, Language, Message, MessageText, Removal,
 };
 use crate::paging::{KeyRange, ScanOrder};
 use crate::stats::{Buckets, ConsentStats, Grouping, MessageStats};
@@ -169,6 +169,8 @@ pub struct MongoStore {
     settings: Collection<Document>,
     /// Dialogs removed whole, by change number (see [`Store::scan_changes`]).
     tombstones: Collection<Document>,
+    /// Decisions that changed a dialog's decision, by change number (see [`Store::scan_decisions`]).
+    decision_events: Collection<Document>,
     /// Held by the writes that take change numbers, for their whole transaction. Two transactions taking
     /// numbers conflict on the counter and one is aborted and retried: within this process they queue here
     /// instead, so that a burst of consents is not a burst of aborts that runs out of retries; only
@@ -417,6 +419,7 @@ impl MongoStore {
             erasures_running: db.collection("erasuresRunning"),
             settings: db.collection("settings"),
             tombstones: db.collection("tombstones"),
+            decision_events: db.collection("decisionEvents"),
             numbering: tokio::sync::Mutex::new(()),
             database: database.to_owned(),
             hosts,
@@ -485,6 +488,11 @@ impl MongoStore {
             .create_index(index(doc! { "customerDigest": 1 }, "customer_digest"))
             .await
             .map_err(mongo_error("create erasure indexes"))?;
+        // An erasure deletes a dialog's decision events.
+        self.decision_events
+            .create_index(index(doc! { "dialogId": 1 }, "dialog"))
+            .await
+            .map_err(mongo_error("create decision event indexes"))?;
         Ok(())
     }
 
@@ -595,28 +603,29 @@ impl MongoStore {
             .map_err(mongo_error("drop database"))
     }
 
-    /// Makes `decision` the one in force unless it already is; returns the record in force. Always writes the
-    /// consent document (`updatedAt`), so that two transactions deciding or appending for one dialog
-    /// conflict instead of overtaking each other.
+    /// Makes `decision` the one in force unless it already is; returns the record in force, and what the
+    /// decision did when it changed anything (the caller numbers that event). Always writes the consent
+    /// document (`updatedAt`), so that two transactions deciding or appending for one dialog conflict
+    /// instead of overtaking each other.
     async fn write_consent(
         &self,
         session: &mut ClientSession,
         decision: &Decision,
-    ) -> mongodb::error::Result<ConsentRecord> {
+    ) -> mongodb::error::Result<(ConsentRecord, Option<DecisionKind>)> {
         let dialog_id = decision.dialog_id.as_str();
         let now = BsonDateTime::now();
-        if let Some(existing) = self
+        let existing = self
             .consents
             .find_one_and_update(
                 doc! { "_id": dialog_id },
                 doc! { "$set": { "updatedAt": now } },
             )
             .session(&mut *session)
-            .await?
-            && existing.value == decision.value
-        {
-            return Ok(existing.into());
+            .await?;
+        if let Some(existing) = existing.as_ref().filter(|e| e.value == decision.value) {
+            return Ok((existing.clone().into(), None));
         }
+        let kind = DecisionKind::of(existing.map(|e| e.value), decision.value);
         let at = BsonDateTime::from_millis(decision.at);
         self.consents
             .update_one(
@@ -630,24 +639,52 @@ impl MongoStore {
             .upsert(true)
             .session(&mut *session)
             .await?;
-        Ok(ConsentRecord {
+        let record = ConsentRecord {
             dialog_id: decision.dialog_id.clone(),
             customer_id: decision.customer_id.clone(),
             value: decision.value,
             decided_at: decision.at,
-        })
+        };
+        Ok((record, Some(kind)))
+    }
+
+    /// Records a decision event under change number `change`, in the deciding transaction.
+    async fn add_decision_event(
+        &self,
+        session: &mut ClientSession,
+        change: i64,
+        decision: &Decision,
+        kind: DecisionKind,
+    ) -> mongodb::error::Result<()> {
+        self.decision_events
+            .insert_one(doc! {
+                "_id": change,
+                "dialogId": decision.dialog_id.as_str(),
+                "kind": kind.as_str(),
+                "at": BsonDateTime::from_millis(decision.at),
+            })
+            .session(&mut *session)
+            .await?;
+        Ok(())
     }
 
     /// Inserts the messages not stored yet and folds them into the dialog summary; returns how many were new.
     /// All of `messages` belong to one dialog. Reads name the dialog too, so that on a cluster sharded by
     /// `dialogId` (README: MongoDB at scale) they go to one shard, not to all.
+    /// `event`: the decision that stores them, to number first (with the same round trip to the counter).
     async fn insert_messages(
         &self,
         session: &mut ClientSession,
         messages: &[MessageDoc],
         consented_at: i64,
+        event: Option<(&Decision, DecisionKind)>,
     ) -> mongodb::error::Result<u64> {
         let Some(first) = messages.first() else {
+            if let Some((decision, kind)) = event {
+                let change = self.take_changes(session, 1).await?;
+                self.add_decision_event(session, change, decision, kind)
+                    .await?;
+            }
             return Ok(0);
         };
         let ids: Vec<&str> = messages.iter().map(|m| m.id.as_str()).collect();
@@ -667,11 +704,20 @@ impl MongoStore {
             .filter(|m| !existing.contains(&m.id))
             .cloned()
             .collect();
+        if new.is_empty() && event.is_none() {
+            return Ok(0);
+        }
+        let mut first_change = self
+            .take_changes(session, new.len() + usize::from(event.is_some()))
+            .await?;
+        if let Some((decision, kind)) = event {
+            self.add_decision_event(session, first_change, decision, kind)
+                .await?;
+            first_change += 1;
+        }
         if new.is_empty() {
             return Ok(0);
         }
-        // As late as the transaction allows: from here to the commit, other writers wait for this one.
-        let first_change = self.take_changes(session, new.len()).await?;
         for (message, change) in new.iter_mut().zip(first_change..) {
             message.change_seq = Some(change);
         }
@@ -697,11 +743,16 @@ impl MongoStore {
         decision: &Decision,
         messages: &[MessageDoc],
     ) -> mongodb::error::Result<DecisionWritten> {
-        let record = self.write_consent(session, decision).await?;
+        let (record, event) = self.write_consent(session, decision).await?;
         let dialog_id = decision.dialog_id.as_str();
         if decision.value {
             let inserted = self
-                .insert_messages(session, messages, record.decided_at)
+                .insert_messages(
+                    session,
+                    messages,
+                    record.decided_at,
+                    event.map(|kind| (decision, kind)),
+                )
                 .await?;
             Ok(DecisionWritten {
                 record,
@@ -729,6 +780,11 @@ impl MongoStore {
                     decision.at,
                 )
                 .await?;
+            }
+            if let Some(kind) = event {
+                let change = self.take_changes(session, 1).await?;
+                self.add_decision_event(session, change, decision, kind)
+                    .await?;
             }
             Ok(DecisionWritten {
                 record,
@@ -834,6 +890,10 @@ impl MongoStore {
                 .session(&mut *session)
                 .await?
                 .deleted_count;
+            self.decision_events
+                .delete_many(doc! { "dialogId": { "$in": &ids } })
+                .session(&mut *session)
+                .await?;
         }
         self.erasures_running
             .update_one(
@@ -941,6 +1001,7 @@ impl MongoStore {
             session,
             std::slice::from_ref(message),
             consent.decided_at.timestamp_millis(),
+            None,
         )
         .await?;
         Ok(Appended::Stored {
@@ -1393,6 +1454,33 @@ impl Store for MongoStore {
             .await
             .map_err(mongo_error("read removals"))?;
         Ok(super::merge_changes(stored, removed, limit))
+    }
+
+    async fn scan_decisions(
+        &self,
+        after: i64,
+        through: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<DecisionEvent>> {
+        self.decision_events
+            .find(doc! { "_id": { "$gt": after, "$lte": through } })
+            .sort(doc! { "_id": 1 })
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .await
+            .map_err(mongo_error("read decision events"))?
+            .map_ok(|doc| DecisionEvent {
+                number: doc.get_i64("_id").unwrap_or_default(),
+                dialog_id: DialogId::from_trusted(
+                    doc.get_str("dialogId").unwrap_or_default().to_owned(),
+                ),
+                // Only this code writes kinds; an unknown one reads as a refusal.
+                kind: DecisionKind::from_stored(doc.get_str("kind").unwrap_or_default())
+                    .unwrap_or(DecisionKind::Refused),
+                at: doc.get_datetime("at").map_or(0, |at| at.timestamp_millis()),
+            })
+            .try_collect()
+            .await
+            .map_err(mongo_error("read decision events"))
     }
 
     async fn messages_of_dialogs(

@@ -23,8 +23,8 @@ use super::{
 };
 use crate::clock::now_millis;
 use crate::model::{
-    Change, ClientMessageId, ConsentHistory, ConsentRecord, CustomerId, Dialog, DialogId, Language,
-    Message, MessageText, Removal,
+    Change, ClientMessageId, ConsentHistory, ConsentRecord, CustomerId, DecisionEvent,
+    DecisionKind, Dialog, DialogId, Language, Message, MessageText, Removal,
 };
 use crate::paging::{KeyRange, ScanOrder};
 use crate::stats::{BucketUnit, Buckets, ConsentStats, Grouping, MessageStats};
@@ -125,6 +125,15 @@ CREATE TABLE IF NOT EXISTS tombstones (
     reason    TEXT NOT NULL,
     at        INTEGER NOT NULL
 );
+-- Decisions that changed a dialog's decision, numbered with the changes, for live updates: the dialog id
+-- only, deleted with the dialog's other records when its customer is erased.
+CREATE TABLE IF NOT EXISTS decision_events (
+    change    INTEGER PRIMARY KEY,
+    dialog_id TEXT NOT NULL,
+    kind      TEXT NOT NULL,
+    at        INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS decision_events_dialog ON decision_events (dialog_id);
 -- Values the service keeps for itself, such as the audit secret when AUDIT_SECRET is unset.
 CREATE TABLE IF NOT EXISTS settings (
     name  TEXT PRIMARY KEY,
@@ -492,6 +501,7 @@ fn erase_batch_in(
             add_tombstones(tx, &dialog_ids, Removal::Erased, now)?;
         }
         delete("DELETE FROM consent_events WHERE dialog_id IN ({ids})")?;
+        delete("DELETE FROM decision_events WHERE dialog_id IN ({ids})")?;
         erased.consents = delete("DELETE FROM consents WHERE dialog_id IN ({ids})")?;
     }
     tx.execute(
@@ -923,13 +933,25 @@ fn consent_from_row(row: &Row<'_>) -> rusqlite::Result<ConsentRecord> {
     })
 }
 
-/// Makes `decision` the one in force, unless it already is (then its original time stands).
+/// Makes `decision` the one in force, unless it already is (then its original time stands); numbers what
+/// it did as a decision event.
 fn write_consent(tx: &Connection, decision: &Decision) -> rusqlite::Result<ConsentRecord> {
-    if let Some(existing) = read_consent(tx, decision.dialog_id.as_str())?
-        && existing.value == decision.value
-    {
-        return Ok(existing);
+    let existing = read_consent(tx, decision.dialog_id.as_str())?;
+    if let Some(existing) = existing.as_ref().filter(|e| e.value == decision.value) {
+        return Ok(existing.clone());
     }
+    let kind = DecisionKind::of(existing.map(|record| record.value), decision.value);
+    let change = last_change_in(tx)? + 1;
+    tx.prepare_cached(
+        "INSERT INTO decision_events (change, dialog_id, kind, at) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![
+        change,
+        decision.dialog_id.as_str(),
+        kind.as_str(),
+        decision.at
+    ])?;
+    set_last_change(tx, change)?;
     tx.prepare_cached(
         "INSERT INTO consent_events (dialog_id, value, decided_at) VALUES (?1, ?2, ?3)",
     )?
@@ -1043,6 +1065,10 @@ fn stored_changes_sql() -> String {
          WHERE change_seq > ?1 AND change_seq <= ?2 ORDER BY change_seq LIMIT ?3"
     )
 }
+
+/// Decision events numbered in `(?1, ?2]`, at most ?3, in number order.
+const DECISION_EVENTS_SQL: &str = "SELECT change, dialog_id, kind, at FROM decision_events
+     WHERE change > ?1 AND change <= ?2 ORDER BY change LIMIT ?3";
 
 /// Removals numbered in `(?1, ?2]`, at most ?3, in number order.
 const REMOVED_CHANGES_SQL: &str = "SELECT change, dialog_id, reason, at FROM tombstones
@@ -1904,6 +1930,37 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn scan_decisions(
+        &self,
+        after: i64,
+        through: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<DecisionEvent>> {
+        self.with_connection(move |c| {
+            select(
+                c,
+                "read decision events",
+                DECISION_EVENTS_SQL,
+                [
+                    Value::Integer(after),
+                    Value::Integer(through),
+                    limit_value(limit),
+                ],
+                |row| {
+                    let kind: String = row.get(2)?;
+                    Ok(DecisionEvent {
+                        number: row.get(0)?,
+                        dialog_id: DialogId::from_trusted(row.get(1)?),
+                        // Only this code writes kinds; an unknown one reads as a refusal.
+                        kind: DecisionKind::from_stored(&kind).unwrap_or(DecisionKind::Refused),
+                        at: row.get(3)?,
+                    })
+                },
+            )
+        })
+        .await
+    }
+
     async fn messages_of_dialogs(
         &self,
         dialog_ids: &[DialogId],
@@ -2016,7 +2073,8 @@ mod tests {
         // The change feed's two reads.
         let bounds = vec![Value::Integer(1), Value::Integer(9), Value::Integer(10)];
         statements.push((stored_changes_sql(), bounds.clone()));
-        statements.push((REMOVED_CHANGES_SQL.to_owned(), bounds));
+        statements.push((REMOVED_CHANGES_SQL.to_owned(), bounds.clone()));
+        statements.push((DECISION_EVENTS_SQL.to_owned(), bounds));
         let plans = store
             .with_connection(move |c| {
                 let mut plans = Vec::new();
@@ -2449,9 +2507,18 @@ mod tests {
             .record_decision(&decide("d3"), vec![message("d3", "e", "en", 9)])
             .await
             .unwrap();
+        // Its decision is change 5 (a decision event), its message 6.
         assert_eq!(
-            texts(store.scan_changes(4, 5, 10).await.unwrap()),
-            [(5, "e".into())]
+            texts(store.scan_changes(4, 6, 10).await.unwrap()),
+            [(6, "e".into())]
+        );
+        let decisions = store.scan_decisions(4, 6, 10).await.unwrap();
+        assert_eq!(
+            decisions
+                .iter()
+                .map(|event| (event.number, event.kind))
+                .collect::<Vec<_>>(),
+            [(5, DecisionKind::Granted)]
         );
     }
 

@@ -189,6 +189,7 @@ async fn the_feed_follows_consents_withdrawals_and_erasures(app: TestApp) {
         .await["changes"]
         .clone();
     assert_eq!(page["changes"], json!([]));
+    copy.apply(&page);
 
     // From the start, a page of one at a time: the same copy.
     let mut fresh = Copy::default();
@@ -205,14 +206,15 @@ async fn bad_tokens_and_sizes_are_refused(app: TestApp) {
         .as_str()
         .unwrap()
         .to_owned();
-    assert_eq!(last, "1");
+    // The decision and the message: live updates number decisions with the changes (see `live`).
+    assert_eq!(last, "2");
     for bad in ["", "-1", "1.0", "abc", " 1", "99999999999999999999", "1e3"] {
         let error = app.error(CHANGES, json!({ "after": bad })).await;
         assert_eq!(code(&error), "INVALID_CHANGE_TOKEN", "{bad:?}: {error}");
         assert_eq!(error["extensions"]["field"], "after");
     }
     // Ahead of the database: restored from a backup, or another deployment's token.
-    let error = app.error(CHANGES, json!({ "after": "2" })).await;
+    let error = app.error(CHANGES, json!({ "after": "3" })).await;
     assert_eq!(code(&error), "INVALID_CHANGE_TOKEN");
     assert!(
         error["message"].as_str().unwrap().contains("restored"),

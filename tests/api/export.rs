@@ -560,6 +560,7 @@ assert str(german.createdAt.dtype).startswith('datetime64') and str(german.creat
 assert len(lines) == 5 and str(lines.createdAt.dtype).startswith('datetime64'), lines.dtypes
 assert len(table) == 5 and str(table.createdAt.dtype).startswith('datetime64'), table.dtypes
 assert 'a, \"quoted\"\\nsecond line; ünïcode ✓' in set(table.text), table.text
+assert frame.height == 5 and str(frame.schema['createdAt']).startswith('Datetime'), frame.schema
 print('ok')
 ";
     run_python(script, None).await;

@@ -346,6 +346,16 @@ impl Store for InstrumentedStore {
         self.inner.last_change().await
     }
 
+    async fn scan_decisions(
+        &self,
+        after: i64,
+        through: i64,
+        limit: usize,
+    ) -> StoreResult<Vec<dataapi::model::DecisionEvent>> {
+        self.enter("scan_decisions").await?;
+        self.inner.scan_decisions(after, through, limit).await
+    }
+
     async fn scan_changes(
         &self,
         after: i64,

@@ -172,6 +172,19 @@ pub const STORED: &str = "subscription($filter: LiveMessageFilter, $after: Chang
     messageStored(filter: $filter, after: $after) { change message { dialogId text language } }
 }";
 const REMOVED: &str = "subscription { dialogRemoved { change dialogId reason } }";
+const DECIDED: &str = "subscription($after: ChangeToken) { consentDecided(after: $after) { change dialogId decision decidedAt } }";
+
+/// (dialog, decision) of a `consentDecided` event.
+fn decision_of(payload: &Value) -> (String, String) {
+    let event = &payload["data"]["consentDecided"];
+    (
+        event["dialogId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{payload}"))
+            .to_owned(),
+        event["decision"].as_str().unwrap().to_owned(),
+    )
+}
 
 /// The code of the error a subscription ended with: in a `next` (an error of its resolver, as
 /// async-graphql sends it) or an `error` message (refused before it ran).
@@ -200,8 +213,10 @@ async fn stored_and_removed_reach_subscribers_of_both_protocols(app: TestApp) {
     new.subscribe("r", REMOVED, json!({})).await;
     let mut legacy = Subscriber::ready(&app, LEGACY, None).await;
     legacy.subscribe("1", STORED, json!({})).await;
-    // Messages stored before a subscription started are not its events: wait until all three started.
-    eventually_live(&app, 3).await;
+    let mut decisions = Subscriber::ready(&app, NEW, None).await;
+    decisions.subscribe("d", DECIDED, json!({})).await;
+    // Messages stored before a subscription started are not its events: wait until all four started.
+    eventually_live(&app, 4).await;
 
     app.push("ada", "a", "first", "en", None).await;
     app.push("ada", "a", "zweite", "de", None).await;
@@ -226,9 +241,35 @@ async fn stored_and_removed_reach_subscribers_of_both_protocols(app: TestApp) {
     );
     assert_eq!(payload["data"]["dialogRemoved"]["dialogId"], "a");
 
+    // Decisions that change something, in order; a repeated one is no event.
+    app.push("bob", "b", "nein", "de", None).await;
+    app.consent("b", false).await;
+    app.consent("b", false).await;
+    app.consent("a", true).await;
+    for expected in [
+        ("a", "GRANTED"),
+        ("a", "WITHDRAWN"),
+        ("b", "REFUSED"),
+        ("a", "GRANTED"),
+    ] {
+        let (id, payload) = decisions.event().await;
+        assert_eq!(id, "d");
+        assert_eq!(
+            decision_of(&payload),
+            (expected.0.to_owned(), expected.1.to_owned()),
+            "{payload}"
+        );
+        assert!(
+            payload["data"]["consentDecided"]["decidedAt"]
+                .as_str()
+                .unwrap()
+                .ends_with('Z')
+        );
+    }
+
     // Stopping a subscription frees its place.
     new.stop("s").await;
-    eventually_live(&app, 2).await;
+    eventually_live(&app, 3).await;
 }
 
 /// A subscriber that was away resumes from the last change it saw: first what it missed, then live.
@@ -249,6 +290,32 @@ async fn a_subscriber_resumes_from_a_token(app: TestApp) {
     app.push("bob", "b", "three", "en", None).await;
     let (_, payload) = subscriber.event().await;
     assert_eq!(text_of(&payload), "three");
+
+    // Decisions replayed from the start, except an erased customer's (erasure deletes them too).
+    app.push("cyd", "c", "gone", "en", None).await;
+    app.consent("c", false).await;
+    app.data(
+        "mutation { eraseCustomer(customerId: \"cyd\") { dialogCount } }",
+        json!({}),
+    )
+    .await;
+    let mut replay = Subscriber::ready(&app, LEGACY, None).await;
+    replay
+        .subscribe("d", DECIDED, json!({ "after": "0" }))
+        .await;
+    let (_, payload) = replay.event().await;
+    assert_eq!(
+        decision_of(&payload),
+        ("b".to_owned(), "GRANTED".to_owned())
+    );
+    app.push("dee", "e", "new", "en", None).await;
+    app.consent("e", false).await;
+    let (_, payload) = replay.event().await;
+    assert_eq!(
+        decision_of(&payload),
+        ("e".to_owned(), "REFUSED".to_owned()),
+        "the erased customer's refusal is not replayed"
+    );
 
     // A token ahead of the database is refused on the subscription, with its code.
     subscriber
