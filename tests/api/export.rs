@@ -620,6 +620,35 @@ async fn run_python(script: String, dir: Option<std::path::PathBuf>) -> String {
     stdout
 }
 
+/// README's pymongo lines (the MongoDB data model), as they stand there, against this test's database.
+async fn readme_pymongo(app: TestApp) {
+    let Some(crate::helpers::TestDatabase::Mongo { url, name }) = app.database.clone() else {
+        panic!("a MongoDB-backed app");
+    };
+    app.push("ada", "p1", "first words", "en", None).await;
+    app.push("ada", "p1", "zweite", "de", None).await;
+    app.push("ada", "p1", "last words", "en", None).await;
+    app.consent("p1", true).await;
+    let section = readme_python("With pymongo, for example:");
+    assert!(section.contains("mongodb://127.0.0.1:27017/?replicaSet=rs0\").dataapi"));
+    let script = section.replace(
+        "mongodb://127.0.0.1:27017/?replicaSet=rs0\").dataapi",
+        &format!("{url}\")[\"{name}\"]"),
+    ) + "print('ok')\n";
+    let printed = run_python(script, None).await;
+    let texts: Vec<&str> = printed
+        .lines()
+        .filter(|line| line.contains(" p1 "))
+        .map(|line| line.rsplit(" p1 ").next().unwrap())
+        .collect();
+    assert_eq!(texts, ["last words", "first words"], "{printed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_pymongo_lines_read_the_stored_messages() {
+    crate::helpers::run(Backend::Mongo, readme_pymongo).await;
+}
+
 /// Every stored message id, sorted, through `messages`.
 async fn stored_ids(app: &TestApp) -> Vec<String> {
     let data = app

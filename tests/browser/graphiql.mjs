@@ -4,12 +4,16 @@
 // `?query=` link) and sees the message a consent stores meanwhile. Fails if the page asks for anything
 // outside the service or its Content-Security-Policy blocks anything.
 //
-//   node tests/browser/graphiql.mjs BASE_URL SCREENSHOT_PATH EXPECTED_TEXT
+//   node tests/browser/graphiql.mjs BASE_URL SCREENSHOT_PATH EXPECTED_TEXT [KEY]
+//
+// With KEY (a service with API keys): the key is typed into the Headers tab after the page opened; the
+// schema (the Explorer's fields) must load then, the default query must run, and the key must still be
+// there after a reload.
 //
 // Prints one JSON line: { "result": "<text of the result pane>" }.
 import { chromium } from "playwright-core";
 
-const [baseUrl, screenshotPath, expectedText] = process.argv.slice(2);
+const [baseUrl, screenshotPath, expectedText, key] = process.argv.slice(2);
 if (!baseUrl || !screenshotPath || !expectedText) {
   console.error("usage: graphiql.mjs BASE_URL SCREENSHOT_PATH EXPECTED_TEXT");
   process.exit(2);
@@ -45,12 +49,46 @@ try {
 
   await page.goto(baseUrl, { waitUntil: "load" });
   await page.waitForSelector(".graphiql-execute-button", { timeout: 30_000 });
+  if (key) {
+    // Without a key the schema cannot load; typed into the Headers tab, it loads at once.
+    await page.getByLabel("Show GraphiQL Explorer").click();
+    const headers = page.locator(".graphiql-editor-tool .graphiql-editor:not(.hidden) .CodeMirror").first();
+    await headers.click();
+    await page.keyboard.insertText(`{"Authorization": "Bearer ${key}"}`);
+    await page.locator(".graphiql-plugin").getByText("dialogs", { exact: true }).first()
+      .waitFor({ timeout: 30_000 });
+  }
   await page.click(".graphiql-execute-button");
   const resultPane = page.locator(".result-window");
   await resultPane.getByText(expectedText, { exact: false }).first().waitFor({ timeout: 30_000 });
   const result = await resultPane.innerText();
   await page.screenshot({ path: screenshotPath, fullPage: true });
 
+  if (key) {
+    // The key is remembered across a reload, and works.
+    await page.reload({ waitUntil: "load" });
+    await page.waitForSelector(".graphiql-execute-button", { timeout: 30_000 });
+    await page.getByText("Authorization", { exact: false }).first().waitFor({ timeout: 30_000 });
+    await page.click(".graphiql-execute-button");
+    await page.locator(".result-window").getByText(expectedText, { exact: false }).first()
+      .waitFor({ timeout: 30_000 });
+  } else {
+    await keylessChecks(page);
+  }
+
+  if (pageErrors.length > 0) {
+    throw new Error(`the page raised errors: ${pageErrors.join("; ")}`);
+  }
+  if (outside.length > 0) {
+    throw new Error(`the page requested resources outside the service: ${outside.join(", ")}`);
+  }
+  console.log(JSON.stringify({ result }));
+} finally {
+  await browser.close();
+}
+
+/** The Explorer, remembered headers, and a subscription opened from a link, on a keyless service. */
+async function keylessChecks(page) {
   // The Explorer plugin: point-and-click query building, from the schema.
   await page.getByLabel("Show GraphiQL Explorer").click();
   await page.locator(".graphiql-plugin").getByText("dialogs", { exact: true }).first()
@@ -88,14 +126,4 @@ try {
       if (attempt >= 10) throw new Error(`the subscription showed nothing: ${error}`);
     }
   }
-
-  if (pageErrors.length > 0) {
-    throw new Error(`the page raised errors: ${pageErrors.join("; ")}`);
-  }
-  if (outside.length > 0) {
-    throw new Error(`the page requested resources outside the service: ${outside.join(", ")}`);
-  }
-  console.log(JSON.stringify({ result }));
-} finally {
-  await browser.close();
 }
