@@ -1,7 +1,7 @@
 //! The HTTP shell around the schema: `POST /graphql` (single and batch requests), GraphiQL at `GET /` and
 //! `GET /graphql`, `GET /health` (alive), `GET /ready` (the store answers) and `GET /metrics` (Prometheus);
 //! the REST routes (`rest`) and the exports (`export`) are merged in and share the admission steps defined
-//! here.
+//! here; a WebSocket upgrade of `GET /graphql` (subscriptions) goes to `websocket`.
 //! GraphiQL's scripts and styles are compiled into the binary and served from `/graphiql/`, so the page works
 //! without internet access.
 //!

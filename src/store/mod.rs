@@ -5,8 +5,8 @@
 //! - only dialogs whose current decision is `true` have messages in the store;
 //! - each write is atomic (a transaction): a failure leaves nothing half-written;
 //! - writes are idempotent: message ids are decided before the write, so a retry inserts nothing twice;
-//! - every stored message and every dialog removed whole (a withdrawal, an erasure) gets a change number,
-//!   store-wide, in the order the writes commit: a write's numbers are taken inside its transaction from
+//! - every stored message, every dialog removed whole (a withdrawal, an erasure) and every decision that
+//!   changes a dialog's decision gets a change number, store-wide, in the order the writes commit: a write's numbers are taken inside its transaction from
 //!   one counter that serializes writers, so no change numbered below the counter can become visible later.
 
 use std::sync::Arc;

@@ -5,6 +5,7 @@
 //! - `dialogs`: one summary document per stored dialog (`_id` the dialog id), kept in step with its messages;
 //! - `consents`: the audit record of each dialog's decision (`_id` the dialog id) with its `history`;
 //! - `tombstones`: dialogs removed whole (`_id` the change number), for the change feed;
+//! - `decisionEvents`: decisions that changed a dialog's decision (`_id` the change number), for live updates;
 //! - `settings`: among others `lastChange`, the counter change numbers are taken from.
 //!
 //! Every write runs in a transaction, so a consented dialog is never half-written; message ids are decided
