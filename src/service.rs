@@ -517,7 +517,7 @@ impl DialogService {
             messages: outcome.handed_back,
             checked_at: outcome.checked_at,
         };
-        self.push_slow(group, None)
+        self.push_slow(group)
             .await
             .pop()
             .map(|(_, result)| result)
@@ -527,7 +527,7 @@ impl DialogService {
     /// Pushes messages, each exactly as [`push`](Self::push) would, with one result each, in order; a
     /// dialog's messages are recorded in the order given. The messages of dialogs already buffered cost one
     /// buffer call for the whole request; the dialogs not buffered yet have their decisions looked up in one
-    /// store call, not one call each.
+    /// store call and are opened in one more buffer call, not one call each.
     pub async fn push_many(
         &self,
         incomings: Vec<IncomingMessage>,
@@ -548,11 +548,13 @@ impl DialogService {
             .collect();
         if !slow.is_empty() {
             let undecided = self.undecided_among(&slow).await;
-            // Dialogs are independent: their slow paths run at once (each under its own lock), so a batch
-            // that opens several dialogs waits for one round trip, not one per dialog.
-            let slow = slow
-                .into_iter()
-                .map(|group| self.push_slow(group, undecided.as_ref()));
+            let slow = match undecided {
+                Some(undecided) => self.open_undecided(slow, &undecided, &mut recorded).await,
+                None => slow,
+            };
+            // What is left (decided dialogs, and those decided elsewhere meanwhile) is independent: their
+            // slow paths run at once, each under its own lock, each looking its decision up.
+            let slow = slow.into_iter().map(|group| self.push_slow(group));
             recorded.extend(futures::future::join_all(slow).await.into_iter().flatten());
         }
         let mut results: Vec<Option<Result<Pushed, ApiError>>> = (0..count).map(|_| None).collect();
@@ -590,14 +592,68 @@ impl DialogService {
         })
     }
 
+    /// Opens, in one buffer call, the dialogs of `groups` that the batch's look-up found without a decision,
+    /// under all of their locks (taken in the order of their ids, the only place that holds more than one,
+    /// so no two callers wait for each other). Returns the groups left to the slow path, which looks their
+    /// decisions up again: those with a decision, and any the buffer handed back (decided by another
+    /// replica meanwhile), or all of them if a decision of this process may have slipped in.
+    async fn open_undecided(
+        &self,
+        groups: Vec<Group>,
+        undecided: &Undecided,
+        results: &mut Vec<(usize, Result<Pushed, ApiError>)>,
+    ) -> Vec<Group> {
+        let (mut opening, mut left): (Vec<Group>, Vec<Group>) = groups
+            .into_iter()
+            .partition(|group| undecided.dialogs.contains(&group.dialog_id));
+        if opening.is_empty() {
+            return left;
+        }
+        opening.sort_by(|a, b| a.dialog_id.as_str().cmp(b.dialog_id.as_str()));
+        let mut locks = Vec::with_capacity(opening.len());
+        for group in &opening {
+            locks.push(self.locks.lock(&group.dialog_id).await);
+        }
+        if undecided.as_of != self.decisions_written.load(Ordering::Acquire) {
+            left.append(&mut opening);
+            return left;
+        }
+        let (places, pushes): (Vec<Vec<usize>>, Vec<DialogPush>) = opening
+            .into_iter()
+            .map(|group| {
+                let push = DialogPush {
+                    dialog_id: group.dialog_id,
+                    messages: group.messages,
+                    // Every look-up happened after the buffer's check that handed the messages back.
+                    looked_up_after: group.checked_at,
+                };
+                (group.places, push)
+            })
+            .unzip();
+        match self.buffer.open(pushes).await {
+            Ok(outcomes) => left.extend(
+                places
+                    .into_iter()
+                    .zip(outcomes)
+                    .filter_map(|(places, outcome)| record_pushed(results, places, outcome)),
+            ),
+            Err(error) => {
+                let error = ApiError::from(error);
+                results.extend(
+                    places
+                        .iter()
+                        .flatten()
+                        .map(|&place| (place, Err(error.clone()))),
+                );
+            }
+        }
+        left
+    }
+
     /// The messages of one dialog that is not buffered: under the dialog's lock, look its decision up and
     /// open it in the buffer (which appends, if another push opened it meanwhile), or store or discard
     /// them as the decision says.
-    async fn push_slow(
-        &self,
-        group: Group,
-        undecided: Option<&Undecided>,
-    ) -> Vec<(usize, Result<Pushed, ApiError>)> {
+    async fn push_slow(&self, group: Group) -> Vec<(usize, Result<Pushed, ApiError>)> {
         let mut results = Vec::with_capacity(group.places.len());
         let Group {
             dialog_id,
@@ -608,19 +664,10 @@ impl DialogService {
             checked_at: mut looked_up_after,
         } = group;
         let _lock = self.locks.lock(&dialog_id).await;
-        let mut trust_batch = true;
         for _ in 0..MAX_OPEN_ROUNDS {
-            let known_undecided = trust_batch
-                && undecided.is_some_and(|undecided| {
-                    undecided.dialogs.contains(&dialog_id)
-                        && undecided.as_of == self.decisions_written.load(Ordering::Acquire)
-                });
-            let consent = match known_undecided {
-                true => None,
-                false => match self.store.consent(&dialog_id).await {
-                    Ok(consent) => consent,
-                    Err(error) => return fill(results, &places, &error.into()),
-                },
+            let consent = match self.store.consent(&dialog_id).await {
+                Ok(consent) => consent,
+                Err(error) => return fill(results, &places, &error.into()),
             };
             if let Some(consent) = consent {
                 for (place, incoming) in places.into_iter().zip(messages) {
@@ -642,7 +689,6 @@ impl DialogService {
             };
             // Decided meanwhile, by another replica or before this one took the lock: look again.
             (places, messages, looked_up_after) = (rest.places, rest.messages, rest.checked_at);
-            trust_batch = false;
         }
         let error = ApiError::BufferUnavailable(crate::buffer::BufferError(format!(
             "dialog `{dialog_id}` kept being decided elsewhere while its first message was pushed"

@@ -730,6 +730,22 @@ fn malformed(what: &str) -> BufferError {
     BufferError(format!("unexpected answer from Redis to {what}"))
 }
 
+/// Writes into `buffer` what the push script stores for `incoming` after its seq and a space:
+/// "LANGUAGE LEN CLIENTID TEXT" (see [`decode_message`]).
+fn unsequenced_value(buffer: &mut String, incoming: &IncomingMessage) {
+    use std::fmt::Write;
+    let client = incoming.client_id.as_ref().map_or("", |id| id.as_str());
+    buffer.clear();
+    write!(
+        buffer,
+        "{} {} {client}{}",
+        incoming.language.as_str(),
+        client.len(),
+        incoming.text.as_str()
+    )
+    .expect("writing to a String");
+}
+
 /// A buffered message as the scripts store it: "SEQ LANGUAGE LEN CLIENTID TEXT".
 fn decode_message(
     dialog_id: &DialogId,
@@ -934,20 +950,22 @@ impl Shared {
                     .arg(self.others_bytes(shard))
                     .arg(Self::ms(limits.ttl))
                     .arg(Self::ms(self.grace()));
+                let mut unsequenced = String::new();
                 for (push, ids) in &pushes {
+                    let keyed = push.messages.iter().any(|m| m.client_id.is_some());
                     invocation
                         .arg(push.dialog_id.as_str())
                         .arg(if open { "1" } else { "0" })
                         .arg(push.looked_up_after)
                         .arg(DIALOG_OVERHEAD + push.dialog_id.as_str().len() * 6)
-                        .arg(push.messages.len());
+                        .arg(push.messages.len())
+                        .arg(if keyed { "1" } else { "0" });
                     for (incoming, id) in push.messages.iter().zip(ids) {
+                        unsequenced_value(&mut unsequenced, incoming);
                         invocation
                             .arg(incoming.customer_id.as_str())
                             .arg(id.as_bytes().as_slice())
-                            .arg(incoming.language.as_str())
-                            .arg(incoming.client_id.as_ref().map_or("", |id| id.as_str()))
-                            .arg(incoming.text.as_str());
+                            .arg(unsequenced.as_str());
                     }
                 }
             })
@@ -1509,6 +1527,26 @@ mod tests {
         assert_eq!(message.client_id.unwrap().as_str(), "m 1 2");
         assert_eq!(message.text.as_str(), "line one\nline two");
         assert_eq!(message.id, id.to_string());
+        // What the push script stores is its seq, a space and what the service built: it decodes back to
+        // the message pushed, with or without a client messageId.
+        for client_id in [Some("m 1 2"), None] {
+            let incoming = IncomingMessage {
+                customer_id: customer.clone(),
+                dialog_id: dialog.clone(),
+                text: MessageText::from_trusted(" two  spaces ".to_owned()),
+                language: Language::from_trusted("pt-br".to_owned()),
+                client_id: client_id.map(|id| ClientMessageId::from_trusted(id.to_owned())),
+            };
+            let mut unsequenced = "left over from the message before".to_owned();
+            unsequenced_value(&mut unsequenced, &incoming);
+            let stored = format!("1795856200123456 {unsequenced}");
+            let message =
+                decode_message(&dialog, &customer, id.as_bytes(), stored.as_bytes()).unwrap();
+            assert_eq!(message.seq, 1_795_856_200_123_456);
+            assert_eq!(message.client_id.as_ref().map(|id| id.as_str()), client_id);
+            assert_eq!(message.text, incoming.text);
+            assert_eq!(message.language, incoming.language);
+        }
         for broken in ["", "12 en", "x en 0 hi", "12 en 9 short"] {
             assert!(
                 decode_message(&dialog, &customer, id.as_bytes(), broken.as_bytes()).is_none(),

@@ -930,6 +930,86 @@ pub async fn a_batch_sees_decisions_written_after_it_looked_them_up(app: TestApp
     );
 }
 
+/// Batches that open the same new dialogs, listed in opposite orders, and single pushes to them, all at once:
+/// a batch opens its dialogs under all of their locks, so this would hang if two callers could take them
+/// in different orders. Every message ends buffered once, each pusher's in the order it sent them.
+pub async fn overlapping_batches_open_the_same_new_dialogs_without_waiting_for_each_other(
+    app: TestApp,
+) {
+    const DIALOGS: usize = 5;
+    const ROUNDS: usize = 6;
+    let app = std::sync::Arc::new(app);
+    let dialogs: Vec<String> = (0..DIALOGS).map(|d| format!("overlap-{d}")).collect();
+    let mut tasks = Vec::new();
+    for pusher in 0..4 {
+        let (app, dialogs) = (app.clone(), dialogs.clone());
+        tasks.push(tokio::spawn(async move {
+            for round in 0..ROUNDS {
+                let mut order: Vec<&String> = dialogs.iter().collect();
+                if pusher % 2 == 1 {
+                    order.reverse();
+                }
+                let inputs: Vec<Value> = order
+                    .iter()
+                    .map(|d| {
+                        input(
+                            d,
+                            &format!("{pusher}-{round}"),
+                            &format!("{pusher}-{round}"),
+                        )
+                    })
+                    .collect();
+                let data = app.data(PUSH_MANY, json!({ "inputs": inputs })).await;
+                for result in data["pushMessages"].as_array().unwrap() {
+                    assert_eq!(result["status"], "BUFFERED", "{data}");
+                }
+            }
+        }));
+    }
+    {
+        let (app, dialogs) = (app.clone(), dialogs.clone());
+        tasks.push(tokio::spawn(async move {
+            for round in 0..ROUNDS {
+                for d in dialogs.iter().rev() {
+                    let pushed = app
+                        .push("batcher", d, &format!("single-{round}"), "en", None)
+                        .await;
+                    assert_eq!(pushed["status"], "BUFFERED");
+                }
+            }
+        }));
+    }
+    let all = futures::future::join_all(tasks);
+    for task in tokio::time::timeout(std::time::Duration::from_secs(60), all)
+        .await
+        .expect("the pushes finish: no two batches wait for each other's dialog locks")
+    {
+        task.unwrap();
+    }
+    for d in &dialogs {
+        assert_eq!(
+            app.consent(d, true).await["storedCount"],
+            5 * ROUNDS,
+            "{d}: every message once"
+        );
+        let texts = texts_of(&app, d).await;
+        for pusher in ["0", "1", "2", "3", "single"] {
+            let mine: Vec<&String> = texts
+                .iter()
+                .filter(|t| t.rsplit_once('-').unwrap().0 == pusher)
+                .collect();
+            let sent: Vec<String> = (0..ROUNDS)
+                .map(|round| format!("{pusher}-{round}"))
+                .collect();
+            assert_eq!(
+                mine,
+                sent.iter().collect::<Vec<_>>(),
+                "{d}: {pusher}'s messages in order"
+            );
+        }
+    }
+}
+
 pub async fn messages_pushed_while_consent_is_written_are_stored_too(app: TestApp) {
     app.push("jo", "race", "opening", "en", None).await;
     let app = std::sync::Arc::new(app);
@@ -1183,6 +1263,7 @@ for_each_setup!(
     pushing_to_a_buffered_dialog_costs_no_store_call,
     batched_requests_run_every_operation,
     a_batch_sees_decisions_written_after_it_looked_them_up,
+    overlapping_batches_open_the_same_new_dialogs_without_waiting_for_each_other,
     messages_pushed_while_consent_is_written_are_stored_too,
     a_write_failing_half_way_leaves_nothing_and_a_retry_stores_once,
     push_messages_records_each_in_order_like_push_message,

@@ -231,6 +231,7 @@ async fn redis_round_trips_do_not_grow_with_dialog_length_or_batch_size() {
 
     // pushMessages costs one script for all its messages, whatever their dialogs (on a standalone Redis, one
     // shard): not one per message, nor one per dialog.
+    let push = "mutation($i: [PushMessageInput!]!) { pushMessages(inputs: $i) { status } }";
     for (dialogs, per_dialog) in [(1, 100), (5, 20)] {
         let inputs: Vec<_> = (0..dialogs * per_dialog)
             .map(|i| {
@@ -238,7 +239,6 @@ async fn redis_round_trips_do_not_grow_with_dialog_length_or_batch_size() {
                         "text": format!("t{i}"), "language": "en" })
             })
             .collect();
-        let push = "mutation($i: [PushMessageInput!]!) { pushMessages(inputs: $i) { status } }";
         app.data(push, json!({ "i": inputs })).await;
         reset().await;
         app.data(push, json!({ "i": inputs })).await;
@@ -247,6 +247,32 @@ async fn redis_round_trips_do_not_grow_with_dialog_length_or_batch_size() {
             1,
             "{} messages over {dialogs} buffered dialogs",
             dialogs * per_dialog
+        );
+    }
+
+    // A batch that opens new dialogs: the look-up that finds them not buffered, then one call that opens
+    // them all, whether it opens 1 or 5 (their decisions are looked up in one store call).
+    for dialogs in [1, 5] {
+        let inputs: Vec<_> = (0..100)
+            .map(|i| {
+                json!({ "customerId": "c", "dialogId": format!("fresh-{dialogs}-{}", i % dialogs),
+                        "text": format!("t{i}"), "language": "en", "messageId": format!("m{i}") })
+            })
+            .collect();
+        reset().await;
+        let data = app.data(push, json!({ "i": inputs })).await;
+        assert!(
+            data["pushMessages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|result| result["status"] == "BUFFERED"),
+            "{data}"
+        );
+        assert_eq!(
+            script_calls(&url).await,
+            2,
+            "a batch opening {dialogs} dialogs"
         );
     }
 

@@ -3,8 +3,10 @@
 -- ARGV: 1 prefix, 2 messages a dialog may hold, 3 bytes the buffer may hold, 4 bytes held by the other shards
 -- (as last seen), 5 retention ms, 6 grace ms after it; then per dialog: its id, '1' to open it if it is not
 -- buffered ('0': hand its messages back), the µs (this server's clock) at which the caller found it not
--- buffered, the estimated bytes of its own bookkeeping, its message count N, and 5 per message: customer,
--- id, language, client messageId ('' if none), text.
+-- buffered, the estimated bytes of its own bookkeeping, its message count N, '1' if any of them carries a
+-- client messageId (else '0'), and 3 per message: customer, id, and the message's value without its seq,
+-- "LANGUAGE LEN CLIENTID TEXT" (see common.lua), built by the caller: a retry compares it whole, and storing
+-- a message puts its seq in front of it (Lua's string building was most of a batch's cost per message).
 -- Returns {now, shard bytes, then per dialog: 0 if its messages are handed back (not buffered and not to be
 -- opened, sealed by a decision, or emptied by a decision since the caller looked), else 1 followed by
 -- code, seq per message}: 1 added, 2 already there (a retry; seq as first recorded), 3 messageId conflict,
@@ -19,8 +21,8 @@ local base_bytes, base_count = tonumber(usage[1] or '0'), tonumber(usage[2] or '
 local added_bytes, added_count = 0, 0
 local reply = {now, 0}
 
--- One dialog's messages, ARGV[first] to ARGV[first + 5 * count - 1].
-local function push_dialog(d, open, observed, dialog_overhead, first, count)
+-- One dialog's messages, ARGV[first] to ARGV[first + 3 * count - 1].
+local function push_dialog(d, open, observed, dialog_overhead, keyed, first, count)
   local state = redis.call('HMGET', meta(d), 'c', 's', 'q', 'n', 'b', 't')
   -- Past its retention period and the grace after it, and not being decided, Redis has dropped its
   -- messages by itself (no sweeper ran in time): the dialog is gone, only its bookkeeping is left.
@@ -46,25 +48,24 @@ local function push_dialog(d, open, observed, dialog_overhead, first, count)
   local last = tonumber(state[3] or '0')
   local count_now = tonumber(state[4] or '0')
   local bytes = tonumber(state[5] or '0')
-  local stop = first + 5 * count - 1
+  local stop = first + 3 * count - 1
 
-  -- The messages already buffered under the ids that carry a client messageId: one read for all.
-  local keyed = {}
-  for i = first, stop, 5 do
-    if ARGV[i + 3] ~= '' then keyed[#keyed + 1] = ARGV[i + 1] end
-  end
+  -- The messages already buffered under these ids, one read for all: retries of messages that carry a
+  -- client messageId (the others' ids are random, and found only within this call).
   local existing = {}
-  if #keyed > 0 and not creating then
-    local values = in_parts('HMGET', msgs(d), keyed)
-    for k = 1, #keyed do
-      if values[k] then existing[keyed[k]] = values[k] end
+  if keyed and not creating then
+    local ids = {}
+    for i = first, stop, 3 do ids[#ids + 1] = ARGV[i + 1] end
+    local values = in_parts('HMGET', msgs(d), ids)
+    for k = 1, #ids do
+      if values[k] then existing[ids[k]] = values[k] end
     end
   end
 
   local new = {}
   local added = 0
-  for i = first, stop, 5 do
-    local customer_id, id, language, client, text = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  for i = first, stop, 3 do
+    local customer_id, id, unsequenced = ARGV[i], ARGV[i + 1], ARGV[i + 2]
     if creating and added == 0 then owner = customer_id end
     local code, seq = 0, 0
     local before = existing[id]
@@ -72,9 +73,9 @@ local function push_dialog(d, open, observed, dialog_overhead, first, count)
       code = 6
     elseif before then
       -- A retry of the same message, or another message under a messageId already used.
-      local recorded, lang, len, rest = string.match(before, '^(%d+) (%S+) (%d+) (.*)$')
-      if lang == language and string.sub(rest, tonumber(len) + 1) == text then
-        code, seq = 2, tonumber(recorded)
+      local space = string.find(before, ' ', 1, true)
+      if string.sub(before, space + 1) == unsequenced then
+        code, seq = 2, tonumber(string.sub(before, 1, space - 1))
       else
         code = 3
       end
@@ -82,7 +83,7 @@ local function push_dialog(d, open, observed, dialog_overhead, first, count)
       code = 4
     else
       seq = math.max(now, last + 1)
-      local value = num(seq) .. ' ' .. language .. ' ' .. #client .. ' ' .. client .. text
+      local value = num(seq) .. ' ' .. unsequenced
       local cost = cost_of(id, value)
       if creating and added == 0 then cost = cost + dialog_overhead end
       if others + base_bytes + added_bytes + cost > max_bytes then
@@ -91,7 +92,7 @@ local function push_dialog(d, open, observed, dialog_overhead, first, count)
         new[#new + 1] = id
         new[#new + 1] = value
         -- A second message with this messageId in the same call is a retry of this one.
-        if client ~= '' then existing[id] = value end
+        existing[id] = value
         code = 1
         last = seq
         count_now = count_now + 1
@@ -124,8 +125,9 @@ end
 local i = 7
 while i <= #ARGV do
   local count = tonumber(ARGV[i + 4])
-  push_dialog(ARGV[i], ARGV[i + 1] == '1', tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), i + 5, count)
-  i = i + 5 + 5 * count
+  push_dialog(ARGV[i], ARGV[i + 1] == '1', tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), ARGV[i + 5] == '1',
+    i + 6, count)
+  i = i + 6 + 3 * count
 end
 if added_count > 0 then
   redis.call('HSET', USAGE, 'b', num(base_bytes + added_bytes), 'n', num(base_count + added_count))
