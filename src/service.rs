@@ -548,14 +548,29 @@ impl DialogService {
             .collect();
         if !slow.is_empty() {
             let undecided = self.undecided_among(&slow).await;
-            let slow = match undecided {
-                Some(undecided) => self.open_undecided(slow, &undecided, &mut recorded).await,
-                None => slow,
+            let (opening, others): (Vec<Group>, Vec<Group>) = match &undecided {
+                Some(undecided) => slow
+                    .into_iter()
+                    .partition(|group| undecided.dialogs.contains(&group.dialog_id)),
+                None => (Vec::new(), slow),
             };
-            // What is left (decided dialogs, and those decided elsewhere meanwhile) is independent: their
-            // slow paths run at once, each under its own lock, each looking its decision up.
-            let slow = slow.into_iter().map(|group| self.push_slow(group));
-            recorded.extend(futures::future::join_all(slow).await.into_iter().flatten());
+            // Dialogs are independent: the undecided ones open together while the others (decided, or
+            // looked up alone) take the per-dialog path, each under its own lock.
+            let (left, others) = futures::join!(
+                async {
+                    match &undecided {
+                        Some(undecided) => {
+                            self.open_undecided(opening, undecided, &mut recorded).await
+                        }
+                        None => opening,
+                    }
+                },
+                futures::future::join_all(others.into_iter().map(|group| self.push_slow(group)))
+            );
+            recorded.extend(others.into_iter().flatten());
+            // Dialogs the batch could not open together look their decisions up again, one by one.
+            let left = left.into_iter().map(|group| self.push_slow(group));
+            recorded.extend(futures::future::join_all(left).await.into_iter().flatten());
         }
         let mut results: Vec<Option<Result<Pushed, ApiError>>> = (0..count).map(|_| None).collect();
         for (place, result) in recorded {
@@ -592,29 +607,29 @@ impl DialogService {
         })
     }
 
-    /// Opens, in one buffer call, the dialogs of `groups` that the batch's look-up found without a decision,
-    /// under all of their locks (taken in the order of their ids, the only place that holds more than one,
-    /// so no two callers wait for each other). Returns the groups left to the slow path, which looks their
-    /// decisions up again: those with a decision, and any the buffer handed back (decided by another
-    /// replica meanwhile), or all of them if a decision of this process may have slipped in.
+    /// Opens, in one buffer call, the dialogs of `groups` (all found undecided by the batch's look-up),
+    /// each under its lock. A lock held by someone else (a decision, another push) is not waited for: that
+    /// dialog is returned, with any the buffer handed back (decided by another replica meanwhile), or all
+    /// of them if a decision of this process may have slipped in since the look-up; the caller sends them
+    /// down the per-dialog path, which looks the decision up again.
     async fn open_undecided(
         &self,
         groups: Vec<Group>,
         undecided: &Undecided,
         results: &mut Vec<(usize, Result<Pushed, ApiError>)>,
     ) -> Vec<Group> {
-        let (mut opening, mut left): (Vec<Group>, Vec<Group>) = groups
-            .into_iter()
-            .partition(|group| undecided.dialogs.contains(&group.dialog_id));
-        if opening.is_empty() {
-            return left;
+        let mut locks = Vec::with_capacity(groups.len());
+        let (mut opening, mut left) = (Vec::with_capacity(groups.len()), Vec::new());
+        for group in groups {
+            match self.locks.try_lock(&group.dialog_id) {
+                Some(lock) => {
+                    locks.push(lock);
+                    opening.push(group);
+                }
+                None => left.push(group),
+            }
         }
-        opening.sort_by(|a, b| a.dialog_id.as_str().cmp(b.dialog_id.as_str()));
-        let mut locks = Vec::with_capacity(opening.len());
-        for group in &opening {
-            locks.push(self.locks.lock(&group.dialog_id).await);
-        }
-        if undecided.as_of != self.decisions_written.load(Ordering::Acquire) {
+        if opening.is_empty() || undecided.as_of != self.decisions_written.load(Ordering::Acquire) {
             left.append(&mut opening);
             return left;
         }
@@ -1113,6 +1128,25 @@ impl DialogLocks {
             guard: Some(mutex.lock_owned().await),
         }
     }
+
+    /// The dialog's lock, if nobody holds it right now.
+    fn try_lock(&self, dialog_id: &DialogId) -> Option<DialogLock<'_>> {
+        let mutex = self.locks.entry(dialog_id.clone()).or_default().clone();
+        match mutex.try_lock_owned() {
+            Ok(guard) => Some(DialogLock {
+                locks: self,
+                dialog_id: dialog_id.clone(),
+                guard: Some(guard),
+            }),
+            Err(_) => {
+                // The holder may have let go after this looked (and left the entry, seeing this reference):
+                // an entry nobody but the map refers to is removed here then.
+                self.locks
+                    .remove_if(dialog_id, |_, mutex| Arc::strong_count(mutex) == 1);
+                None
+            }
+        }
+    }
 }
 
 impl Drop for DialogLock<'_> {
@@ -1192,6 +1226,29 @@ mod tests {
         assert!(!waiter.is_finished());
         drop(first);
         waiter.await.unwrap();
+        assert!(locks.locks.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_dialog_lock_tried_while_held_is_refused_and_leaves_nothing_behind() {
+        let locks = DialogLocks::default();
+        let dialog = DialogId::parse("dialogId", "d").unwrap();
+        let held = locks.lock(&dialog).await;
+        assert!(locks.try_lock(&dialog).is_none());
+        drop(held);
+        assert!(locks.locks.is_empty(), "the refused attempt left no entry");
+        let taken = locks.try_lock(&dialog).expect("free again");
+        assert!(locks.try_lock(&dialog).is_none());
+        drop(taken);
+        assert!(locks.locks.is_empty());
+        // An entry left by such a race (another reference alive when its holder let go) is removed by the
+        // next lock taken on it.
+        let held = locks.lock(&dialog).await;
+        let mutex = locks.locks.get(&dialog).unwrap().clone();
+        drop(held);
+        assert_eq!(locks.locks.len(), 1, "the extra reference kept the entry");
+        drop(mutex);
+        assert!(locks.try_lock(&dialog).is_some());
         assert!(locks.locks.is_empty());
     }
 }

@@ -152,6 +152,51 @@ pub async fn a_repeated_message_id_is_recorded_once(app: TestApp) {
             .await;
         assert_eq!(code(&error), "MESSAGE_ID_CONFLICT", "{error:#}");
     }
+    // The same key and text in another language is not a retry either.
+    let error = app
+        .error(
+            "mutation($i: PushMessageInput!) { pushMessage(input: $i) { status } }",
+            json!({ "i": { "customerId": "carol", "dialogId": "d3-buffered", "text": "original",
+                           "language": "de", "messageId": "k" } }),
+        )
+        .await;
+    assert_eq!(code(&error), "MESSAGE_ID_CONFLICT", "{error:#}");
+
+    // A batch mixing messages with and without a key: a keyless message is new whatever its text, a key
+    // already used is a retry of its message, and a key repeated within the batch a retry of its first use.
+    let earlier = app
+        .push("carol", "d3-buffered", "original", "en", Some("k"))
+        .await;
+    let message = |text: &str, key: Option<&str>| {
+        let mut input = json!({ "customerId": "carol", "dialogId": "d3-buffered", "text": text, "language": "en" });
+        if let Some(key) = key {
+            input["messageId"] = json!(key);
+        }
+        input
+    };
+    let inputs = json!([
+        message("original", None),
+        message("original", Some("k")),
+        message("fresh", Some("k2")),
+        message("fresh", Some("k2")),
+        message("fresh", None),
+    ]);
+    let results = app.data(PUSH_MANY, json!({ "inputs": inputs })).await["pushMessages"].clone();
+    let ids: Vec<&str> = (0..5)
+        .map(|i| {
+            assert_eq!(results[i]["status"], "BUFFERED", "{results:#}");
+            results[i]["message"]["id"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(ids[1], earlier["message"]["id"].as_str().unwrap());
+    assert_eq!(ids[2], ids[3]);
+    let distinct: std::collections::HashSet<&str> = ids.iter().copied().collect();
+    assert_eq!(distinct.len(), 4, "{ids:?}");
+    assert_eq!(
+        app.consent("d3-buffered", true).await["storedCount"],
+        4,
+        "original (k), its keyless twin, fresh (k2) and its keyless twin"
+    );
 }
 
 pub async fn repeating_a_decision_changes_nothing(app: TestApp) {
@@ -930,84 +975,75 @@ pub async fn a_batch_sees_decisions_written_after_it_looked_them_up(app: TestApp
     );
 }
 
-/// Batches that open the same new dialogs, listed in opposite orders, and single pushes to them, all at once:
-/// a batch opens its dialogs under all of their locks, so this would hang if two callers could take them
-/// in different orders. Every message ends buffered once, each pusher's in the order it sent them.
-pub async fn overlapping_batches_open_the_same_new_dialogs_without_waiting_for_each_other(
-    app: TestApp,
-) {
-    const DIALOGS: usize = 5;
-    const ROUNDS: usize = 6;
+/// A batch opens its new dialogs in one buffer call, each under its dialog's lock; a dialog whose lock is
+/// busy (here: a consent being written) is not waited for before the others open, and follows once it is
+/// free, by its decision. Messages carry no messageId, so a message recorded twice would show.
+pub async fn a_batch_opens_its_new_dialogs_together_and_does_not_wait_for_a_busy_one(app: TestApp) {
     let app = std::sync::Arc::new(app);
-    let dialogs: Vec<String> = (0..DIALOGS).map(|d| format!("overlap-{d}")).collect();
-    let mut tasks = Vec::new();
-    for pusher in 0..4 {
+    let dialogs: Vec<String> = (0..5).map(|d| format!("busy-{d}")).collect();
+    let (looked_up, release_look_up) = app.store.hold_next_consents_answer();
+    let batch = {
         let (app, dialogs) = (app.clone(), dialogs.clone());
-        tasks.push(tokio::spawn(async move {
-            for round in 0..ROUNDS {
-                let mut order: Vec<&String> = dialogs.iter().collect();
-                if pusher % 2 == 1 {
-                    order.reverse();
-                }
-                let inputs: Vec<Value> = order
-                    .iter()
-                    .map(|d| {
-                        input(
-                            d,
-                            &format!("{pusher}-{round}"),
-                            &format!("{pusher}-{round}"),
-                        )
-                    })
-                    .collect();
-                let data = app.data(PUSH_MANY, json!({ "inputs": inputs })).await;
-                for result in data["pushMessages"].as_array().unwrap() {
-                    assert_eq!(result["status"], "BUFFERED", "{data}");
-                }
-            }
-        }));
-    }
-    {
-        let (app, dialogs) = (app.clone(), dialogs.clone());
-        tasks.push(tokio::spawn(async move {
-            for round in 0..ROUNDS {
-                for d in dialogs.iter().rev() {
-                    let pushed = app
-                        .push("batcher", d, &format!("single-{round}"), "en", None)
-                        .await;
-                    assert_eq!(pushed["status"], "BUFFERED");
-                }
-            }
-        }));
-    }
-    let all = futures::future::join_all(tasks);
-    for task in tokio::time::timeout(std::time::Duration::from_secs(60), all)
-        .await
-        .expect("the pushes finish: no two batches wait for each other's dialog locks")
-    {
-        task.unwrap();
-    }
-    for d in &dialogs {
-        assert_eq!(
-            app.consent(d, true).await["storedCount"],
-            5 * ROUNDS,
-            "{d}: every message once"
-        );
-        let texts = texts_of(&app, d).await;
-        for pusher in ["0", "1", "2", "3", "single"] {
-            let mine: Vec<&String> = texts
+        tokio::spawn(async move {
+            let inputs: Vec<Value> = dialogs
                 .iter()
-                .filter(|t| t.rsplit_once('-').unwrap().0 == pusher)
+                .flat_map(|d| (0..3).map(move |i| (d.clone(), i)))
+                .map(|(d, i)| json!({ "customerId": "batcher", "dialogId": d, "text": format!("b{i}"), "language": "en" }))
                 .collect();
-            let sent: Vec<String> = (0..ROUNDS)
-                .map(|round| format!("{pusher}-{round}"))
-                .collect();
-            assert_eq!(
-                mine,
-                sent.iter().collect::<Vec<_>>(),
-                "{d}: {pusher}'s messages in order"
-            );
-        }
+            app.data(PUSH_MANY, json!({ "inputs": inputs })).await
+        })
+    };
+    // The batch found all five not buffered and looked their decisions up: none. Meanwhile busy-2 gets a
+    // message and a consent, which holds its lock while the store writes it.
+    looked_up.notified().await;
+    app.push("batcher", "busy-2", "single", "en", None).await;
+    let (writing, release_decision) = app.store.hold_next_decision();
+    let consent = {
+        let app = app.clone();
+        tokio::spawn(async move { app.consent("busy-2", true).await })
+    };
+    writing.notified().await;
+    let opened_before = app.buffer_hooks.opens().len();
+    release_look_up.notify_one();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while app.buffer_hooks.opens().len() == opened_before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the batch opened nothing while busy-2's lock was held"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+    assert_eq!(
+        app.buffer_hooks.opens()[opened_before..],
+        [vec!["busy-0", "busy-1", "busy-3", "busy-4"]],
+        "one call for the four free dialogs"
+    );
+    // Still during busy-2's consent: the others hold the batch's messages.
+    assert_eq!(app.consent("busy-0", true).await["storedCount"], 3);
+    release_decision.notify_one();
+    assert_eq!(consent.await.unwrap()["storedCount"], 1);
+    let statuses: Vec<(String, String)> = batch.await.unwrap()["pushMessages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(dialogs.iter().flat_map(|d| [d; 3]))
+        .map(|(result, d)| (d.clone(), result["status"].as_str().unwrap().to_owned()))
+        .collect();
+    for (d, status) in &statuses {
+        let expected = if d == "busy-2" { "STORED" } else { "BUFFERED" };
+        assert_eq!(status, expected, "{d}: {statuses:?}");
+    }
+    assert_eq!(
+        app.buffer_hooks.opens().len(),
+        opened_before + 1,
+        "busy-2 followed its decision"
+    );
+    assert_eq!(texts_of(&app, "busy-2").await, ["single", "b0", "b1", "b2"]);
+    for d in ["busy-1", "busy-3", "busy-4"] {
+        assert_eq!(app.consent(d, true).await["storedCount"], 3, "{d}");
+        assert_eq!(texts_of(&app, d).await, ["b0", "b1", "b2"], "{d}");
+    }
+    assert_eq!(texts_of(&app, "busy-0").await, ["b0", "b1", "b2"]);
 }
 
 pub async fn messages_pushed_while_consent_is_written_are_stored_too(app: TestApp) {
@@ -1263,7 +1299,7 @@ for_each_setup!(
     pushing_to_a_buffered_dialog_costs_no_store_call,
     batched_requests_run_every_operation,
     a_batch_sees_decisions_written_after_it_looked_them_up,
-    overlapping_batches_open_the_same_new_dialogs_without_waiting_for_each_other,
+    a_batch_opens_its_new_dialogs_together_and_does_not_wait_for_a_busy_one,
     messages_pushed_while_consent_is_written_are_stored_too,
     a_write_failing_half_way_leaves_nothing_and_a_retry_stores_once,
     push_messages_records_each_in_order_like_push_message,

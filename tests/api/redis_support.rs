@@ -272,6 +272,8 @@ pub struct InstrumentedBuffer {
     freeze_seal: std::sync::Mutex<Option<std::sync::Arc<tokio::sync::Notify>>>,
     /// When set, the next seal fails as if Redis had not answered (the store has the decision).
     fail_seal: std::sync::atomic::AtomicBool,
+    /// Calls that open dialogs, and the dialogs they named.
+    opens: std::sync::Mutex<Vec<Vec<String>>>,
 }
 
 impl InstrumentedBuffer {
@@ -280,7 +282,13 @@ impl InstrumentedBuffer {
             inner,
             freeze_seal: std::sync::Mutex::default(),
             fail_seal: std::sync::atomic::AtomicBool::new(false),
+            opens: std::sync::Mutex::default(),
         }
+    }
+
+    /// The dialogs of each call that opened dialogs so far, in the order of the calls.
+    pub fn opens(&self) -> Vec<Vec<String>> {
+        self.opens.lock().unwrap().clone()
     }
 
     /// The next decision's clean-up of the buffer fails, after its store write.
@@ -328,6 +336,8 @@ mod delegate {
             self.inner.push_if_buffered(pushes).await
         }
         async fn open(&self, pushes: Vec<DialogPush>) -> BufferResult<Vec<PushOutcome>> {
+            let dialogs = pushes.iter().map(|push| push.dialog_id.to_string());
+            self.opens.lock().unwrap().push(dialogs.collect());
             self.inner.open(pushes).await
         }
         async fn begin_decision(&self, dialog_id: &DialogId) -> Result<DecisionLease, ApiError> {

@@ -50,8 +50,9 @@ local function push_dialog(d, open, observed, dialog_overhead, keyed, first, cou
   local bytes = tonumber(state[5] or '0')
   local stop = first + 3 * count - 1
 
-  -- The messages already buffered under these ids, one read for all: retries of messages that carry a
-  -- client messageId (the others' ids are random, and found only within this call).
+  -- The messages already buffered under these ids, one read for all when any carries a client messageId
+  -- (a retry); the random ids of messages without one are simply not found (the call passes no flag per
+  -- message, to keep its arguments and its Lua strings few).
   local existing = {}
   if keyed and not creating then
     local ids = {}
@@ -74,7 +75,7 @@ local function push_dialog(d, open, observed, dialog_overhead, keyed, first, cou
     elseif before then
       -- A retry of the same message, or another message under a messageId already used.
       local space = string.find(before, ' ', 1, true)
-      if string.sub(before, space + 1) == unsequenced then
+      if space and string.sub(before, space + 1) == unsequenced then
         code, seq = 2, tonumber(string.sub(before, 1, space - 1))
       else
         code = 3
