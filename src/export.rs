@@ -116,6 +116,30 @@ pub struct ExportParameters {
     order: Option<ListingOrder>,
 }
 
+/// The refusals every export route shares, in its OpenAPI description.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // only described, never built: the refusals are answered as [`crate::rest::Problem`]s
+enum ExportRefusals {
+    #[response(
+        status = 401,
+        description = "No valid API key (`UNAUTHENTICATED`)",
+        content_type = "application/problem+json"
+    )]
+    Unauthenticated(crate::rest::Problem),
+    #[response(
+        status = 403,
+        description = "The key's role may not read (`FORBIDDEN`), or the host is not served (`HOST_NOT_ALLOWED`)",
+        content_type = "application/problem+json"
+    )]
+    Forbidden(crate::rest::Problem),
+    #[response(
+        status = 503,
+        description = "`EXPORT_BUSY` or `STORE_UNAVAILABLE`: retry after Retry-After",
+        content_type = "application/problem+json"
+    )]
+    Busy(crate::rest::Problem),
+}
+
 /// Export the stored messages as NDJSON: one message per line, as `GET /data/` shows them.
 #[utoipa::path(
     get,
@@ -127,9 +151,7 @@ pub struct ExportParameters {
         (status = 200, description = "Every matching message, one JSON object per line (gzip when accepted)",
             body = crate::rest::RecordedMessage, content_type = "application/x-ndjson"),
         (status = 400, description = "Invalid parameter (`BAD_USER_INPUT`)", body = crate::rest::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid API key (`UNAUTHENTICATED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key's role may not read (`FORBIDDEN`), or the host is not served (`HOST_NOT_ALLOWED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`EXPORT_BUSY` or `STORE_UNAVAILABLE`: retry after Retry-After", body = crate::rest::Problem, content_type = "application/problem+json"),
+        ExportRefusals,
     ),
     security((), ("apiKey" = [])),
 )]
@@ -148,9 +170,7 @@ pub async fn export_ndjson(state: State<AppState>, request: Request) -> Response
         (status = 200, description = "Every matching message, one row each after the header (gzip when accepted)",
             body = String, content_type = "text/csv"),
         (status = 400, description = "Invalid parameter (`BAD_USER_INPUT`)", body = crate::rest::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid API key (`UNAUTHENTICATED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key's role may not read (`FORBIDDEN`), or the host is not served (`HOST_NOT_ALLOWED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`EXPORT_BUSY` or `STORE_UNAVAILABLE`: retry after Retry-After", body = crate::rest::Problem, content_type = "application/problem+json"),
+        ExportRefusals,
     ),
     security((), ("apiKey" = [])),
 )]
@@ -169,9 +189,7 @@ pub async fn export_csv(state: State<AppState>, request: Request) -> Response {
         (status = 200, description = "Every matching message in one Parquet file (Snappy-compressed row groups)",
             body = String, content_type = "application/vnd.apache.parquet"),
         (status = 400, description = "Invalid parameter (`BAD_USER_INPUT`)", body = crate::rest::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid API key (`UNAUTHENTICATED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key's role may not read (`FORBIDDEN`), or the host is not served (`HOST_NOT_ALLOWED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`EXPORT_BUSY` or `STORE_UNAVAILABLE`: retry after Retry-After", body = crate::rest::Problem, content_type = "application/problem+json"),
+        ExportRefusals,
     ),
     security((), ("apiKey" = [])),
 )]
@@ -201,9 +219,7 @@ pub struct ChangeExportParameters {
             body = ChangeRow, content_type = "application/x-ndjson",
             headers(("DataAPI-Change-Token" = String, description = "Pass as `after` next time, once the whole file has arrived"))),
         (status = 400, description = "`INVALID_CHANGE_TOKEN` (malformed, or ahead of this database), or an unknown parameter (`BAD_USER_INPUT`)", body = crate::rest::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid API key (`UNAUTHENTICATED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key's role may not read (`FORBIDDEN`), or the host is not served (`HOST_NOT_ALLOWED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`EXPORT_BUSY` or `STORE_UNAVAILABLE`: retry after Retry-After", body = crate::rest::Problem, content_type = "application/problem+json"),
+        ExportRefusals,
     ),
     security((), ("apiKey" = [])),
 )]
@@ -223,9 +239,7 @@ pub async fn export_changes_ndjson(state: State<AppState>, request: Request) -> 
             body = String, content_type = "text/csv",
             headers(("DataAPI-Change-Token" = String, description = "Pass as `after` next time, once the whole file has arrived"))),
         (status = 400, description = "`INVALID_CHANGE_TOKEN` (malformed, or ahead of this database), or an unknown parameter (`BAD_USER_INPUT`)", body = crate::rest::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid API key (`UNAUTHENTICATED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key's role may not read (`FORBIDDEN`), or the host is not served (`HOST_NOT_ALLOWED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`EXPORT_BUSY` or `STORE_UNAVAILABLE`: retry after Retry-After", body = crate::rest::Problem, content_type = "application/problem+json"),
+        ExportRefusals,
     ),
     security((), ("apiKey" = [])),
 )]
@@ -245,9 +259,7 @@ pub async fn export_changes_csv(state: State<AppState>, request: Request) -> Res
             body = String, content_type = "application/vnd.apache.parquet",
             headers(("DataAPI-Change-Token" = String, description = "Pass as `after` next time, once the whole file has arrived"))),
         (status = 400, description = "`INVALID_CHANGE_TOKEN` (malformed, or ahead of this database), or an unknown parameter (`BAD_USER_INPUT`)", body = crate::rest::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid API key (`UNAUTHENTICATED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The key's role may not read (`FORBIDDEN`), or the host is not served (`HOST_NOT_ALLOWED`)", body = crate::rest::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`EXPORT_BUSY` or `STORE_UNAVAILABLE`: retry after Retry-After", body = crate::rest::Problem, content_type = "application/problem+json"),
+        ExportRefusals,
     ),
     security((), ("apiKey" = [])),
 )]
