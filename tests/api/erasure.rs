@@ -66,9 +66,11 @@ async fn same_database(app: &TestApp) -> SharedStore {
     }
 }
 
+/// The customer's dialog and message counts, asked again when the test server stalls the read (see
+/// [`TestApp::data_despite_stalls`]): these tests check what the reads show, not how fast they come.
 async fn customer_totals(app: &TestApp, customer: &str) -> (u64, u64) {
     let data = app
-        .data(
+        .data_despite_stalls(
             "query($c: ID!) {
                dialogs(filter: {customerId: $c}, first: 0) { totalCount }
                messages(filter: {customerId: $c}, first: 0) { totalCount }
@@ -142,7 +144,7 @@ pub async fn a_customer_with_hundreds_of_thousands_of_messages_is_erased_in_whol
             let mut reads = 0;
             while !done.load(Ordering::SeqCst) {
                 let data = app
-                    .data(
+                    .data_despite_stalls(
                         "{ dialogs(filter: {customerId: \"big\"}, first: 2) {
                              edges { node { id messageCount messages { id } } } } }",
                         json!({}),
@@ -162,25 +164,32 @@ pub async fn a_customer_with_hundreds_of_thousands_of_messages_is_erased_in_whol
             reads
         })
     };
-    // Another customer keeps pushing meanwhile.
+    // Another customer keeps pushing meanwhile (with keys, so that a push asked again records once).
     let pushes = {
         let (app, done) = (app.clone(), done.clone());
         tokio::spawn(async move {
             let mut pushed = 0;
             while !done.load(Ordering::SeqCst) {
-                let (status, body) = app
-                    .push_status(&format!("other-live-{pushed}"), "still here")
+                let data = app
+                    .data_despite_stalls(
+                        "mutation($input: PushMessageInput!) { pushMessage(input: $input) { status } }",
+                        json!({ "input": {
+                            "customerId": "c", "dialogId": format!("other-live-{pushed}"),
+                            "text": "still here", "language": "en",
+                            "messageId": format!("other-live-{pushed}"),
+                        }}),
+                    )
                     .await;
-                assert_eq!(status, 200, "{body}");
-                assert!(body.get("errors").is_none(), "{body}");
+                assert_eq!(data["pushMessage"]["status"], "BUFFERED", "{data}");
                 pushed += 1;
             }
             pushed
         })
     };
 
-    // On a loaded test server the call may reach REQUEST_TIMEOUT (408): the erasure runs on by itself, and
-    // is awaited through the store then. Either way the outcome is checked in the audit record below.
+    // On a loaded test server the call may reach REQUEST_TIMEOUT (408), or a batch its deadline
+    // (STORE_UNAVAILABLE): the erasure runs on by itself, or is resumed, and is awaited through the store
+    // then. Either way the outcome is checked in the audit record below.
     let response = app
         .http_client()
         .post(app.url("/graphql"))
@@ -210,10 +219,15 @@ pub async fn a_customer_with_hundreds_of_thousands_of_messages_is_erased_in_whol
         "consentCount": dialogs + 1,
         "bufferedMessageCount": 1,
     });
+    let calls = app.store.calls();
+    let unfinished = calls.get("erase_batch unfinished").copied().unwrap_or(0);
     match status {
         200 => {
             let erased: Value = serde_json::from_str(&answer).unwrap();
-            assert_eq!(erased["data"]["eraseCustomer"], full, "{answer}");
+            let cut_short = erased["errors"][0]["extensions"]["code"] == "STORE_UNAVAILABLE";
+            if !(cut_short && unfinished > 0) {
+                assert_eq!(erased["data"]["eraseCustomer"], full, "{answer}");
+            }
         }
         408 => {}
         other => panic!("the erasure request got {other}: {answer}"),
@@ -225,12 +239,13 @@ pub async fn a_customer_with_hundreds_of_thousands_of_messages_is_erased_in_whol
     );
 
     // Bounded batches: as many whole dialogs as fit in ERASE_BATCH messages (at least one), then one for
-    // the refusal, and one before and one after closing the gate that find nothing left.
-    let calls = app.store.calls();
+    // the refusal, and one before and one after closing the gate that find nothing left. A batch that did
+    // not finish (its deadline, on a loaded test server) costs itself and, resumed, at most one more empty
+    // batch before the gate.
     let batches = calls.get("erase_batch").copied().unwrap_or(0);
     let full_batches = dialogs.div_ceil((ERASE_BATCH / per_dialog).max(1));
     assert!(
-        (full_batches + 2..=full_batches + 4).contains(&batches),
+        (full_batches + 2..=full_batches + 4 + 2 * unfinished).contains(&batches),
         "{batches} batches for {dialogs} dialogs: {calls:?}"
     );
     assert_eq!(calls.get("finish_erasure"), Some(&1));

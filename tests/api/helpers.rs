@@ -155,6 +155,36 @@ impl InstrumentedStore {
     }
 }
 
+/// Counts a call under its name when dropped before [`finished`](Self::finished): it failed, or it was
+/// dropped unanswered (a deadline).
+struct Unfinished<'a> {
+    calls: &'a Mutex<HashMap<&'static str, usize>>,
+    name: &'static str,
+    armed: bool,
+}
+
+impl<'a> Unfinished<'a> {
+    fn new(calls: &'a Mutex<HashMap<&'static str, usize>>, name: &'static str) -> Self {
+        Self {
+            calls,
+            name,
+            armed: true,
+        }
+    }
+
+    fn finished(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            *self.calls.lock().unwrap().entry(self.name).or_default() += 1;
+        }
+    }
+}
+
 #[async_trait]
 impl Store for InstrumentedStore {
     fn describe(&self) -> String {
@@ -206,6 +236,8 @@ impl Store for InstrumentedStore {
         customer_id: &CustomerId,
         max_messages: usize,
     ) -> StoreResult<Option<Erased>> {
+        // Counted when the call fails, or when its caller's deadline drops it before it answers.
+        let unfinished = Unfinished::new(&self.calls, "erase_batch unfinished");
         self.enter("erase_batch").await?;
         if let Some(left) = self.erase_batches_left.lock().unwrap().as_mut() {
             if *left == 0 {
@@ -214,7 +246,11 @@ impl Store for InstrumentedStore {
             *left -= 1;
         }
         let result = self.inner.erase_batch(customer_id, max_messages).await;
-        self.acknowledge("erase_batch", result)
+        let result = self.acknowledge("erase_batch", result);
+        if result.is_ok() {
+            unfinished.finished();
+        }
+        result
     }
 
     async fn finish_erasure(
@@ -599,6 +635,45 @@ impl TestApp {
             "unexpected errors: {response:#}"
         );
         response["data"].clone()
+    }
+
+    /// Like [`data`](Self::data), for the bystanders of a test whose subject is not how fast they are
+    /// answered: the MongoDB-compatible test server can hold a read behind a long transaction (another
+    /// test's too) past `REQUEST_TIMEOUT` or `STORE_TIMEOUT` on a loaded machine. An answer cut off with
+    /// 408 or refused with `STORE_UNAVAILABLE` only is asked again (so `query` must be safe to repeat: a
+    /// read, or a write with its idempotency key); any other error fails the test, and so do stalls that
+    /// last more than five minutes in all.
+    pub async fn data_despite_stalls(&self, query: &str, variables: Value) -> Value {
+        let body = json!({ "query": query, "variables": variables });
+        let give_up = tokio::time::Instant::now() + std::time::Duration::from_secs(300);
+        loop {
+            let mut request = self.http.post(self.url("/graphql")).json(&body);
+            if let Some(key) = &self.key {
+                request = request.bearer_auth(key);
+            }
+            let response = request.send().await.expect("POST /graphql");
+            let stalled = if response.status() == reqwest::StatusCode::REQUEST_TIMEOUT {
+                "408".to_owned()
+            } else {
+                let response: Value = response.json().await.expect("a JSON response");
+                match response["errors"].as_array() {
+                    None => return response["data"].clone(),
+                    Some(errors)
+                        if errors
+                            .iter()
+                            .all(|error| error["extensions"]["code"] == "STORE_UNAVAILABLE") =>
+                    {
+                        response.to_string()
+                    }
+                    Some(_) => panic!("unexpected errors: {response:#}"),
+                }
+            };
+            assert!(
+                tokio::time::Instant::now() < give_up,
+                "still stalled after five minutes: {stalled}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
 
     /// Posts an operation that must fail with one error, and returns that error.
