@@ -298,19 +298,12 @@ for_each_setup!(
     bad_tokens_and_sizes_are_refused,
 );
 
+/// A module of its own: the macro names its modules after the setups, once per module.
 mod concurrent {
     use super::a_reader_following_concurrent_writers_misses_nothing;
 
     for_each_setup!(
-        with {
-            // What the reader copies is what this test checks, not how fast the writers are answered: on a
-            // loaded machine the MongoDB-compatible test server (an emulator in Python) can hold a write
-            // behind the others' for longer than the default deadlines.
-            let mut config = crate::helpers::test_config();
-            config.store_timeout = std::time::Duration::from_secs(60);
-            config.request_timeout = std::time::Duration::from_secs(90);
-            config
-        };
+        with crate::helpers::patient_config();
         a_reader_following_concurrent_writers_misses_nothing
     );
 }

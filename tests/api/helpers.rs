@@ -507,6 +507,18 @@ pub fn test_config() -> Config {
     }
 }
 
+/// [`test_config`] with deadlines that wait out the MongoDB-compatible test server, for tests that check what
+/// is stored, not how fast: on a loaded machine that server (an emulator in Python) can hold a write behind
+/// the others' for longer than the default deadlines, which the service then rightly reports as
+/// `STORE_UNAVAILABLE` or 408. Below the test client's own 120 s.
+pub fn patient_config() -> Config {
+    Config {
+        store_timeout: std::time::Duration::from_secs(60),
+        request_timeout: std::time::Duration::from_secs(90),
+        ..test_config()
+    }
+}
+
 impl TestApp {
     /// Starts the service on `store` on a free loopback port.
     pub async fn start(store: SharedStore) -> Self {

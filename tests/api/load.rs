@@ -175,14 +175,6 @@ pub async fn concurrent_pushers_and_consenters_reconcile_exactly(app: TestApp) {
 }
 
 for_each_store!(
-    with {
-        // What this test checks is what is stored, not how fast: on a loaded machine the MongoDB-compatible
-        // test server (an emulator in Python) can hold a consent's transaction behind the others for longer
-        // than the default deadlines, which the service then rightly reports as STORE_UNAVAILABLE or 408.
-        let mut config = crate::helpers::test_config();
-        config.store_timeout = std::time::Duration::from_secs(60);
-        config.request_timeout = std::time::Duration::from_secs(90);
-        config
-    };
+    with crate::helpers::patient_config();
     concurrent_pushers_and_consenters_reconcile_exactly
 );
