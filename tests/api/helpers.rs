@@ -599,13 +599,22 @@ impl TestApp {
 
     /// Posts `body` with `key` as the bearer key (or none); returns the HTTP status and the body.
     pub async fn post_as(&self, key: Option<&str>, body: &Value) -> (u16, Value) {
-        let mut request = self.http.post(self.url("/graphql")).json(body);
-        if let Some(key) = key {
-            request = request.bearer_auth(key);
-        }
-        let response = request.send().await.expect("POST /graphql");
+        let response = self
+            .graphql_request(key, body)
+            .send()
+            .await
+            .expect("POST /graphql");
         let status = response.status().as_u16();
         (status, response.json().await.expect("a JSON response"))
+    }
+
+    /// `POST /graphql` of `body`, with `key` as the bearer key (or none).
+    fn graphql_request(&self, key: Option<&str>, body: &Value) -> reqwest::RequestBuilder {
+        let request = self.http.post(self.url("/graphql")).json(body);
+        match key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        }
     }
 
     /// Sends one GraphQL operation in the background, for a request a test holds up or races against
@@ -659,11 +668,11 @@ impl TestApp {
         let body = json!({ "query": query, "variables": variables });
         let give_up = tokio::time::Instant::now() + std::time::Duration::from_secs(300);
         loop {
-            let mut request = self.http.post(self.url("/graphql")).json(&body);
-            if let Some(key) = &self.key {
-                request = request.bearer_auth(key);
-            }
-            let response = request.send().await.expect("POST /graphql");
+            let response = self
+                .graphql_request(self.key.as_deref(), &body)
+                .send()
+                .await
+                .expect("POST /graphql");
             let stalled = if response.status() == reqwest::StatusCode::REQUEST_TIMEOUT {
                 "408".to_owned()
             } else {
