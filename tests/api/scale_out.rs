@@ -6,8 +6,9 @@
 //! left in the buffer; and a reader that followed the change feed through whichever replica answered all
 //! along holds exactly what is stored.
 //!
-//! Bounded: the load runs `DATAAPI_SCALE_SECONDS` (default 15) and stops by itself; everything is on
-//! 127.0.0.1.
+//! Bounded: the load runs `DATAAPI_SCALE_SECONDS` (default 15) and stops by itself; the clean-up then
+//! waits until a minute after the kill (the killed replica's open transactions must have ended before its
+//! database can be dropped); every request has a timeout; everything is on 127.0.0.1.
 
 use std::collections::{BTreeSet, HashMap};
 use std::process::{Child, Command, Stdio};
@@ -222,7 +223,7 @@ impl FeedCopy {
 
 /// Follows the change feed while the load runs, as an analyst's sync job would.
 async fn follower(cluster: Arc<Cluster>, until: Instant) -> FeedCopy {
-    let client = reqwest::Client::new();
+    let client = bounded_client();
     let mut copy = FeedCopy::default();
     while Instant::now() < until {
         copy.sync(&cluster, &client, until + Duration::from_secs(90))
@@ -344,7 +345,7 @@ async fn three_replicas_lose_nothing_acknowledged_through_a_killed_replica_and_a
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     let mut replicas: Vec<Replica> = (0..3).map(|_| Replica::start(env.clone())).collect();
-    let client = reqwest::Client::new();
+    let client = bounded_client();
     for replica in &replicas {
         wait_ready(&client, replica).await;
     }
@@ -379,6 +380,7 @@ async fn three_replicas_lose_nothing_acknowledged_through_a_killed_replica_and_a
 
     // A replica dies without warning and comes back; later Redis does.
     tokio::time::sleep(duration / 3).await;
+    let replica_killed_at = Instant::now();
     replicas[1].kill();
     tokio::time::sleep(Duration::from_millis(800)).await;
     replicas[1].restart();
@@ -488,16 +490,60 @@ async fn three_replicas_lose_nothing_acknowledged_through_a_killed_replica_and_a
             replica.output()
         );
     }
-    // The replicas go first: a database dropped under a transaction still running can stall the test
-    // server.
     drop(replicas);
-    mongodb::Client::with_uri_str(mongodb_url())
-        .await
+    drop_database_after_abandoned_transactions(&database, replica_killed_at).await;
+}
+
+/// A client whose every request ends: a replica that stops answering fails the test, never hangs it.
+fn bounded_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
         .unwrap()
-        .database(&database)
-        .drop()
+}
+
+/// How long a MongoDB server keeps a transaction whose client died (`transactionLifetimeLimitSeconds`:
+/// 60 s by default, and on SecantusDB).
+const TRANSACTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Drops the test's database once no transaction the killed replica left open can be holding it.
+///
+/// A replica killed in the middle of a transaction leaves it open on the server until its lifetime has
+/// passed. MongoDB then aborts it by itself. SecantusDB aborts it only when another transaction arrives,
+/// and its `dropDatabase` under such a transaction spins for ever, holding the write lock of the whole
+/// server (every other test's writes would wait behind it; CI once ran into its 90 minutes so). Hence:
+/// wait the lifetime out, run one transaction (SecantusDB reaps then; for MongoDB it is a no-op), drop.
+async fn drop_database_after_abandoned_transactions(database: &str, replica_killed_at: Instant) {
+    let lifetime_over = replica_killed_at + TRANSACTION_LIFETIME + Duration::from_secs(2);
+    tokio::time::sleep_until(lifetime_over.into()).await;
+    let client = mongodb::Client::with_uri_str(mongodb_url()).await.unwrap();
+    let reap = async {
+        let mut session = client.start_session().await?;
+        session.start_transaction().await?;
+        client
+            .database(database)
+            .collection::<mongodb::bson::Document>("consents")
+            .find_one(mongodb::bson::doc! {})
+            .session(&mut session)
+            .await?;
+        session.commit_transaction().await
+    };
+    within_a_minute("a transaction after the killed replica's", reap).await;
+    within_a_minute(
+        "dropping the test's database",
+        client.database(database).drop(),
+    )
+    .await;
+}
+
+async fn within_a_minute<T>(
+    what: &str,
+    work: impl std::future::IntoFuture<Output = mongodb::error::Result<T>>,
+) -> T {
+    tokio::time::timeout(Duration::from_secs(60), work)
         .await
-        .unwrap();
+        .unwrap_or_else(|_| panic!("{what} took more than a minute on the test server"))
+        .unwrap_or_else(|error| panic!("{what} failed: {error}"))
 }
 
 fn env_value(env: &[(String, String)], name: &str) -> String {
