@@ -490,6 +490,7 @@ async fn three_replicas_lose_nothing_acknowledged_through_a_killed_replica_and_a
             replica.output()
         );
     }
+    // The replicas go first: nothing of theirs may still be writing when their database goes.
     drop(replicas);
     drop_database_after_abandoned_transactions(&database, replica_killed_at).await;
 }
