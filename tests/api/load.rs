@@ -1,9 +1,11 @@
 //! Load: many concurrent pushers and consenters, and readers paging meanwhile, for a bounded time on
-//! 127.0.0.1 (`DATAAPI_LOAD_SECONDS`, default 20, then at most a minute more until `MIN_DIALOGS` were decided;
-//! the stores' runs overlap). Afterwards the stored data reconciles exactly with what was acknowledged. This proves correctness under load, not speed (see the benchmarks for that).
+//! 127.0.0.1 (`DATAAPI_LOAD_SECONDS`, default 20, then at most a minute more until `MIN_DIALOGS` were
+//! decided; the stores' runs overlap). Afterwards the stored data reconciles exactly with what was
+//! acknowledged. This proves correctness under load, not speed (see the benchmarks for that).
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use dataapi::store::Store;
@@ -22,15 +24,14 @@ const OVERTIME: Duration = Duration::from_secs(60);
 /// When the pushers stop: the duration has passed and enough dialogs were decided, or the overtime is up.
 struct Until {
     time: Instant,
-    decided: std::sync::atomic::AtomicUsize,
+    decided: AtomicUsize,
 }
 
 impl Until {
     fn reached(&self) -> bool {
         let now = Instant::now();
         now >= self.time + OVERTIME
-            || (now >= self.time
-                && self.decided.load(std::sync::atomic::Ordering::SeqCst) >= MIN_DIALOGS)
+            || (now >= self.time && self.decided.load(Ordering::SeqCst) >= MIN_DIALOGS)
     }
 }
 
@@ -81,9 +82,7 @@ async fn pusher(app: Arc<TestApp>, worker: usize, until: Arc<Until>) -> Ledger {
         };
         assert_eq!(outcome[expected], acknowledged, "{dialog}: {outcome}");
         ledger.insert(dialog, (value, acknowledged));
-        until
-            .decided
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        until.decided.fetch_add(1, Ordering::SeqCst);
         n += 1;
     }
     ledger
