@@ -405,17 +405,21 @@ impl DialogService {
         if !self.erase_batches(customer_id).await? {
             return Ok(Erased::default());
         }
-        // The buffer is emptied only once the store has erased: if the store fails, the erasure is resumed
-        // with the buffer as it was.
+        // The buffer is emptied while the erasure is still recorded as running, so that a failure on the
+        // way leaves it to be resumed, never finished with the customer's messages still buffered (where a
+        // consent would store them). Its count is noted first: a resumed erasure finds fewer, or none.
         let buffered = self.buffer.count_customer(customer_id).await?;
-        let Some(mut erased) = self
+        if !self
             .store
-            .finish_erasure(customer_id, buffered.messages as u64, now_millis())
+            .note_buffered_messages(customer_id, buffered.messages as u64)
             .await?
-        else {
+        {
+            return Ok(Erased::default());
+        }
+        self.buffer.discard_customer(customer_id).await?;
+        let Some(erased) = self.store.finish_erasure(customer_id, now_millis()).await? else {
             return Ok(Erased::default());
         };
-        erased.buffered_messages = self.buffer.discard_customer(customer_id).await?.messages as u64;
         tracing::info!(
             dialogs = erased.dialogs,
             messages = erased.messages,

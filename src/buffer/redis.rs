@@ -832,16 +832,50 @@ type ShardPushes = Vec<(DialogPush, Vec<uuid::Uuid>)>;
 struct ErasureHolder {
     shared: Arc<Shared>,
     token: String,
+    /// Renews the hold while the erasure runs (see [`renew_erasure_gate`]).
+    renewal: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Renews an erasure's hold on the gate every third of the lease, for as long as the erasure runs: its
+/// store calls may together outlast one lease, and a gate that opened by itself meanwhile would let a
+/// decision store the customer's buffered messages after the erasure's last batch. Ends when the buffer is
+/// gone or the holder stops it.
+async fn renew_erasure_gate(shared: Weak<Shared>, token: String) {
+    let Some(period) = shared.upgrade().map(|shared| shared.options.lease / 3) else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        match shared.erasure_gate("close", &token).await {
+            Ok(held) if held < 0 => {
+                tracing::error!("an erasure lost the erasure gate to another (its lease ran out)")
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "cannot renew the erasure gate; trying again"),
+        }
+    }
 }
 
 impl Drop for ErasureHolder {
     fn drop(&mut self) {
         let shared = self.shared.clone();
         let token = std::mem::take(&mut self.token);
+        let renewal = self.renewal.take();
+        if let Some(renewal) = &renewal {
+            renewal.abort();
+        }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             // In the background: the caller's answer does not wait for it, and a gate whose opening is lost
             // opens when the erasure's lease runs out.
             runtime.spawn(async move {
+                // Opened only once the renewal has stopped: a renewal call it had already sent reaches Redis
+                // before the opening, on the same connection, and cannot close the gate again after it.
+                if let Some(renewal) = renewal {
+                    let _ = renewal.await;
+                }
                 if let Err(error) = shared.erasure_gate("open", &token).await {
                     tracing::warn!(%error, "cannot open the erasure gate; it opens when its lease runs out");
                 }
@@ -1247,6 +1281,17 @@ impl Buffer for RedisBuffer {
         let token = shared.token();
         let shard = shared.dialog_shard(dialog_id);
         let lease_ms = Shared::ms(shared.options.lease);
+        // Held from before the first call: a call whose answer is lost (a timeout, a dropped connection)
+        // may still have taken the lease, and dropping the holder gives it back instead of leaving every
+        // decision of the dialog, and every erasure, to wait for it to run out.
+        let mut holder = LeaseHolder {
+            shared: shared.clone(),
+            token,
+            customer_id: None,
+            released: AtomicBool::new(false),
+            dialog_id: dialog_id.clone(),
+        };
+        let token = holder.token.clone();
         let answer = shared
             .wait_for(
                 "another decision of this dialog, or an erasure, to end",
@@ -1278,13 +1323,7 @@ impl Buffer for RedisBuffer {
             }
             None => None,
         };
-        let holder = LeaseHolder {
-            shared: shared.clone(),
-            token,
-            customer_id: buffered.as_ref().map(|b| b.customer_id.clone()),
-            released: AtomicBool::new(false),
-            dialog_id: dialog_id.clone(),
-        };
+        holder.customer_id = buffered.as_ref().map(|b| b.customer_id.clone());
         Ok(DecisionLease {
             dialog_id: dialog_id.clone(),
             buffered,
@@ -1363,9 +1402,10 @@ impl Buffer for RedisBuffer {
         let shared = &self.shared;
         let token = shared.token();
         // From the first call on, no new decision begins; this waits for those in progress to end.
-        let holder = ErasureHolder {
+        let mut holder = ErasureHolder {
             shared: shared.clone(),
             token: token.clone(),
+            renewal: None,
         };
         shared
             .wait_for("the decisions in progress to end", || async {
@@ -1381,6 +1421,10 @@ impl Buffer for RedisBuffer {
                 }
             })
             .await?;
+        holder.renewal = Some(tokio::spawn(renew_erasure_gate(
+            Arc::downgrade(shared),
+            token,
+        )));
         Ok(Gate(Box::new(holder)))
     }
 

@@ -150,18 +150,25 @@ impl Store for GuardedStore {
         .await
     }
 
+    async fn note_buffered_messages(
+        &self,
+        customer_id: &CustomerId,
+        count: u64,
+    ) -> StoreResult<bool> {
+        self.call(
+            "note_buffered_messages",
+            self.inner.note_buffered_messages(customer_id, count),
+        )
+        .await
+    }
+
     async fn finish_erasure(
         &self,
         customer_id: &CustomerId,
-        buffered_messages: u64,
         at: i64,
     ) -> StoreResult<Option<Erased>> {
-        self.call(
-            "finish_erasure",
-            self.inner
-                .finish_erasure(customer_id, buffered_messages, at),
-        )
-        .await
+        self.call("finish_erasure", self.inner.finish_erasure(customer_id, at))
+            .await
     }
 
     async fn unfinished_erasures(&self) -> StoreResult<Vec<(CustomerId, i64)>> {

@@ -215,13 +215,21 @@ pub trait Store: Send + Sync + 'static {
         max_messages: usize,
     ) -> StoreResult<Option<Erased>>;
 
-    /// Ends the running erasure of the customer: writes its audit record (the counts of every batch, and
-    /// `buffered_messages` as given, erased `at` ms since the epoch) and forgets the customer id. `None`:
+    /// Records in the running erasure of the customer how many of its messages the buffer holds, before the
+    /// erasure empties the buffer; the most ever recorded is kept, so that an erasure resumed after the
+    /// buffer was emptied (wholly or in part) still counts them. False: no erasure of the customer is running.
+    async fn note_buffered_messages(
+        &self,
+        customer_id: &CustomerId,
+        count: u64,
+    ) -> StoreResult<bool>;
+
+    /// Ends the running erasure of the customer: writes its audit record (the counts of every batch, and of
+    /// the buffered messages as noted, erased `at` ms since the epoch) and forgets the customer id. `None`:
     /// none was running.
     async fn finish_erasure(
         &self,
         customer_id: &CustomerId,
-        buffered_messages: u64,
         at: i64,
     ) -> StoreResult<Option<Erased>>;
 

@@ -935,7 +935,6 @@ impl MongoStore {
         &self,
         session: &mut ClientSession,
         customer_id: &str,
-        buffered_messages: u64,
         at: i64,
     ) -> mongodb::error::Result<Option<Erased>> {
         let Some(running) = self
@@ -951,7 +950,7 @@ impl MongoStore {
             dialogs: count("dialogs"),
             messages: count("messages"),
             consents: count("consents"),
-            buffered_messages,
+            buffered_messages: count("bufferedMessages"),
         };
         self.erasures
             .insert_one(doc! {
@@ -962,7 +961,7 @@ impl MongoStore {
                 "dialogs": erased.dialogs as i64,
                 "messages": erased.messages as i64,
                 "consents": erased.consents as i64,
-                "bufferedMessages": buffered_messages as i64,
+                "bufferedMessages": erased.buffered_messages as i64,
             })
             .session(&mut *session)
             .await?;
@@ -1098,16 +1097,34 @@ impl Store for MongoStore {
         )
     }
 
+    async fn note_buffered_messages(
+        &self,
+        customer_id: &CustomerId,
+        count: u64,
+    ) -> StoreResult<bool> {
+        // In a transaction as every other write of an erasure, so that it waits for a batch of another
+        // replica's instead of failing on it.
+        in_transaction!(self, session, async {
+            self.erasures_running
+                .update_one(
+                    doc! { "_id": customer_id.as_str() },
+                    doc! { "$max": { "bufferedMessages": count as i64 } },
+                )
+                .session(&mut session)
+                .await
+                .map(|noted| noted.matched_count > 0)
+        })
+    }
+
     async fn finish_erasure(
         &self,
         customer_id: &CustomerId,
-        buffered_messages: u64,
         at: i64,
     ) -> StoreResult<Option<Erased>> {
         in_transaction!(
             self,
             session,
-            self.finish_erasure_in(&mut session, customer_id.as_str(), buffered_messages, at)
+            self.finish_erasure_in(&mut session, customer_id.as_str(), at)
         )
     }
 

@@ -110,7 +110,9 @@ CREATE TABLE IF NOT EXISTS erasures_running (
     last_batch_at   INTEGER NOT NULL,
     dialogs         INTEGER NOT NULL DEFAULT 0,
     messages        INTEGER NOT NULL DEFAULT 0,
-    consents        INTEGER NOT NULL DEFAULT 0
+    consents        INTEGER NOT NULL DEFAULT 0,
+    -- The most of the customer's messages the buffer was seen to hold (Store::note_buffered_messages).
+    buffered_messages INTEGER NOT NULL DEFAULT 0
 );
 -- The last change number taken: every write that stores messages or removes dialogs takes its numbers
 -- from here, inside its transaction; one writer at a time, so numbers become visible in order.
@@ -149,8 +151,13 @@ ALTER TABLE erasures ADD COLUMN erased_by TEXT;
 
 /// The layout `SCHEMA` creates, kept in `PRAGMA user_version`. Version 3 added `erasures_running` (an
 /// earlier version would not resume the erasures it lists); version 4 the change feed (an earlier version
-/// would store messages without a change number).
-const SCHEMA_VERSION: i64 = 4;
+/// would store messages without a change number); version 5 the buffered messages an unfinished erasure
+/// counted (an earlier version would finish it without emptying the buffer first).
+const SCHEMA_VERSION: i64 = 5;
+
+/// Versions 3 and 4: unfinished erasures get their count of buffered messages.
+const MIGRATE_ERASURES_RUNNING_TO_5: &str =
+    "ALTER TABLE erasures_running ADD COLUMN buffered_messages INTEGER NOT NULL DEFAULT 0;";
 
 /// Versions 1 to 3: messages get their change number column before `SCHEMA` indexes it.
 const MIGRATE_MESSAGES_TO_4: &str =
@@ -520,15 +527,10 @@ fn erase_batch_in(
 }
 
 /// See [`Store::finish_erasure`].
-fn finish_erasure_in(
-    tx: &Connection,
-    customer: &str,
-    buffered_messages: u64,
-    at: i64,
-) -> rusqlite::Result<Option<Erased>> {
+fn finish_erasure_in(tx: &Connection, customer: &str, at: i64) -> rusqlite::Result<Option<Erased>> {
     let running = tx
         .query_row(
-            "SELECT customer_digest, digest_scheme, erased_by, dialogs, messages, consents
+            "SELECT customer_digest, digest_scheme, erased_by, dialogs, messages, consents, buffered_messages
              FROM erasures_running WHERE customer_id = ?1",
             [customer],
             |row| {
@@ -540,7 +542,7 @@ fn finish_erasure_in(
                         dialogs: row.get::<_, i64>(3)? as u64,
                         messages: row.get::<_, i64>(4)? as u64,
                         consents: row.get::<_, i64>(5)? as u64,
-                        buffered_messages,
+                        buffered_messages: row.get::<_, i64>(6)? as u64,
                     },
                 ))
             },
@@ -559,7 +561,7 @@ fn finish_erasure_in(
             erased.dialogs as i64,
             erased.messages as i64,
             erased.consents as i64,
-            buffered_messages as i64,
+            erased.buffered_messages as i64,
             scheme,
             erased_by,
         ],
@@ -627,6 +629,19 @@ fn create_or_migrate_schema(connection: &mut Connection) -> StoreResult<()> {
         tx.execute_batch(MIGRATE_ERASURES_TO_2)
             .map_err(sqlite_error("migrate the erasure records"))?;
     }
+    let uncounted = (3..5).contains(&version)
+        && tx
+            .query_row(
+                "SELECT count(*) FROM pragma_table_info('erasures_running') WHERE name = 'buffered_messages'",
+                [],
+                |row| row.get::<_, i64>(0),
+            )
+            .map_err(sqlite_error("read the schema"))?
+            == 0;
+    if uncounted {
+        tx.execute_batch(MIGRATE_ERASURES_RUNNING_TO_5)
+            .map_err(sqlite_error("migrate the unfinished erasures"))?;
+    }
     tx.execute_batch(SCHEMA)
         .map_err(sqlite_error("create schema"))?;
     if migrate {
@@ -638,7 +653,7 @@ fn create_or_migrate_schema(connection: &mut Connection) -> StoreResult<()> {
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)
         .map_err(sqlite_error("write the schema version"))?;
     tx.commit().map_err(sqlite_error("commit the schema"))?;
-    if migrate || old_erasures || unnumbered {
+    if migrate || old_erasures || unnumbered || uncounted {
         tracing::info!(
             from = version,
             to = SCHEMA_VERSION,
@@ -1484,17 +1499,33 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn note_buffered_messages(
+        &self,
+        customer_id: &CustomerId,
+        count: u64,
+    ) -> StoreResult<bool> {
+        let customer = customer_id.to_string();
+        self.write(move |tx| {
+            tx.execute(
+                "UPDATE erasures_running SET buffered_messages = max(buffered_messages, ?2)
+                 WHERE customer_id = ?1",
+                params![customer, count as i64],
+            )
+            .map(|running| running > 0)
+            .map_err(sqlite_error("note an erasure's buffered messages"))
+        })
+        .await
+    }
+
     async fn finish_erasure(
         &self,
         customer_id: &CustomerId,
-        buffered_messages: u64,
         at: i64,
     ) -> StoreResult<Option<Erased>> {
         let customer = customer_id.to_string();
         let erased = self
             .write(move |tx| {
-                finish_erasure_in(tx, &customer, buffered_messages, at)
-                    .map_err(sqlite_error("finish an erasure"))
+                finish_erasure_in(tx, &customer, at).map_err(sqlite_error("finish an erasure"))
             })
             .await?;
         // Deleted rows are overwritten (secure_delete); truncating the log drops their old copies.

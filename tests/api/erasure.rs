@@ -359,6 +359,73 @@ pub async fn concurrent_erasures_of_one_customer_share_one_run(app: TestApp) {
     assert_eq!(customer_totals(&app, "twice").await, (0, 0));
 }
 
+/// An erasure that cannot empty the buffer is not finished: it stays recorded as running, to be resumed
+/// (here by the caller's retry), and no audit record claims it done. Once it is finished, a consent of the
+/// customer's buffered dialog finds nothing to store, and the record counts the buffered messages once.
+pub async fn an_erasure_that_cannot_empty_the_buffer_is_finished_only_once_it_has(app: TestApp) {
+    seed(&app, "held", "held-stored", 2, 3).await;
+    for i in 0..4 {
+        app.push("held", "held-waiting", &format!("waiting {i}"), "en", None)
+            .await;
+    }
+    app.buffer_hooks.fail_next_customer_discard();
+    let error = app.error(ERASE, json!({ "c": "held" })).await;
+    assert_eq!(code(&error), "BUFFER_UNAVAILABLE", "{error}");
+    assert_eq!(
+        app.store.unfinished_erasures().await.unwrap().len(),
+        1,
+        "left to be resumed"
+    );
+    assert!(app.erasure_records().await.is_empty(), "not finished yet");
+
+    let again = app.data(ERASE, json!({ "c": "held" })).await;
+    assert_eq!(
+        again["eraseCustomer"],
+        json!({ "dialogCount": 2, "messageCount": 6, "consentCount": 2, "bufferedMessageCount": 4 }),
+        "the retry finishes the erasure begun, with its counts"
+    );
+    assert!(app.store.unfinished_erasures().await.unwrap().is_empty());
+    let error = app.consent_error("held-waiting", true).await;
+    assert_eq!(code(&error), "DIALOG_NOT_FOUND", "{error}");
+    assert_eq!(
+        customer_totals(&app, "held").await,
+        (0, 0),
+        "a consent after the erasure stores nothing of the erased customer's"
+    );
+    let records = app.erasure_records().await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["bufferedMessages"], json!(4), "{records:?}");
+}
+
+/// An erasure cut short after it emptied the buffer (the store does not answer its last write) still counts
+/// the buffered messages when it is finished, although the buffer holds none of them by then.
+pub async fn an_erasure_cut_short_after_emptying_the_buffer_counts_what_it_held(app: TestApp) {
+    for i in 0..3 {
+        app.push(
+            "counted",
+            "counted-waiting",
+            &format!("waiting {i}"),
+            "en",
+            None,
+        )
+        .await;
+    }
+    app.store.fail_next("finish_erasure");
+    let error = app.error(ERASE, json!({ "c": "counted" })).await;
+    assert_eq!(code(&error), "STORE_UNAVAILABLE", "{error}");
+    assert_eq!(app.store.unfinished_erasures().await.unwrap().len(), 1);
+
+    let again = app.data(ERASE, json!({ "c": "counted" })).await;
+    assert_eq!(
+        again["eraseCustomer"]["bufferedMessageCount"],
+        json!(3),
+        "{again}"
+    );
+    let records = app.erasure_records().await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["bufferedMessages"], json!(3), "{records:?}");
+}
+
 /// ERASURE_BATCH_MESSAGES of the large erasure test.
 const ERASE_BATCH: usize = 1_000;
 
@@ -374,6 +441,18 @@ for_each_store!(
     };
     a_customer_with_hundreds_of_thousands_of_messages_is_erased_in_whole_dialogs
 );
+
+mod buffered {
+    pub use super::{
+        an_erasure_cut_short_after_emptying_the_buffer_counts_what_it_held,
+        an_erasure_that_cannot_empty_the_buffer_is_finished_only_once_it_has,
+    };
+
+    for_each_setup!(
+        an_erasure_that_cannot_empty_the_buffer_is_finished_only_once_it_has,
+        an_erasure_cut_short_after_emptying_the_buffer_counts_what_it_held,
+    );
+}
 
 mod resumed {
     pub use super::{

@@ -59,6 +59,8 @@ pub struct InstrumentedStore {
     freeze_after_decision: Mutex<Option<Arc<Notify>>>,
     /// When set, how many more `erase_batch` calls go through; after those, every one fails.
     erase_batches_left: Mutex<Option<usize>>,
+    /// When set, the next call of this method fails before it reaches the database.
+    fail_next: Mutex<Option<&'static str>>,
 }
 
 impl InstrumentedStore {
@@ -73,7 +75,13 @@ impl InstrumentedStore {
             hold_consents: Mutex::default(),
             freeze_after_decision: Mutex::default(),
             erase_batches_left: Mutex::default(),
+            fail_next: Mutex::default(),
         }
+    }
+
+    /// The next call of `method` fails before it reaches the database, as if it had not answered.
+    pub fn fail_next(&self, method: &'static str) {
+        *self.fail_next.lock().unwrap() = Some(method);
     }
 
     /// Every call first waits this long (zero: no wait).
@@ -140,6 +148,11 @@ impl InstrumentedStore {
         }
         if self.fail_all.load(Ordering::SeqCst) {
             return Err(StoreError(format!("injected outage in {method}")));
+        }
+        let mut fail_next = self.fail_next.lock().unwrap();
+        if *fail_next == Some(method) {
+            *fail_next = None;
+            return Err(StoreError(format!("injected failure of {method}")));
         }
         Ok(())
     }
@@ -253,17 +266,23 @@ impl Store for InstrumentedStore {
         result
     }
 
+    async fn note_buffered_messages(
+        &self,
+        customer_id: &CustomerId,
+        count: u64,
+    ) -> StoreResult<bool> {
+        self.enter("note_buffered_messages").await?;
+        let result = self.inner.note_buffered_messages(customer_id, count).await;
+        self.acknowledge("note_buffered_messages", result)
+    }
+
     async fn finish_erasure(
         &self,
         customer_id: &CustomerId,
-        buffered_messages: u64,
         at: i64,
     ) -> StoreResult<Option<Erased>> {
         self.enter("finish_erasure").await?;
-        let result = self
-            .inner
-            .finish_erasure(customer_id, buffered_messages, at)
-            .await;
+        let result = self.inner.finish_erasure(customer_id, at).await;
         self.acknowledge("finish_erasure", result)
     }
 

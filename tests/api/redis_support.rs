@@ -274,6 +274,8 @@ pub struct InstrumentedBuffer {
     fail_seal: std::sync::atomic::AtomicBool,
     /// Calls that open dialogs, and the dialogs they named.
     opens: std::sync::Mutex<Vec<Vec<String>>>,
+    /// When set, the next emptying of a customer's buffered dialogs fails as if Redis had not answered.
+    fail_customer_discard: std::sync::atomic::AtomicBool,
 }
 
 impl InstrumentedBuffer {
@@ -283,7 +285,14 @@ impl InstrumentedBuffer {
             freeze_seal: std::sync::Mutex::default(),
             fail_seal: std::sync::atomic::AtomicBool::new(false),
             opens: std::sync::Mutex::default(),
+            fail_customer_discard: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The next erasure's emptying of the buffer fails, before it removes anything.
+    pub fn fail_next_customer_discard(&self) {
+        self.fail_customer_discard
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The dialogs of each call that opened dialogs so far, in the order of the calls.
@@ -376,6 +385,14 @@ mod delegate {
             self.inner.count_customer(customer_id).await
         }
         async fn discard_customer(&self, customer_id: &CustomerId) -> BufferResult<Dropped> {
+            if self
+                .fail_customer_discard
+                .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(dataapi::buffer::BufferError(
+                    "injected: no answer from Redis".to_owned(),
+                ));
+            }
             self.inner.discard_customer(customer_id).await
         }
         async fn due(&self) -> BufferResult<DueDialogs> {

@@ -641,6 +641,52 @@ async fn a_subscriber_on_one_replica_hears_what_the_others_store(replicas: Vec<T
     assert_eq!(payload["data"]["dialogRemoved"]["dialogId"], "live");
 }
 
+/// An erasure holds the erasure gate for as long as it runs, even past the lease (its store calls may add
+/// up to more): the hold is renewed, so that no decision begins, and stores the customer's buffered
+/// messages, behind the erasure's back. Once the erasure ends, decisions begin again at once.
+async fn the_erasure_gate_stays_closed_while_its_erasure_runs_past_the_lease(kind: BufferKind) {
+    let mut config = quick_leases();
+    config.buffer.backend = redis_support::backend(kind);
+    let lease = dataapi::app::decision_lease(&config);
+    let buffer = dataapi::app::open_buffer(&config)
+        .await
+        .expect("the buffer answers");
+    let dialog = dataapi::model::DialogId::parse("dialogId", "gated").unwrap();
+    let gate = buffer.enter_erasure_gate().await.expect("the gate closes");
+    tokio::time::sleep(lease * 2).await;
+    match buffer.begin_decision(&dialog).await {
+        Err(error) => assert_eq!(error.code(), "BUFFER_UNAVAILABLE", "{error:?}"),
+        Ok(_) => {
+            panic!("a decision began while an erasure held the gate, two leases after it closed")
+        }
+    }
+    drop(gate);
+    let started = Instant::now();
+    let decision = buffer
+        .begin_decision(&dialog)
+        .await
+        .expect("a decision begins once the erasure has ended");
+    assert!(
+        started.elapsed() < lease,
+        "waited {:?} for the gate to open",
+        started.elapsed()
+    );
+    buffer.end_decision(decision, true).await;
+    buffer.close().await;
+    redis_support::drop_keys(&config.buffer.backend).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_erasure_gate_stays_closed_past_the_lease_on_redis() {
+    the_erasure_gate_stays_closed_while_its_erasure_runs_past_the_lease(BufferKind::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_erasure_gate_stays_closed_past_the_lease_on_a_redis_cluster() {
+    the_erasure_gate_stays_closed_while_its_erasure_runs_past_the_lease(BufferKind::RedisCluster)
+        .await;
+}
+
 macro_rules! on_replicas {
     ($count:expr, $kind:ident, $config:expr; $($test:ident),* $(,)?) => {
         $(
